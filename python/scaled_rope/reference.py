@@ -1,0 +1,159 @@
+"""Plain PyTorch reference: explicit score matrix, angles in float64. Written for clarity, not speed.
+
+Every backend is tested against these functions (DESIGN.md section 3). They run on any device, support autograd
+and any floating dtype; `compute_dtype` picks the precision of the arithmetic (default: float64 for float32/float64
+inputs, float32 for half types; the tests also run it in the inputs' own dtype as the baseline).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .scaling import RopeScaling
+
+
+def default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def default_positions(batch: int, nq: int, nk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """k at 0..Nk-1 and q at the last Nq of those (bottom-right aligned, as in flash-attn)."""
+    k_positions = torch.arange(nk, device=device).expand(batch, nk)
+    q_positions = torch.arange(nk - nq, nk, device=device).expand(batch, nq)
+    return q_positions, k_positions
+
+
+def row_lengths(k_positions: torch.Tensor) -> list[int]:
+    """Each batch row's length for length-dependent schedules: its largest key position + 1."""
+    if k_positions.shape[1] == 0:
+        return [0] * k_positions.shape[0]
+    return [int(x) + 1 for x in k_positions.max(dim=1).values.tolist()]
+
+
+def angles(rope: RopeScaling, positions: torch.Tensor, seq_len: int | None, *, far: str | None = None,
+           rerope_window: int | None = None, rerope_leak: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 angles (N, R/2) and per-position attention factors (N,) for one batch row."""
+    inv_freq, factor = rope.frequencies(seq_len)
+    inv_freq = inv_freq.to(positions.device)
+    pos = positions.to(torch.float64)
+    scale = torch.full_like(pos, factor)
+    if far == "q":
+        pos = torch.full_like(pos, float(rerope_window)) if rerope_leak is None else \
+            pos / rerope_leak + rerope_window * (1 - 1 / rerope_leak)
+    elif far == "k":
+        pos = torch.zeros_like(pos) if rerope_leak is None else pos / rerope_leak
+    angle = pos[:, None] * inv_freq[None, :]
+    if rope.n_hat and far is None:
+        early = positions < rope.n_hat
+        unscaled = positions.to(torch.float64)[:, None] * rope.unscaled_frequencies().to(positions.device)[None, :]
+        angle = torch.where(early[:, None], unscaled, angle)
+        scale = torch.where(early, torch.ones_like(scale), scale)
+    return angle, scale
+
+
+def _rotate_row(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, rope: RopeScaling,
+                dtype: torch.dtype) -> torch.Tensor:
+    """x (N, H, D) -> rotated, in `dtype`."""
+    x = x.to(dtype)
+    half = rope.rotary_dim // 2
+    cos = torch.cos(angle).to(dtype)[:, None, :]
+    sin = torch.sin(angle).to(dtype)[:, None, :]
+    m = scale.to(dtype)[:, None, None]
+    rot, rest = x[..., :rope.rotary_dim], x[..., rope.rotary_dim:]
+    if rope.layout == "half":
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return torch.cat([rotated * m, rest], dim=-1)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeScaling, *, seq_lens: list[int] | None = None,
+           far: str | None = None, rerope_window: int | None = None, rerope_leak: float | None = None,
+           compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate x (B, N, H, D) at integer positions (B, N); row b uses the frequencies of length seq_lens[b]
+    (None: the schedule's default). Returns compute_dtype (default: one precision above x)."""
+    dtype = compute_dtype or default_compute_dtype(x.dtype)
+    rows = []
+    for b in range(x.shape[0]):
+        seq_len = None if seq_lens is None else seq_lens[b]
+        angle, scale = angles(rope, positions[b], seq_len, far=far, rerope_window=rerope_window,
+                              rerope_leak=rerope_leak)
+        rows.append(_rotate_row(x[b], angle, scale, rope, dtype))
+    return torch.stack(rows)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScaling | None, *, causal: bool = True,
+              q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
+              window: int | None = None, softmax_scale: float | None = None, rerope_window: int | None = None,
+              rerope_leak: float | None = None, logn_base: float | None = None,
+              compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled-RoPE attention, DESIGN.md section 3. q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D), unrotated.
+
+    Returns (out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32); rows with no allowed key give 0 and -inf.
+    Arguments are assumed valid (the public API validates them).
+    """
+    batch, nq, hq, dim = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    dtype = compute_dtype or default_compute_dtype(q.dtype)
+    if q_positions is None or k_positions is None:
+        dq_pos, dk_pos = default_positions(batch, nq, nk, q.device)
+        q_positions = dq_pos if q_positions is None else q_positions
+        k_positions = dk_pos if k_positions is None else k_positions
+    scale = dim ** -0.5 if softmax_scale is None else softmax_scale
+    group = hq // hkv
+
+    def scores(far_q: str | None, far_k: str | None) -> torch.Tensor:
+        if rope is None:
+            qr, kr = q.to(dtype), k.to(dtype)
+        else:
+            lens = row_lengths(k_positions)
+            qr = rotate(q, q_positions, rope, seq_lens=lens, far=far_q, rerope_window=rerope_window,
+                        rerope_leak=rerope_leak, compute_dtype=dtype)
+            kr = rotate(k, k_positions, rope, seq_lens=lens, far=far_k, rerope_window=rerope_window,
+                        rerope_leak=rerope_leak, compute_dtype=dtype)
+        kr = kr.repeat_interleave(group, dim=2)
+        return torch.einsum("bqhd,bkhd->bhqk", qr, kr)
+
+    delta = q_positions.to(torch.int64)[:, None, :, None] - k_positions.to(torch.int64)[:, None, None, :]
+    s = scores(None, None)
+    if rerope_window is not None:
+        s = torch.where(delta < rerope_window, s, scores("q", "k"))
+    qscale = torch.full((batch, nq), scale, dtype=torch.float64, device=q.device)
+    if logn_base is not None:
+        qpos = q_positions.to(torch.float64)
+        qscale = qscale * torch.clamp(torch.log(qpos + 1) / math.log(logn_base), min=1.0)
+    s = s * qscale.to(dtype)[:, None, :, None]
+    allowed = torch.ones_like(delta, dtype=torch.bool)
+    if causal:
+        allowed = allowed & (delta >= 0)
+    if window is not None:
+        allowed = allowed & (delta < window)
+    allowed = allowed.expand_as(s)
+    nonempty = allowed.any(dim=-1)
+    # rows with no allowed key get finite filler so that autograd stays NaN-free; their p is zeroed below
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~nonempty[..., None], 0.0)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).masked_fill(~allowed, 0.0)
+    lse = lse.masked_fill(~nonempty, float("-inf"))
+    vr = v.to(dtype).repeat_interleave(group, dim=2)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vr)
+    return out.to(q.dtype), lse.to(torch.float32)
+
+
+def apply_scaled_rope(x: torch.Tensor, rope: RopeScaling, positions: torch.Tensor | None = None, *,
+                      seq_lens: list[int] | None = None, inverse: bool = False) -> torch.Tensor:
+    """Rotate x (B, N, H, D) at positions (default 0..N-1); inverse applies the transpose. Returns x's dtype."""
+    batch, n = x.shape[:2]
+    if positions is None:
+        positions = torch.arange(n, device=x.device).expand(batch, n)
+    if inverse:
+        dtype = default_compute_dtype(x.dtype)
+        rows = []
+        for b in range(batch):
+            angle, scale = angles(rope, positions[b], None if seq_lens is None else seq_lens[b])
+            rows.append(_rotate_row(x[b], -angle, scale, rope, dtype))
+        return torch.stack(rows).to(x.dtype)
+    return rotate(x, positions, rope, seq_lens=seq_lens).to(x.dtype)
