@@ -1,0 +1,12 @@
+"""scaled_rope: fused attention with scaled rotary position embeddings applied on-chip.
+
+Importing this package never touches a GPU and never fails for lack of the compiled extension.
+"""
+from . import reference
+from .attention import explain_backend, scaled_rope_attention
+from .rope import apply_scaled_rope
+from .scaling import RopeScaling
+
+__version__ = "0.1.0"
+__all__ = ["RopeScaling", "scaled_rope_attention", "apply_scaled_rope", "explain_backend", "reference",
+           "__version__"]
