@@ -4,6 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("SCALED_ROPE_POISON", "1")
+# Without a GPU the Triton tiers run in Triton's interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
