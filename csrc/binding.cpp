@@ -1,0 +1,93 @@
+// pybind11 module scaled_rope._C. Takes plain integers (data pointers, sizes, strides, dtype code, device, stream);
+// python/scaled_rope/_cuda.py checks the tensors and passes them.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "rope.h"
+
+#ifndef SCALED_ROPE_CUDA_ARCHS
+#define SCALED_ROPE_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// This module links its own (static) CUDA runtime, whose current device is independent of torch's.
+void use_device(int device) {
+  int current = -1;
+  check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
+}
+
+void rotate(uintptr_t x, uintptr_t out, uintptr_t positions, uintptr_t turns, uintptr_t offset,
+            uintptr_t turns_unscaled, uintptr_t factor, int64_t batch, int64_t seqlen, int64_t heads,
+            int64_t head_dim, int64_t rotary_dim, int64_t n_hat, bool interleaved, bool inverse, int dtype,
+            int64_t stride_xb, int64_t stride_xn, int64_t stride_xh, int64_t stride_ob, int64_t stride_on,
+            int64_t stride_oh, int64_t stride_pb, int64_t stride_pn, int64_t stride_tb, int64_t stride_offb,
+            int64_t stride_fb, int device, uintptr_t stream) {
+  if (dtype < scaled_rope::kFloat32 || dtype > scaled_rope::kBFloat16) {
+    throw std::invalid_argument("rotate: unknown dtype code " + std::to_string(dtype));
+  }
+  scaled_rope::RotateParams p;
+  p.x = reinterpret_cast<const void*>(x);
+  p.out = reinterpret_cast<void*>(out);
+  p.positions = reinterpret_cast<const int64_t*>(positions);
+  p.turns = reinterpret_cast<const int64_t*>(turns);
+  p.offset = reinterpret_cast<const int64_t*>(offset);
+  p.turns_unscaled = reinterpret_cast<const int64_t*>(turns_unscaled);
+  p.factor = reinterpret_cast<const float*>(factor);
+  p.batch = batch;
+  p.seqlen = seqlen;
+  p.heads = heads;
+  p.head_dim = head_dim;
+  p.rotary_dim = rotary_dim;
+  p.n_hat = n_hat;
+  p.interleaved = interleaved;
+  p.inverse = inverse;
+  p.dtype = static_cast<scaled_rope::DType>(dtype);
+  p.stride_xb = stride_xb;
+  p.stride_xn = stride_xn;
+  p.stride_xh = stride_xh;
+  p.stride_ob = stride_ob;
+  p.stride_on = stride_on;
+  p.stride_oh = stride_oh;
+  p.stride_pb = stride_pb;
+  p.stride_pn = stride_pn;
+  p.stride_tb = stride_tb;
+  p.stride_offb = stride_offb;
+  p.stride_fb = stride_fb;
+  use_device(device);
+  const std::string err = scaled_rope::rotate(p, reinterpret_cast<cudaStream_t>(stream));
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
+int runtime_version() {
+  int version = 0;
+  check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
+  return version;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "scaled_rope CUDA kernels (torch-free; arguments are plain integers)";
+  m.def("rotate", &rotate, "Scaled-RoPE rotation (inverse=True applies the transpose)", py::arg("x"),
+        py::arg("out"), py::arg("positions"), py::arg("turns"), py::arg("offset"), py::arg("turns_unscaled"),
+        py::arg("factor"), py::arg("batch"), py::arg("seqlen"), py::arg("heads"), py::arg("head_dim"),
+        py::arg("rotary_dim"), py::arg("n_hat"), py::arg("interleaved"), py::arg("inverse"), py::arg("dtype"),
+        py::arg("stride_xb"), py::arg("stride_xn"), py::arg("stride_xh"), py::arg("stride_ob"),
+        py::arg("stride_on"), py::arg("stride_oh"), py::arg("stride_pb"), py::arg("stride_pn"),
+        py::arg("stride_tb"), py::arg("stride_offb"), py::arg("stride_fb"), py::arg("device"),
+        py::arg("stream"));
+  m.def("cuda_version", &runtime_version, "CUDA runtime version this module was built with (e.g. 13000)");
+  m.def("compiled_archs", []() { return std::string(SCALED_ROPE_CUDA_ARCHS); },
+        "SCALED_ROPE_CUDA_ARCHS at build time, e.g. '80;90a'");
+}

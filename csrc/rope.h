@@ -1,0 +1,40 @@
+// Standalone scaled-RoPE rotation (torch-free). Conventions: DESIGN.md section 3 and the "Rotation tables"
+// section of the team interfaces. Angles are 64-bit fixed-point turns: T = p * turns + offset (wrapping mod
+// 2^64), angle = float(T) * 2pi / 2^64 in [-pi, pi).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <cuda_runtime.h>
+
+namespace scaled_rope {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct RotateParams {
+  const void* x;                  // (B, N, H, D), last dim contiguous
+  void* out;                      // (B, N, H, D), last dim contiguous; may alias x
+  const int64_t* positions;       // (B, N)
+  const int64_t* turns;           // (B, R/2), last dim contiguous
+  const int64_t* offset;          // (B, R/2) or nullptr, last dim contiguous
+  const int64_t* turns_unscaled;  // (R/2,) or nullptr; used for positions p < n_hat
+  const float* factor;            // (B,) attention factor m; 1 is used for positions p < n_hat
+
+  int64_t batch, seqlen, heads, head_dim, rotary_dim;
+  int64_t n_hat;                  // 0 = off
+  bool interleaved;               // false: pair i = (x[i], x[i + R/2]); true: pair i = (x[2i], x[2i+1])
+  bool inverse;                   // transpose of the rotation (for gradients)
+  DType dtype;
+
+  int64_t stride_xb, stride_xn, stride_xh;
+  int64_t stride_ob, stride_on, stride_oh;
+  int64_t stride_pb, stride_pn;
+  int64_t stride_tb;              // row stride of turns (0 = one row shared by every batch row)
+  int64_t stride_offb;            // row stride of offset (0 = one row shared by every batch row)
+  int64_t stride_fb;              // stride of factor
+};
+
+// Launches the rotation on `stream` (of the current device). Returns "" on success, else an error message.
+std::string rotate(const RotateParams& params, cudaStream_t stream);
+
+}  // namespace scaled_rope
