@@ -1,0 +1,137 @@
+"""Scaled-RoPE rotation in Triton: `rope_cos_sin` (the angle helper every kernel uses) and `rotate`.
+
+Angles come from 64-bit fixed-point turns (scaled_rope.tables): T = p * turns + offset in int64, wrapping mod
+2**64, angle = float32(T) * 2pi / 2**64 in [-pi, pi). One program takes a block of positions of one batch row,
+computes m' * (cos, sin) once per (position, pair) and loops over its heads.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._rotation_args import check_rotation_args
+
+
+@triton.jit
+def rope_cos_sin(pos, turns, offset):
+    """(cos, sin) in fp32 of the angle (pos * turns + offset) / 2**64 turns; pos, turns, offset int64."""
+    t = pos.to(tl.int64) * turns + offset  # wraps mod 2**64: only the fractional turn matters
+    angle = t.to(tl.float32) * 3.4061215800865545e-19  # 2 pi / 2**64
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _rotate_kernel(
+    X, Out, Pos, Turns, Offset, TurnsUnscaled, Factor,
+    seqlen, heads, n_hat,
+    stride_xb, stride_xn, stride_xh,
+    stride_ob, stride_on, stride_oh,
+    stride_pb, stride_pn, stride_tb, stride_offb, stride_fb,
+    ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_NHAT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h_start = tl.program_id(2) * HEADS_PER_PROGRAM
+    HALF: tl.constexpr = ROTARY_DIM // 2
+
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < seqlen
+    offs_i = tl.arange(0, BLOCK_HALF)
+    mask_i = offs_i < HALF
+    mask = mask_n[:, None] & mask_i[None, :]
+
+    # m' * (cos, sin) for every (position, pair) of the block, shared by all heads
+    pos = tl.load(Pos + b * stride_pb + offs_n * stride_pn, mask=mask_n, other=0).to(tl.int64)
+    turns = tl.load(Turns + b * stride_tb + offs_i, mask=mask_i, other=0)[None, :]
+    m = tl.load(Factor + b * stride_fb)
+    if HAS_NHAT:
+        short = pos < n_hat
+        turns_unscaled = tl.load(TurnsUnscaled + offs_i, mask=mask_i, other=0)
+        turns = tl.where(short[:, None], turns_unscaled[None, :], turns)
+        scale = tl.where(short, 1.0, m)[:, None]
+    else:
+        scale = m
+    if HAS_OFFSET:
+        offset = tl.load(Offset + b * stride_offb + offs_i, mask=mask_i, other=0)[None, :]
+    else:
+        offset = 0
+    cos, sin = rope_cos_sin(pos[:, None], turns, offset)
+    cos = cos * scale
+    sin = sin * scale
+    if INVERSE:
+        sin = -sin
+
+    x_ptrs = X + b * stride_xb + offs_n[:, None] * stride_xn + h_start.to(tl.int64) * stride_xh
+    o_ptrs = Out + b * stride_ob + offs_n[:, None] * stride_on + h_start.to(tl.int64) * stride_oh
+    for h in range(0, HEADS_PER_PROGRAM):
+        mask_h = mask & (h_start + h < heads)
+        if INTERLEAVED:
+            offs_d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+            mask_d = mask_n[:, None] & (offs_d < ROTARY_DIM) & (h_start + h < heads)
+            x = tl.load(x_ptrs + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_HALF, 2)))
+            y = tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (BLOCK_N, 2 * BLOCK_HALF))
+            tl.store(o_ptrs + offs_d, y.to(Out.dtype.element_ty), mask=mask_d)
+        else:
+            offs_d = offs_i[None, :]
+            x1 = tl.load(x_ptrs + offs_d, mask=mask_h, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptrs + HALF + offs_d, mask=mask_h, other=0.0).to(tl.float32)
+            tl.store(o_ptrs + offs_d, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask_h)
+            tl.store(o_ptrs + HALF + offs_d, (x1 * sin + x2 * cos).to(Out.dtype.element_ty), mask=mask_h)
+        if BLOCK_PASS > 0:
+            offs_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
+            mask_p = mask_n[:, None] & (offs_p < HEAD_DIM) & (h_start + h < heads)
+            tl.store(o_ptrs + offs_p, tl.load(x_ptrs + offs_p, mask=mask_p, other=0.0), mask=mask_p)
+        x_ptrs += stride_xh
+        o_ptrs += stride_oh
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = False,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate x (B, N, H, D) at integer positions (B, N) with `tables` (scaled_rope.tables.RotaryTables).
+
+    inverse=True applies the transpose (gradient map). Output has x's dtype (fp32 math, one rounding); `out`
+    may be given, x itself included (in place). Strides of x and out are free except for the last dim.
+    """
+    a = check_rotation_args(x, positions, tables, out)
+    batch, seqlen, heads, head_dim = x.shape
+    if x.numel() == 0:
+        return a.out
+    half = a.rotary_dim // 2
+    block_half = triton.next_power_of_2(half)
+    block_pass = triton.next_power_of_2(head_dim - a.rotary_dim) if head_dim > a.rotary_dim else 0
+    if _interpreting():  # one small config; few programs (each costs interpreter time)
+        block_n, num_warps, min_programs = min(16, triton.next_power_of_2(seqlen)), 1, 4
+    else:
+        block_n = max(1, min(64, 2048 // block_half, triton.next_power_of_2(seqlen)))
+        num_warps, min_programs = 4, 1024
+    # split the heads over programs only when positions alone do not fill the GPU (a power of two per program
+    # keeps the compiled variants few; the constexpr loop bound also runs under the interpreter with numpy 2.4)
+    programs = triton.cdiv(seqlen, block_n) * batch
+    heads_per_program = heads
+    if programs < min_programs:
+        heads_per_program = min(heads, triton.next_power_of_2(triton.cdiv(heads * programs, min_programs)))
+    grid = (triton.cdiv(seqlen, block_n), batch, triton.cdiv(heads, heads_per_program))
+    o = a.out
+    _rotate_kernel[grid](
+        x, o, a.positions, a.turns, a.offset if a.offset is not None else a.turns,
+        a.turns_unscaled if a.turns_unscaled is not None else a.turns, a.factor,
+        seqlen, heads, a.n_hat,
+        x.stride(0), x.stride(1), x.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        a.stride_pb, a.positions.stride(1), a.stride_tb, a.stride_offb, a.stride_fb,
+        ROTARY_DIM=a.rotary_dim, HEAD_DIM=head_dim,
+        BLOCK_N=block_n, BLOCK_HALF=block_half, BLOCK_PASS=block_pass, HEADS_PER_PROGRAM=heads_per_program,
+        INTERLEAVED=a.interleaved, INVERSE=bool(inverse), HAS_OFFSET=a.offset is not None,
+        HAS_NHAT=a.n_hat > 0, num_warps=num_warps,
+    )
+    return o
