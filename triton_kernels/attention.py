@@ -1,0 +1,1095 @@
+"""Fused scaled-RoPE attention in Triton: FlashAttention-2 style forward and backward.
+
+q and k arrive unrotated. A prepass (`rotate`, triton_kernels/rope.py) writes rotated copies into scratch
+buffers laid out (B, H, N, D) so that every tile is one contiguous block; for ReRoPE it also writes the far
+rotations. The attention kernels then run over the rotated tensors; the backward recomputes the scratch, forms
+gradients with respect to the rotated q and k (near and far apart for ReRoPE) and maps them back with the
+inverse rotation at the same positions. Nothing rotated is kept between forward and backward: memory is O(N*D).
+
+Semantics (DESIGN.md section 3): key allowed iff (not causal or delta >= 0) and (window is None or delta < window),
+delta = P - Q; score = softmax_scale * g(P) * <q_rot, k_rot>; ReRoPE takes the far product when delta >= w.
+
+Key tiles are visited in segments whose kind is decided once per program from the positions: fully masked tiles
+are skipped; full tiles inside every limit run without masks; boundary tiles are masked per element. With ReRoPE
+each tile is near (one product with the near operands), far (one product with the far operands) or straddling
+(both, selected per element). With default positions the segments come from arithmetic; with explicit positions
+each tile's min/max delta decides at run time.
+
+Order: jitted helpers, configs, kernels, launchers, autograd Function, entry point.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from .rope import rotate
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# ReRoPE tile kinds
+NEAR: tl.constexpr = tl.constexpr(0)
+FAR: tl.constexpr = tl.constexpr(1)
+BOTH: tl.constexpr = tl.constexpr(2)
+INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
+INT32_MIN: tl.constexpr = tl.constexpr(-2147483647)
+# windows beyond this are clamped (positions and their differences are int32 inside the kernels)
+_MAX_WINDOW = 1 << 30
+
+
+def _fix_interpreter_loop_bounds():
+    """Triton 3.6's interpreter turns a scalar loop bound into an int with int(array of shape (1,)), which numpy
+    >= 2.4 rejects (triton-lang/triton#9171, fixed upstream by #9172). Squeeze first; a no-op elsewhere."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_scaled_rope_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._scaled_rope_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if _INTERPRET:
+    _fix_interpreter_loop_bounds()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jitted helpers
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _cdiv_pos(x, b: tl.constexpr):
+    """ceil(max(x, 0) / b)."""
+    return (tl.maximum(x, 0) + b - 1) // b
+
+
+@triton.jit
+def _fdiv_pos(x, b: tl.constexpr):
+    """floor(max(x, 0) / b)."""
+    return tl.maximum(x, 0) // b
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, ROW_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; rows >= n_rows (when ROW_MASK) and columns >= HEAD_DIM read as zero."""
+    if ROW_MASK:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _row_scale(qpos, sm_scale_log2, inv_ln_logn, LOGN: tl.constexpr):
+    """Per query row: softmax_scale * log2(e) * g(P), g(P) = max(1, ln(P + 1) / ln(logn_base))."""
+    if LOGN:
+        g = tl.log(tl.maximum(qpos + 1, 1).to(tl.float32)) * inv_ln_logn
+        scale = sm_scale_log2 * tl.maximum(g, 1.0)
+    else:
+        scale = tl.zeros(qpos.shape, dtype=tl.float32) + sm_scale_log2
+    return scale
+
+
+@triton.jit
+def _allowed(delta, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window):
+    ok = delta == delta
+    if CAUSAL:
+        ok = ok & (delta >= 0)
+    if HAS_WINDOW:
+        ok = ok & (delta < window)
+    return ok
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
+              Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax. K/K_far/V point at (batch, kv head); start_n is the tile's first key."""
+    cols = start_n + offs_n
+    k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
+    v_offs = start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+    if MASK or (MODE == BOTH):
+        delta = qpos[:, None] - kpos[None, :]
+    if MODE != FAR:
+        k = _load_tile(K + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if MODE != NEAR:
+        k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
+        qk_far = tl.dot(q_far, tl.trans(k_far), input_precision=DOT_PREC)
+        if MODE == FAR:
+            qk = qk_far
+        else:
+            qk = tl.where(delta < rerope_w, qk, qk_far)
+    if MASK:
+        ok = _allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk)
+        qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed so far
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+        m_sub = m_new
+    p = tl.math.exp2(qk * row_scale[:, None] - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _load_tile(V + v_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale,
+                 Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Key tiles lo..hi-1 of one kind, default positions (key Q = its index)."""
+    for t in range(lo, hi):
+        start_n = t * BLOCK_N
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, start_n + offs_n,
+                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                  CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale,
+                  Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Tiles lo..hi-1 split by ReRoPE kind: far below t_far, straddling up to t_near, near from t_near."""
+    if RERORE:
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, tl.minimum(hi, t_far), qpos,
+                                     row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                     CAUSAL, HAS_WINDOW, FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, tl.maximum(lo, t_far),
+                                     tl.minimum(hi, t_near), qpos, row_scale, Nk, stride_kn, stride_vn, window,
+                                     rerope_w, offs_n, offs_d,
+                                     CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, tl.maximum(lo, t_near), hi, qpos,
+                                     row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                     CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    else:
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale,
+                                     Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                     CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _row_bounds(start, n_rows, BLOCK: tl.constexpr, off):
+    """First and last position of the valid rows start..min(start+BLOCK, n_rows)-1 at position off + row."""
+    return off + start, off + tl.minimum(start + BLOCK, n_rows) - 1
+
+
+@triton.jit
+def _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     RERORE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Default positions, query rows at positions p_lo..p_hi, key Q = index. Returns tile bounds
+    (t_lo, a, b, t_hi, t_far, t_near): tiles < t_lo and >= t_hi are fully masked; [a, b) need no mask;
+    [t_lo, a) and [b, t_hi) are masked; tiles < t_far are fully far, tiles >= t_near fully near."""
+    t_lo = p_lo * 0
+    t_hi = tl.cdiv(Nk, BLOCK_N) + t_lo
+    t_full_lo = t_lo
+    t_full_hi = Nk // BLOCK_N + t_lo
+    if CAUSAL:  # allowed iff Q <= P
+        t_hi = tl.minimum(t_hi, _cdiv_pos(p_hi + 1, BLOCK_N))
+        t_full_hi = tl.minimum(t_full_hi, _fdiv_pos(p_lo + 1, BLOCK_N))
+    if HAS_WINDOW:  # allowed iff Q > P - window
+        t_lo = _fdiv_pos(p_lo - window + 1, BLOCK_N)
+        t_full_lo = _cdiv_pos(p_hi - window + 1, BLOCK_N)
+    a = tl.maximum(t_lo, tl.minimum(t_full_lo, t_hi))
+    b = tl.maximum(a, tl.minimum(t_full_hi, t_hi))
+    if RERORE:  # near iff Q > P - w
+        t_far = _fdiv_pos(p_lo - rerope_w + 1, BLOCK_N)
+        t_near = _cdiv_pos(p_hi - rerope_w + 1, BLOCK_N)
+    else:
+        t_far = t_lo
+        t_near = t_lo
+    return t_lo, a, b, t_hi, t_far, t_near
+
+
+@triton.jit
+def _query_tile_ranges(q_lo, q_hi, Nq, off, window, rerope_w, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       RERORE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Default positions, keys q_lo..q_hi, query row m at P = off + m. Returns (i_lo, a, b, i_hi, i_near, i_far):
+    tiles outside [i_lo, i_hi) fully masked; [a, b) need no mask (and are full tiles); tiles < i_near are fully
+    near, tiles >= i_far fully far."""
+    i_lo = q_lo * 0
+    i_hi = tl.cdiv(Nq, BLOCK_M) + i_lo
+    i_full_lo = i_lo
+    i_full_hi = Nq // BLOCK_M + i_lo
+    if CAUSAL:  # allowed iff off + m >= Q
+        i_lo = _fdiv_pos(q_lo - off, BLOCK_M)
+        i_full_lo = _cdiv_pos(q_hi - off, BLOCK_M)
+    if HAS_WINDOW:  # allowed iff off + m - Q < window
+        i_hi = tl.minimum(i_hi, _cdiv_pos(q_hi + window - off, BLOCK_M))
+        i_full_hi = tl.minimum(i_full_hi, _fdiv_pos(q_lo + window - off, BLOCK_M))
+    a = tl.maximum(i_lo, tl.minimum(i_full_lo, i_hi))
+    b = tl.maximum(a, tl.minimum(i_full_hi, i_hi))
+    if RERORE:  # near iff off + m - Q < w
+        i_near = _fdiv_pos(q_lo + rerope_w - off, BLOCK_M)
+        i_far = _cdiv_pos(q_hi + rerope_w - off, BLOCK_M)
+    else:
+        i_near = i_hi
+        i_far = i_hi
+    return i_lo, a, b, i_hi, i_near, i_far
+
+
+@triton.jit
+def _tile_kind(d_min, d_max, rerope_w):
+    """Runtime ReRoPE kind of a tile from its delta range."""
+    kind = tl.where(d_min >= rerope_w, 1, 2)
+    return tl.where(d_max < rerope_w, 0, kind)
+
+
+@triton.jit
+def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m, qpos, kpos,
+                 Nq, stride_qm, stride_dom, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
+                 LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One query tile's contribution to dk (near), dk_far and dv of a key tile, all in the transposed form
+    (rows = keys). Q/Q_far/DO/Lse/Delta point at (batch, q head)."""
+    rows = start_m + offs_m
+    q_offs = start_m.to(tl.int64) * stride_qm + (offs_m[:, None] * stride_qm + offs_d[None, :])
+    do_offs = start_m.to(tl.int64) * stride_dom + (offs_m[:, None] * stride_dom + offs_d[None, :])
+    if MASK or (MODE == BOTH):
+        delta_t = qpos[None, :] - kpos[:, None]
+    if MODE != FAR:
+        q = _load_tile(Q + q_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+    if MODE != NEAR:
+        q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
+        s_far = tl.dot(k_far, tl.trans(q_far), input_precision=DOT_PREC)
+        if MODE == FAR:
+            s_t = s_far
+        else:
+            s_t = tl.where(delta_t < rerope_w, s_t, s_far)
+    if MASK:
+        lse = tl.load(Lse + rows, mask=rows < Nq, other=float("inf"))
+        dlt = tl.load(Delta + rows, mask=rows < Nq, other=0.0)
+    else:
+        lse = tl.load(Lse + rows)
+        dlt = tl.load(Delta + rows)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # an empty row has p = 0
+    row_scale = _row_scale(qpos, sm_scale_log2, inv_ln_logn, LOGN)
+    p_t = tl.math.exp2(s_t * row_scale[None, :] - lse[None, :])
+    if MASK:
+        p_t = tl.where(_allowed(delta_t, CAUSAL, HAS_WINDOW, window), p_t, 0.0)
+    do = _load_tile(DO + do_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - dlt[None, :])
+    if LOGN:
+        ds_t = ds_t * row_scale[None, :]
+    if MODE == NEAR:
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    elif MODE == FAR:
+        dk_far = tl.dot(ds_t.to(q_far.dtype), q_far, dk_far, input_precision=DOT_PREC)
+    else:
+        near = delta_t < rerope_w
+        dk = tl.dot(tl.where(near, ds_t, 0.0).to(q.dtype), q, dk, input_precision=DOT_PREC)
+        dk_far = tl.dot(tl.where(near, 0.0, ds_t).to(q_far.dtype), q_far, dk_far, input_precision=DOT_PREC)
+    return dk, dk_far, dv
+
+
+@triton.jit
+def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos, qoff,
+                    Nq, stride_qm, stride_dom, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
+                    LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """Query tiles lo..hi-1 of one kind, default positions (row m at P = qoff + m)."""
+    for i in range(lo, hi):
+        start_m = i * BLOCK_M
+        dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
+                                      qoff + start_m + offs_m, kpos, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, MODE,
+                                      MASK, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+    return dk, dk_far, dv
+
+
+@triton.jit
+def _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, i_near, i_far, kpos, qoff,
+                     Nq, stride_qm, stride_dom, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
+                     LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """Query tiles lo..hi-1 split by ReRoPE kind: near below i_near, straddling up to i_far, far from i_far."""
+    if RERORE:
+        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo,
+                                         tl.minimum(hi, i_near), kpos, qoff, Nq, stride_qm, stride_dom,
+                                         sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                         CAUSAL, HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta,
+                                         tl.maximum(lo, i_near), tl.minimum(hi, i_far), kpos, qoff, Nq, stride_qm,
+                                         stride_dom, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                         CAUSAL, HAS_WINDOW, BOTH, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta,
+                                         tl.maximum(lo, i_far), hi, kpos, qoff, Nq, stride_qm, stride_dom,
+                                         sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                         CAUSAL, HAS_WINDOW, FAR, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+    else:
+        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos,
+                                         qoff, Nq, stride_qm, stride_dom, sm_scale_log2, inv_ln_logn, window,
+                                         rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM,
+                                         BLOCK_D, BLOCK_M, DOT_PREC)
+    return dk, dk_far, dv
+
+
+@triton.jit
+def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos, row_scale,
+                Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key tile's contribution to dq (near) and dq_far of a query tile (unscaled: times softmax scale later)."""
+    cols = start_n + offs_n
+    k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
+    v_offs = start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+    if MASK or (MODE == BOTH):
+        delta = qpos[:, None] - kpos[None, :]
+    if MODE != FAR:
+        k = _load_tile(K + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if MODE != NEAR:
+        k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
+        s_far = tl.dot(q_far, tl.trans(k_far), input_precision=DOT_PREC)
+        if MODE == FAR:
+            s = s_far
+        else:
+            s = tl.where(delta < rerope_w, s, s_far)
+    p = tl.math.exp2(s * row_scale[:, None] - lse[:, None])
+    if MASK:
+        p = tl.where(_allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk), p, 0.0)
+    v = _load_tile(V + v_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - dlt[:, None])
+    if MODE == NEAR:
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    elif MODE == FAR:
+        dq_far = tl.dot(ds.to(k_far.dtype), k_far, dq_far, input_precision=DOT_PREC)
+    else:
+        near = delta < rerope_w
+        dq = tl.dot(tl.where(near, ds, 0.0).to(k.dtype), k, dq, input_precision=DOT_PREC)
+        dq_far = tl.dot(tl.where(near, 0.0, ds).to(k_far.dtype), k_far, dq_far, input_precision=DOT_PREC)
+    return dq, dq_far
+
+
+@triton.jit
+def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, lo, hi, qpos, row_scale,
+                   Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for t in range(lo, hi):
+        start_n = t * BLOCK_N
+        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, start_n + offs_n,
+                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                 CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
+    return dq, dq_far
+
+
+@triton.jit
+def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale,
+                    Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    if RERORE:
+        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, lo, tl.minimum(hi, t_far),
+                                    qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                    CAUSAL, HAS_WINDOW, FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, tl.maximum(lo, t_far),
+                                    tl.minimum(hi, t_near), qpos, row_scale, Nk, stride_kn, stride_vn, window,
+                                    rerope_w, offs_n, offs_d,
+                                    CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, tl.maximum(lo, t_near), hi,
+                                    qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                    CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    else:
+        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, lo, hi, qpos, row_scale,
+                                    Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                    CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    return dq, dq_far
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------------------
+_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "RERORE", "EXPLICIT", "LOGN"]
+
+
+def _configs(block_pairs):
+    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); a single small one under the interpreter."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in block_pairs]
+
+
+if _INTERPRET:  # one config, deliberately rectangular so that tile-range arithmetic is exercised
+    _FWD_CONFIGS = _configs([(16, 32, 4, 1)])
+    _DKDV_CONFIGS = _configs([(32, 16, 4, 1)])
+    _DQ_CONFIGS = _configs([(16, 32, 4, 1)])
+else:
+    _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                             (64, 64, 4, 3), (64, 32, 4, 3)])
+    _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2),
+                              (32, 64, 4, 3)])
+    _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
+
+
+def _prune(configs, named_args, **kwargs):
+    """Big head dims and ReRoPE (two operand sets in registers) keep to smaller tiles."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    rerope = kwargs.get("RERORE", named_args.get("RERORE"))
+    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 32)
+    if rerope and block_d > 64:
+        limit = min(limit, 128 * 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    if block_d > 128:
+        kept = [c for c in kept if c.num_stages <= 2] or kept
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, QPos, KPos,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+              stride_qpb, stride_qpn, stride_kpb, stride_kpn,
+              Nq, Nk, H, GROUP, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the longest rows first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = pid_bh % H
+    off_hk = (off_h // GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+
+    q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
+        + (offs_m[:, None] * stride_qm + offs_d[None, :])
+    q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+    if RERORE:
+        q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+    else:
+        q_far = q
+    K += off_b * stride_kb + off_hk * stride_kh
+    K_far += off_b * stride_kb + off_hk * stride_kh
+    V += off_b * stride_vb + off_hk * stride_vh
+    if EXPLICIT:
+        qpos = tl.load(QPos + off_b * stride_qpb + rows * stride_qpn, mask=rows < Nq, other=0).to(tl.int32)
+    else:
+        qpos = Nk - Nq + rows
+    row_scale = _row_scale(qpos, sm_scale_log2, inv_ln_logn, LOGN)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if EXPLICIT:
+        p_min = tl.min(tl.where(rows < Nq, qpos, INT32_MAX), 0)
+        p_max = tl.max(tl.where(rows < Nq, qpos, INT32_MIN), 0)
+        KPos += off_b * stride_kpb
+        for t in range(0, tl.cdiv(Nk, BLOCK_N)):
+            start_n = t * BLOCK_N
+            cols = start_n + offs_n
+            kpos = tl.load(KPos + cols * stride_kpn, mask=cols < Nk, other=0).to(tl.int32)
+            d_min = p_min - tl.max(tl.where(cols < Nk, kpos, INT32_MIN), 0)
+            d_max = p_max - tl.min(tl.where(cols < Nk, kpos, INT32_MAX), 0)
+            live = d_max >= d_min
+            if CAUSAL:
+                live = live & (d_max >= 0)
+            if HAS_WINDOW:
+                live = live & (d_min < window)
+            if live:
+                if RERORE:
+                    kind = _tile_kind(d_min, d_max, rerope_w)
+                    if kind == 0:
+                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos,
+                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
+                                                  offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D,
+                                                  DOT_PREC)
+                    elif kind == 1:
+                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos,
+                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
+                                                  offs_d, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
+                                                  DOT_PREC)
+                    else:
+                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos,
+                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
+                                                  offs_d, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
+                                                  DOT_PREC)
+                else:
+                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos,
+                                              row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
+                                              offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+    else:
+        p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
+        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW,
+                                                           RERORE, BLOCK_N)
+        if HAS_WINDOW:
+            acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, t_lo, a, t_far, t_near, qpos,
+                                          row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                          CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, a, b, t_far, t_near, qpos,
+                                      row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                      CAUSAL, HAS_WINDOW, RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, b, t_hi, t_far, t_near, qpos,
+                                      row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                      CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    o_offs = off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om \
+        + (offs_m[:, None] * stride_om + offs_d[None, :])
+    _store_tile(Out + o_offs, out.to(Out.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(Lse + (off_b * H + off_h) * Nq + rows, lse, mask=rows < Nq)
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, DO, DLse, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                         Nq, H, HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
+    """Delta = rowsum(dO * O) - dLse (an lse gradient enters the softmax backward as a shift of Delta)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    o = _load_tile(Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
+                   + (offs_m[:, None] * stride_om + offs_d[None, :]), rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + start_m.to(tl.int64) * stride_dom
+                    + (offs_m[:, None] * stride_dom + offs_d[None, :]), rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse_offs = (off_b * H + off_h) * Nq + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLse + lse_offs, mask=rows < Nq, other=0.0)
+    tl.store(Delta + lse_offs, delta, mask=rows < Nq)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, KPos,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   stride_qpb, stride_qpn, stride_kpb, stride_kpn,
+                   Nq, Nk, H, HKV, GROUP, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of one kv head: dk (near and far, w.r.t. the rotated k) and dv, summed over the q heads of the
+    group and every query tile."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // HKV).to(tl.int64)
+    off_hk = (pid_bh % HKV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+
+    k_offs = off_b * stride_kb + off_hk * stride_kh + start_n.to(tl.int64) * stride_kn \
+        + (offs_n[:, None] * stride_kn + offs_d[None, :])
+    k = _load_tile(K + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+    if RERORE:
+        k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+    else:
+        k_far = k
+    v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh + start_n.to(tl.int64) * stride_vn
+                   + (offs_n[:, None] * stride_vn + offs_d[None, :]), cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+    if EXPLICIT:
+        kpos = tl.load(KPos + off_b * stride_kpb + cols * stride_kpn, mask=cols < Nk, other=0).to(tl.int32)
+        k_min = tl.min(tl.where(cols < Nk, kpos, INT32_MAX), 0)
+        k_max = tl.max(tl.where(cols < Nk, kpos, INT32_MIN), 0)
+        QPos += off_b * stride_qpb
+    else:
+        kpos = cols
+        q_lo = start_n
+        q_hi = tl.minimum(start_n + BLOCK_N, Nk) - 1
+        i_lo, a, b, i_hi, i_near, i_far = _query_tile_ranges(q_lo, q_hi, Nq, Nk - Nq, window, rerope_w, CAUSAL,
+                                                             HAS_WINDOW, RERORE, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk_far = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        Qh = Q + off_b * stride_qb + off_h * stride_qh
+        Qh_far = Q_far + off_b * stride_qb + off_h * stride_qh
+        DOh = DO + off_b * stride_dob + off_h * stride_doh
+        Lseh = Lse + (off_b * H + off_h) * Nq
+        Deltah = Delta + (off_b * H + off_h) * Nq
+        if EXPLICIT:
+            for i in range(0, tl.cdiv(Nq, BLOCK_M)):
+                start_m = i * BLOCK_M
+                rows = start_m + offs_m
+                qpos = tl.load(QPos + rows * stride_qpn, mask=rows < Nq, other=0).to(tl.int32)
+                d_min = tl.min(tl.where(rows < Nq, qpos, INT32_MAX), 0) - k_max
+                d_max = tl.max(tl.where(rows < Nq, qpos, INT32_MIN), 0) - k_min
+                live = d_max >= d_min
+                if CAUSAL:
+                    live = live & (d_max >= 0)
+                if HAS_WINDOW:
+                    live = live & (d_min < window)
+                if live:
+                    if RERORE:
+                        kind = _tile_kind(d_min, d_max, rerope_w)
+                        if kind == 0:
+                            dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
+                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom,
+                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
+                                                          offs_d, CAUSAL, HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM,
+                                                          BLOCK_D, DOT_PREC)
+                        elif kind == 1:
+                            dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
+                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom,
+                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
+                                                          offs_d, CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM,
+                                                          BLOCK_D, DOT_PREC)
+                        else:
+                            dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
+                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom,
+                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
+                                                          offs_d, CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM,
+                                                          BLOCK_D, DOT_PREC)
+                    else:
+                        dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
+                                                      start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
+                                                      HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+        else:
+            qoff = Nk - Nq
+            dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, i_lo, a,
+                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
+                                              RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+            dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, a, b,
+                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
+                                              RERORE, False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+            dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, b, i_hi,
+                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
+                                              RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+
+    if LOGN:  # the per-row scale is already inside ds; only the log2 -> natural factor is left
+        ds_scale = LN2
+    else:
+        ds_scale = sm_scale_log2 * LN2
+    dk_offs = off_b * stride_dkb + off_hk * stride_dkh + start_n.to(tl.int64) * stride_dkn \
+        + (offs_n[:, None] * stride_dkn + offs_d[None, :])
+    _store_tile(DK + dk_offs, (dk * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
+    if RERORE:
+        _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM,
+                    BLOCK_D)
+    dv_offs = off_b * stride_dvb + off_hk * stride_dvh + start_n.to(tl.int64) * stride_dvn \
+        + (offs_n[:, None] * stride_dvn + offs_d[None, :])
+    _store_tile(DV + dv_offs, dv.to(DV.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
+                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dqb, stride_dqh, stride_dqm,
+                 stride_qpb, stride_qpn, stride_kpb, stride_kpn,
+                 Nq, Nk, H, GROUP, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query tile of one q head: dq near and far (w.r.t. the rotated q), over every key tile."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = pid_bh % H
+    off_hk = (off_h // GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+
+    q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
+        + (offs_m[:, None] * stride_qm + offs_d[None, :])
+    q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+    if RERORE:
+        q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+    else:
+        q_far = q
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + start_m.to(tl.int64) * stride_dom
+                    + (offs_m[:, None] * stride_dom + offs_d[None, :]), rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+    lse_offs = (off_b * H + off_h) * Nq + rows
+    lse = tl.load(Lse + lse_offs, mask=rows < Nq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    dlt = tl.load(Delta + lse_offs, mask=rows < Nq, other=0.0)
+    K += off_b * stride_kb + off_hk * stride_kh
+    K_far += off_b * stride_kb + off_hk * stride_kh
+    V += off_b * stride_vb + off_hk * stride_vh
+    if EXPLICIT:
+        qpos = tl.load(QPos + off_b * stride_qpb + rows * stride_qpn, mask=rows < Nq, other=0).to(tl.int32)
+    else:
+        qpos = Nk - Nq + rows
+    row_scale = _row_scale(qpos, sm_scale_log2, inv_ln_logn, LOGN)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_far = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if EXPLICIT:
+        p_min = tl.min(tl.where(rows < Nq, qpos, INT32_MAX), 0)
+        p_max = tl.max(tl.where(rows < Nq, qpos, INT32_MIN), 0)
+        KPos += off_b * stride_kpb
+        for t in range(0, tl.cdiv(Nk, BLOCK_N)):
+            start_n = t * BLOCK_N
+            cols = start_n + offs_n
+            kpos = tl.load(KPos + cols * stride_kpn, mask=cols < Nk, other=0).to(tl.int32)
+            d_min = p_min - tl.max(tl.where(cols < Nk, kpos, INT32_MIN), 0)
+            d_max = p_max - tl.min(tl.where(cols < Nk, kpos, INT32_MAX), 0)
+            live = d_max >= d_min
+            if CAUSAL:
+                live = live & (d_max >= 0)
+            if HAS_WINDOW:
+                live = live & (d_min < window)
+            if live:
+                if RERORE:
+                    kind = _tile_kind(d_min, d_max, rerope_w)
+                    if kind == 0:
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos,
+                                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                                 CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    elif kind == 1:
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos,
+                                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                                 CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    else:
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos,
+                                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                                 CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                else:
+                    dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos,
+                                             row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                             CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+    else:
+        p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
+        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW,
+                                                           RERORE, BLOCK_N)
+        if HAS_WINDOW:
+            dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, t_lo, a, t_far, t_near,
+                                         qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                         CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, a, b, t_far, t_near,
+                                     qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                     CAUSAL, HAS_WINDOW, RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, b, t_hi, t_far, t_near,
+                                     qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                     CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+
+    ds_scale = row_scale * LN2  # softmax_scale * g(P) per row
+    dq_offs = off_b * stride_dqb + off_h * stride_dqh + start_m.to(tl.int64) * stride_dqm \
+        + (offs_m[:, None] * stride_dqm + offs_d[None, :])
+    _store_tile(DQ + dq_offs, (dq * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
+    if RERORE:
+        _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
+                    HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the kernels need besides tensors, fixed once per call."""
+    q_tables: object
+    k_tables: object
+    q_far_tables: object
+    k_far_tables: object
+    causal: bool
+    has_window: bool
+    window: int
+    rerope: bool
+    rerope_w: int
+    explicit: bool
+    q_sign: float  # 1, -1 or 0: the sign of softmax_scale, folded into the rotated q (the kernels take |scale|)
+    logn: bool
+    inv_ln_logn: float
+    sm_scale_log2: float
+
+    def constexprs(self, head_dim: int, n_bucket: int, dtype: torch.dtype) -> dict:
+        return dict(N_BUCKET=n_bucket, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                    CAUSAL=self.causal, HAS_WINDOW=self.has_window, RERORE=self.rerope, EXPLICIT=self.explicit,
+                    LOGN=self.logn, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _scratch_like(x: torch.Tensor) -> torch.Tensor:
+    """A (B, N, H, D) view of a fresh (B, H, N, D) buffer: each head's rows are one contiguous block."""
+    batch, n, heads, dim = x.shape
+    return _alloc.empty((batch, heads, n, dim), x.dtype, x.device).transpose(1, 2)
+
+
+def _positions(positions, batch: int, start: int, n: int, device) -> torch.Tensor:
+    if positions is not None:
+        return positions
+    return torch.arange(start, start + n, dtype=torch.int32, device=device).expand(batch, n)
+
+
+def _rotated(x, positions, tables):
+    if tables is None:
+        return x
+    return rotate(x, positions, tables, out=_scratch_like(x))
+
+
+def _rotate_inputs(q, k, q_pos, k_pos, plan: _Plan):
+    """Rotated scratch (q near, k near, q far, k far); the far pair is the near pair without ReRoPE."""
+    q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
+    k_near = _rotated(k, k_pos, plan.k_tables)
+    if not plan.rerope:
+        return q_near, k_near, q_near, k_near
+    q_far = _signed(_rotated(q, q_pos, plan.q_far_tables), q, plan.q_sign)
+    return q_near, k_near, q_far, _rotated(k, k_pos, plan.k_far_tables)
+
+
+def _signed(x, source, sign: float):
+    """x times sign (1, -1, 0); in place when x is our scratch, a copy when it is the caller's tensor."""
+    if sign == 1.0:
+        return x
+    return x * sign if x is source else x.mul_(sign)
+
+
+def _pos_args(positions, explicit: bool, dummy: torch.Tensor):
+    if explicit:
+        return positions, positions.stride(0), positions.stride(1)
+    return dummy, 0, 0
+
+
+def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
+    batch, nq, heads, dim = q.shape
+    nk, kv_heads = k.shape[1], k.shape[2]
+    out = _alloc.empty((batch, nq, heads, dim), q.dtype, q.device)
+    lse = _alloc.empty((batch, heads, nq), torch.float32, q.device)
+    if nq == 0 or batch == 0:
+        return out, lse
+    if nk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    q_r, k_r, q_f, k_f = _rotate_inputs(q, k, q_pos, k_pos, plan)
+    qp, stride_qpb, stride_qpn = _pos_args(q_pos, plan.explicit, q_r)
+    kp, stride_kpb, stride_kpn = _pos_args(k_pos, plan.explicit, q_r)
+    n_bucket = triton.next_power_of_2(max(nq, nk))
+
+    def grid(meta):
+        return triton.cdiv(nq, meta["BLOCK_M"]), batch * heads
+
+    _attn_fwd[grid](
+        q_r, k_r, v, q_f, k_f, out, lse, qp, kp,
+        q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
+        v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
+        stride_qpb, stride_qpn, stride_kpb, stride_kpn,
+        nq, nk, heads, heads // kv_heads, plan.sm_scale_log2, plan.inv_ln_logn, plan.window, plan.rerope_w,
+        **plan.constexprs(dim, n_bucket, q.dtype))
+    return out, lse
+
+
+def _backward(do, dlse, q, k, v, out, lse, q_pos, k_pos, plan: _Plan):
+    batch, nq, heads, dim = q.shape
+    nk, kv_heads = k.shape[1], k.shape[2]
+    if nq == 0 or nk == 0 or batch == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    consts = plan.constexprs(dim, triton.next_power_of_2(max(nq, nk)), q.dtype)
+    delta = _alloc.empty((batch, heads, nq), torch.float32, q.device)
+    has_dlse = dlse is not None
+    dlse = dlse.contiguous() if has_dlse else delta
+    block_m = 16 if _INTERPRET else 64
+    _attn_bwd_preprocess[(triton.cdiv(nq, block_m), batch * heads)](
+        out, do, dlse, delta, out.stride(0), out.stride(2), out.stride(1), do.stride(0), do.stride(2), do.stride(1),
+        nq, heads, HAS_DLSE=has_dlse, HEAD_DIM=dim, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block_m)
+
+    q_r, k_r, q_f, k_f = _rotate_inputs(q, k, q_pos, k_pos, plan)
+    qp, stride_qpb, stride_qpn = _pos_args(q_pos, plan.explicit, q_r)
+    kp, stride_kpb, stride_kpn = _pos_args(k_pos, plan.explicit, q_r)
+
+    dk_r = _scratch_like(k)
+    dk_f = _scratch_like(k) if plan.rerope else dk_r
+    dv = _alloc.empty(v.shape, v.dtype, v.device)
+
+    def grid_kv(meta):
+        return triton.cdiv(nk, meta["BLOCK_N"]), batch * kv_heads
+
+    _attn_bwd_dkdv[grid_kv](
+        q_r, k_r, v, q_f, k_f, do, lse, delta, dk_r, dk_f, dv, qp, kp,
+        q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
+        v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
+        dk_r.stride(0), dk_r.stride(2), dk_r.stride(1), dv.stride(0), dv.stride(2), dv.stride(1),
+        stride_qpb, stride_qpn, stride_kpb, stride_kpn,
+        nq, nk, heads, kv_heads, heads // kv_heads, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
+        plan.rerope_w, **consts)
+
+    dq_r = _scratch_like(q)
+    dq_f = _scratch_like(q) if plan.rerope else dq_r
+
+    def grid_q(meta):
+        return triton.cdiv(nq, meta["BLOCK_M"]), batch * heads
+
+    _attn_bwd_dq[grid_q](
+        q_r, k_r, v, q_f, k_f, do, lse, delta, dq_r, dq_f, qp, kp,
+        q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
+        v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
+        dq_r.stride(0), dq_r.stride(2), dq_r.stride(1),
+        stride_qpb, stride_qpn, stride_kpb, stride_kpn,
+        nq, nk, heads, heads // kv_heads, plan.sm_scale_log2, plan.inv_ln_logn, plan.window, plan.rerope_w,
+        **consts)
+    del q_r, k_r, q_f, k_f
+    if plan.q_sign != 1.0:  # gradients w.r.t. the signed rotated q
+        dq_r.mul_(plan.q_sign)
+        if plan.rerope:
+            dq_f.mul_(plan.q_sign)
+
+    dq = _unrotate(dq_r, dq_f, q, q_pos, plan.q_tables, plan.q_far_tables, plan.rerope)
+    dk = _unrotate(dk_r, dk_f, k, k_pos, plan.k_tables, plan.k_far_tables, plan.rerope)
+    return dq, dk, dv
+
+
+def _unrotate(g_near, g_far, x, positions, tables, far_tables, rerope: bool):
+    """Gradient w.r.t. the unrotated x: the transposed rotations applied to the near and far parts, summed."""
+    if tables is None:
+        return g_near
+    grad = rotate(g_near, positions, tables, inverse=True, out=_alloc.empty(x.shape, x.dtype, x.device))
+    if rerope:
+        grad += rotate(g_far, positions, far_tables, inverse=True)
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autograd Function and entry point
+# ----------------------------------------------------------------------------------------------------------
+class _ScaledRopeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q_pos, k_pos, plan):
+        out, lse = _forward(q, k, v, q_pos, k_pos, plan)
+        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse, q_pos, k_pos, ctx.plan)
+        return dq, dk, dv, None, None, None
+
+
+def _check_positions(name: str, positions, batch: int, n: int, device):
+    if positions is None:
+        return
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be an int32 or int64 tensor")
+    if tuple(positions.shape) != (batch, n):
+        raise ValueError(f"{name} must have shape ({batch}, {n}), got {tuple(positions.shape)}")
+    if positions.device != device:
+        raise ValueError(f"{name} must be on {device}, got {positions.device}")
+
+
+def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None, q_positions=None,
+                     k_positions=None, causal, window, softmax_scale, rerope_window, logn_base):
+    """Scaled-RoPE attention (DESIGN.md section 3) with the Triton kernels; differentiable in q, k, v.
+
+    q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D) unrotated, any strides with a contiguous last dim, Hq a multiple of
+    Hkv, D <= 256. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the far tables are
+    required with `rerope_window`. Positions: int (B, N) tensors that fit in int32, or None for the default
+    (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32);
+    a row with no allowed key gives out 0, lse -inf and zero gradients.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor (batch, seqlen, heads, head_dim)")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{name} must be float16, bfloat16 or float32 for the triton backend, got {x.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError("q, k and v must be on one device")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+    batch, nq, heads, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"k and v must have shape (B, Nk, Hkv, D) matching q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    nk, kv_heads = k.shape[1], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+    if dim > 256:
+        raise ValueError(f"head_dim must be <= 256 for the triton backend, got {dim}")
+    if batch * heads > 65535:
+        raise ValueError(f"batch * q heads must be <= 65535 for the triton backend, got {batch * heads}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if logn_base is not None and not (math.isfinite(logn_base) and logn_base > 1):
+        raise ValueError(f"logn_base must be a finite number > 1, got {logn_base}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    _check_positions("q_positions", q_positions, batch, nq, q.device)
+    _check_positions("k_positions", k_positions, batch, nk, q.device)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+
+    explicit = q_positions is not None or k_positions is not None
+    q_pos = _positions(q_positions, batch, nk - nq, nq, q.device)
+    k_pos = _positions(k_positions, batch, 0, nk, q.device)
+    # with default positions every delta is < Nk: a window or ReRoPE window that large changes nothing
+    has_window = window is not None and (explicit or window < nk)
+    rerope = rerope_window is not None and q_tables is not None and (explicit or rerope_window < nk)
+    if rerope and (q_far_tables is None or k_far_tables is None):
+        raise ValueError("rerope_window needs q_far_tables and k_far_tables")
+    plan = _Plan(q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables, k_far_tables=k_far_tables,
+                 causal=bool(causal), has_window=has_window,
+                 window=min(int(window), _MAX_WINDOW) if has_window else 0, rerope=rerope,
+                 rerope_w=max(min(int(rerope_window), _MAX_WINDOW), -_MAX_WINDOW) if rerope else 0,
+                 explicit=explicit, q_sign=math.copysign(1.0, softmax_scale) if softmax_scale else 0.0,
+                 logn=logn_base is not None,
+                 inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
+                 sm_scale_log2=(abs(float(softmax_scale)) or 1.0) * 1.4426950408889634)
+    return _ScaledRopeAttention.apply(q, k, v, q_pos, k_pos, plan)
