@@ -78,7 +78,8 @@ class NvccBuildExt(build_ext):
         target.parent.mkdir(parents=True, exist_ok=True)
         sources = [ROOT / src for src in ext.sources]
         objects = [temp / f"{src.name}.o" for src in sources]
-        link = [nvcc, "-shared", "-cudart", "static", *map(str, objects), "-o", str(target), "-ldl", "-lrt", "-lpthread"]
+        link = [nvcc, "-shared", "-cudart", "static", *map(str, objects), "-o", str(target),
+                "-ldl", "-lrt", "-lpthread"]
 
         ninja = shutil.which("ninja")
         if ninja:
@@ -96,7 +97,8 @@ class NvccBuildExt(build_ext):
         quote = lambda args: " ".join(shlex.quote(str(a)) for a in args)  # noqa: E731
         lines = [
             "ninja_required_version = 1.3",
-            f"rule nvcc\n  command = {quote([nvcc, *cflags])} -MD -MF $out.d -c $in -o $out\n  depfile = $out.d\n  deps = gcc",
+            f"rule nvcc\n  command = {quote([nvcc, *cflags])} -MD -MF $out.d -c $in -o $out\n"
+            "  depfile = $out.d\n  deps = gcc",
             f"rule link\n  command = {quote(link)}",
         ]
         lines += [f"build {shlex.quote(str(o))}: nvcc {shlex.quote(str(s))}" for s, o in zip(sources, objects)]

@@ -30,16 +30,16 @@ void use_device(int device) {
 void rotate(uintptr_t x, uintptr_t out, uintptr_t positions, uintptr_t turns, uintptr_t offset,
             uintptr_t turns_unscaled, uintptr_t factor, int64_t batch, int64_t seqlen, int64_t heads,
             int64_t head_dim, int64_t rotary_dim, int64_t n_hat, bool interleaved, bool inverse, int dtype,
-            int64_t stride_xb, int64_t stride_xn, int64_t stride_xh, int64_t stride_ob, int64_t stride_on,
-            int64_t stride_oh, int64_t stride_pb, int64_t stride_pn, int64_t stride_tb, int64_t stride_offb,
-            int64_t stride_fb, int device, uintptr_t stream) {
+            bool positions_int32, int64_t stride_xb, int64_t stride_xn, int64_t stride_xh, int64_t stride_ob,
+            int64_t stride_on, int64_t stride_oh, int64_t stride_pb, int64_t stride_pn, int64_t stride_tb,
+            int64_t stride_offb, int64_t stride_fb, int device, uintptr_t stream) {
   if (dtype < scaled_rope::kFloat32 || dtype > scaled_rope::kBFloat16) {
     throw std::invalid_argument("rotate: unknown dtype code " + std::to_string(dtype));
   }
   scaled_rope::RotateParams p;
   p.x = reinterpret_cast<const void*>(x);
   p.out = reinterpret_cast<void*>(out);
-  p.positions = reinterpret_cast<const int64_t*>(positions);
+  p.positions = reinterpret_cast<const void*>(positions);
   p.turns = reinterpret_cast<const int64_t*>(turns);
   p.offset = reinterpret_cast<const int64_t*>(offset);
   p.turns_unscaled = reinterpret_cast<const int64_t*>(turns_unscaled);
@@ -52,6 +52,7 @@ void rotate(uintptr_t x, uintptr_t out, uintptr_t positions, uintptr_t turns, ui
   p.n_hat = n_hat;
   p.interleaved = interleaved;
   p.inverse = inverse;
+  p.positions_int32 = positions_int32;
   p.dtype = static_cast<scaled_rope::DType>(dtype);
   p.stride_xb = stride_xb;
   p.stride_xn = stride_xn;
@@ -83,10 +84,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("positions"), py::arg("turns"), py::arg("offset"), py::arg("turns_unscaled"),
         py::arg("factor"), py::arg("batch"), py::arg("seqlen"), py::arg("heads"), py::arg("head_dim"),
         py::arg("rotary_dim"), py::arg("n_hat"), py::arg("interleaved"), py::arg("inverse"), py::arg("dtype"),
-        py::arg("stride_xb"), py::arg("stride_xn"), py::arg("stride_xh"), py::arg("stride_ob"),
-        py::arg("stride_on"), py::arg("stride_oh"), py::arg("stride_pb"), py::arg("stride_pn"),
-        py::arg("stride_tb"), py::arg("stride_offb"), py::arg("stride_fb"), py::arg("device"),
-        py::arg("stream"));
+        py::arg("positions_int32"), py::arg("stride_xb"), py::arg("stride_xn"), py::arg("stride_xh"),
+        py::arg("stride_ob"), py::arg("stride_on"), py::arg("stride_oh"), py::arg("stride_pb"), py::arg("stride_pn"),
+        py::arg("stride_tb"), py::arg("stride_offb"), py::arg("stride_fb"), py::arg("device"), py::arg("stream"));
   m.def("cuda_version", &runtime_version, "CUDA runtime version this module was built with (e.g. 13000)");
   m.def("compiled_archs", []() { return std::string(SCALED_ROPE_CUDA_ARCHS); },
         "SCALED_ROPE_CUDA_ARCHS at build time, e.g. '80;90a'");

@@ -28,7 +28,9 @@ template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // CH consecutive elements; one vector access when VEC (the host checked alignment), element-wise otherwise.
 template <typename T, int CH>
@@ -76,7 +78,9 @@ __global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateParams p, 
   for (int k = threadIdx.x; k < rows * half; k += blockDim.x) {
     const int r = k / half;
     const int i = k - r * half;
-    const int64_t pos = p.positions[b * p.stride_pb + (n0 + r) * p.stride_pn];
+    const int64_t at = b * p.stride_pb + (n0 + r) * p.stride_pn;
+    const int64_t pos = p.positions_int32 ? static_cast<const int32_t*>(p.positions)[at]
+                                          : static_cast<const int64_t*>(p.positions)[at];
     const bool unscaled = pos < p.n_hat;
     const uint64_t turns = static_cast<uint64_t>(unscaled ? p.turns_unscaled[i] : p.turns[b * p.stride_tb + i]);
     uint64_t t = static_cast<uint64_t>(pos) * turns;  // wraps mod 2^64 by design

@@ -14,7 +14,7 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 struct RotateParams {
   const void* x;                  // (B, N, H, D), last dim contiguous
   void* out;                      // (B, N, H, D), last dim contiguous; may alias x
-  const int64_t* positions;       // (B, N)
+  const void* positions;          // (B, N), int64 or int32 (positions_int32)
   const int64_t* turns;           // (B, R/2), last dim contiguous
   const int64_t* offset;          // (B, R/2) or nullptr, last dim contiguous
   const int64_t* turns_unscaled;  // (R/2,) or nullptr; used for positions p < n_hat
@@ -24,6 +24,7 @@ struct RotateParams {
   int64_t n_hat;                  // 0 = off
   bool interleaved;               // false: pair i = (x[i], x[i + R/2]); true: pair i = (x[2i], x[2i+1])
   bool inverse;                   // transpose of the rotation (for gradients)
+  bool positions_int32;
   DType dtype;
 
   int64_t stride_xb, stride_xn, stride_xh;

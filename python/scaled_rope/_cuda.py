@@ -36,23 +36,23 @@ def cuda_rotate(x: torch.Tensor, positions: torch.Tensor, tables, inverse: bool 
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate x (B, N, H, D) on the GPU with the CUDA kernel; same contract as triton_kernels.rope.rotate."""
     ext = _require_extension()
-    a = check_rotation_args(x, positions, tables, out)
-    if not x.is_cuda:
+    if isinstance(x, torch.Tensor) and not x.is_cuda:
         raise ValueError(f"x must be a CUDA tensor for the CUDA rotation, got device {x.device}")
+    a = check_rotation_args(x, positions, tables, out)
     if x.numel() == 0:
         return a.out
-    positions = a.positions.to(torch.int64)
     o = a.out
     batch, seqlen, heads, head_dim = x.shape
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     ext.rotate(
-        x=x.data_ptr(), out=o.data_ptr(), positions=positions.data_ptr(), turns=a.turns.data_ptr(),
+        x=x.data_ptr(), out=o.data_ptr(), positions=a.positions.data_ptr(), turns=a.turns.data_ptr(),
         offset=ptr(a.offset), turns_unscaled=ptr(a.turns_unscaled), factor=a.factor.data_ptr(),
         batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, rotary_dim=a.rotary_dim, n_hat=a.n_hat,
         interleaved=a.interleaved, inverse=bool(inverse), dtype=_DTYPE_CODES[x.dtype],
+        positions_int32=a.positions.dtype == torch.int32,
         stride_xb=x.stride(0), stride_xn=x.stride(1), stride_xh=x.stride(2),
         stride_ob=o.stride(0), stride_on=o.stride(1), stride_oh=o.stride(2),
-        stride_pb=positions.stride(0) if a.stride_pb else 0, stride_pn=positions.stride(1),
+        stride_pb=a.stride_pb, stride_pn=a.positions.stride(1),
         stride_tb=a.stride_tb, stride_offb=a.stride_offb, stride_fb=a.stride_fb,
         device=x.device.index if x.device.index is not None else torch.cuda.current_device(),
         stream=torch.cuda.current_stream(x.device).cuda_stream,
