@@ -1,0 +1,239 @@
+"""`scaled_rope_attention_with_kvcache`: decode and chunked prefill over a cache of UNROTATED keys.
+
+Serving engines cache keys after rotation, so a LongRoPE request that crosses the original length (short -> long
+factors) or a dynamic-NTK request whose base moves invalidates every cached key. Here the cache holds unrotated
+keys and the kernel rotates them as it reads them, each batch row with the frequency set of its own length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from .attention import BACKENDS, _check_tensor, _optional_positive_int, _triton_reason
+from .scaling import RopeScaling
+
+_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---- validation ---------------------------------------------------------------------------------------------
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_table, causal, window, softmax_scale,
+              rerope_window, rerope_leak, logn_base, backend) -> int:
+    """Raise TypeError/ValueError naming the argument; returns the capacity of one row in tokens."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, x, 4)
+        if x.dtype not in _CACHE_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {x.stride()}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    batch, n_q, n_heads, dim = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    n_kv = k_cache.shape[2]
+    if k_cache.shape[3] != dim:
+        raise ValueError(f"k_cache head dim ({k_cache.shape[3]}) does not match q's ({dim})")
+    if n_kv == 0 or n_heads % n_kv:
+        raise ValueError(f"q heads ({n_heads}) must be a multiple of k_cache heads ({n_kv})")
+    if rope is not None:
+        if not isinstance(rope, RopeScaling):
+            raise TypeError(f"rope must be a RopeScaling or None, got {type(rope).__name__}")
+        if rope.head_dim != dim:
+            raise ValueError(f"rope.head_dim ({rope.head_dim}) does not match the head dim of q ({dim})")
+    _check_tensor("cache_seqlens", cache_seqlens, 1)
+    if cache_seqlens.dtype != torch.int32:
+        raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together")
+    n_new = 0
+    if k_new is not None:
+        for name, x in (("k_new", k_new), ("v_new", v_new)):
+            _check_tensor(name, x, 4)
+            if x.shape[0] != batch or x.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(f"{name} must be (B={batch}, Nnew, Hkv={n_kv}, D={dim}), got {tuple(x.shape)}")
+            if x.dtype != q.dtype or x.device != q.device:
+                raise ValueError(f"{name} must have q's dtype and device, got {x.dtype} on {x.device}")
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and "
+                             f"{tuple(v_new.shape)}")
+        n_new = k_new.shape[1]
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache must be (B={batch}, N, Hkv, D) without block_table, got "
+                             f"{tuple(k_cache.shape)}")
+        capacity = k_cache.shape[1]
+    else:
+        _check_tensor("block_table", block_table, 2)
+        if block_table.dtype != torch.int32:
+            raise ValueError(f"block_table must be int32, got {block_table.dtype}")
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape (B={batch}, max_pages), got {tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}")
+        page_size = k_cache.shape[1]
+        if not 16 <= page_size <= 256 or page_size & (page_size - 1):
+            raise ValueError(f"the page size (k_cache.shape[1] with block_table) must be a power of two in 16..256, "
+                             f"got {page_size}")
+        capacity = block_table.shape[1] * page_size
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _optional_positive_int("window", window)
+    _optional_positive_int("rerope_window", rerope_window)
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    if rerope_leak is not None:
+        if rerope_window is None:
+            raise ValueError("rerope_leak needs rerope_window")
+        if not (isinstance(rerope_leak, (int, float)) and math.isfinite(rerope_leak) and rerope_leak >= 1):
+            raise ValueError(f"rerope_leak must be a finite number >= 1 or None, got {rerope_leak!r}")
+    if rerope_window is not None:
+        if rope is None:
+            raise ValueError("rerope_window needs a rope (rope=None means no rotation at all)")
+        if rope.n_hat:
+            raise ValueError("rerope_window cannot be combined with n_hat > 0 (rope.n_hat)")
+    if logn_base is not None and not (isinstance(logn_base, (int, float)) and math.isfinite(logn_base)
+                                      and logn_base > 1):
+        raise ValueError(f"logn_base must be a finite number > 1 or None, got {logn_base!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    # the one host synchronisation: a write past the end would corrupt other rows' pages (skipped while a CUDA
+    # graph is being captured, where the caller owns the bounds)
+    if not _capturing(q.device) and batch:
+        lo, hi = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
+        if lo < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {lo}")
+        if hi + n_new > capacity:
+            raise ValueError(f"cache_seqlens + Nnew ({hi} + {n_new}) exceeds the cache capacity of {capacity} "
+                             f"tokens per row")
+    return capacity
+
+
+def _resolve(backend: str, q: torch.Tensor) -> str:
+    if backend == "cuda":
+        raise NotImplementedError("backend='cuda' has no KV-cache decode kernel yet; use backend='triton' or "
+                                  "'auto'")
+    if backend == "reference":
+        return backend
+    reason = _triton_reason(q)
+    if backend == "auto":
+        return "reference" if reason is not None else "triton"
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
+    return backend
+
+
+# ---- cache write and gather ---------------------------------------------------------------------------------
+def _token_index(cache_seqlens: torch.Tensor, n: int, block_table: torch.Tensor | None, page_size: int):
+    """(row or page index, slot) of tokens cache_seqlens[b] + 0..n-1, each (B, n) int64, without host sync."""
+    pos = cache_seqlens.to(torch.int64)[:, None] + torch.arange(n, device=cache_seqlens.device)[None, :]
+    if block_table is None:
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
+        return rows, pos
+    return block_table.to(torch.int64).gather(1, pos // page_size), pos % page_size
+
+
+def append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None) -> None:
+    """Write k_new, v_new (B, Nnew, Hkv, D) into the caches at cache_seqlens, in place."""
+    where, slot = _token_index(cache_seqlens, k_new.shape[1], block_table, k_cache.shape[1])
+    k_cache[where, slot] = k_new
+    v_cache[where, slot] = v_new
+
+
+def gather_row(cache: torch.Tensor, b: int, length: int, block_table: torch.Tensor | None) -> torch.Tensor:
+    """Row b's first `length` tokens as a contiguous (length, Hkv, D) tensor."""
+    if block_table is None:
+        return cache[b, :length]
+    page_size = cache.shape[1]
+    pages = block_table[b, :-(-length // page_size)].to(torch.int64)
+    return cache[pages].reshape(-1, *cache.shape[2:])[:length]
+
+
+def reference_with_kvcache(q, k_cache, v_cache, rope, *, seqlens, block_table=None, compute_dtype=None,
+                           **options):
+    """Reference over the cache as it is: row b has keys 0..seqlens[b]-1, queries at the last Nq positions.
+
+    Gathers each row into contiguous tensors and calls `reference.attention` with explicit positions (so
+    length-dependent schedules see the row's own length). Returns (out (B, Nq, Hq, D), lse (B, Hq, Nq)).
+    """
+    n_q = q.shape[1]
+    outs, lses = [], []
+    for b, length in enumerate(seqlens.tolist()):
+        k = gather_row(k_cache, b, length, block_table)[None]
+        v = gather_row(v_cache, b, length, block_table)[None]
+        k_pos = torch.arange(length, device=q.device)[None]
+        q_pos = torch.arange(length - n_q, length, device=q.device)[None]
+        out, lse = reference.attention(q[b:b + 1], k, v, rope, q_positions=q_pos, k_positions=k_pos,
+                                       compute_dtype=compute_dtype, **options)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+# ---- public API ---------------------------------------------------------------------------------------------
+def scaled_rope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                       rope: RopeScaling | None, *, cache_seqlens: torch.Tensor,
+                                       k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                                       block_table: torch.Tensor | None = None, causal: bool = True,
+                                       window: int | None = None, softmax_scale: float | None = None,
+                                       rerope_window: int | None = None, rerope_leak: float | None = None,
+                                       logn_base: float | None = None, return_lse: bool = False,
+                                       backend: str = "auto"):
+    """Attention of new queries over a cache of unrotated keys (decode, chunked prefill, speculative checks).
+
+    Shapes (flash-attn's `flash_attn_with_kvcache` layout)::
+
+        q: (B, Nq, Hq, D)
+        k_cache, v_cache: (B, N, Hkv, D), or paged (num_pages, page_size, Hkv, D) with
+        block_table: (B, max_pages) int32 (page_size a power of two in 16..256)
+        cache_seqlens: (B,) int32, tokens already in each row
+        k_new, v_new: (B, Nnew, Hkv, D), unrotated; written into the caches at cache_seqlens, in place
+        out: (B, Nq, Hq, D)   lse: (B, Hq, Nq) float32 (with return_lse=True)
+
+    Row b then has L = cache_seqlens[b] + Nnew keys at positions 0..L-1 and its queries sit at L-Nq..L-1
+    (bottom-right aligned). Keys are rotated on-chip with the frequencies of length L (LongRoPE short/long set,
+    dynamic NTK base), so a row that crosses the original length switches exactly with no cache rebuild.
+    causal, window, softmax_scale, rerope_window, rerope_leak and logn_base mean what they mean in
+    `scaled_rope_attention`. backend: "auto" (triton -> reference), "triton", "reference"; "cuda" is not
+    implemented for the cache yet.
+    """
+    _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_table, causal, window, softmax_scale,
+              rerope_window, rerope_leak, logn_base, backend)
+    chosen = _resolve(backend, q)
+    n_new = 0
+    if k_new is not None:
+        append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        n_new = k_new.shape[1]
+    seqlens = cache_seqlens + n_new  # int32, on the device
+    options = dict(causal=causal, window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
+                   logn_base=logn_base)
+    if chosen == "reference":
+        out, lse = reference_with_kvcache(q, k_cache, v_cache, rope, seqlens=seqlens, block_table=block_table,
+                                          rerope_leak=rerope_leak, **options)
+    else:
+        from .tables import build_tables
+        from .triton_kernels.decode import decode_attention
+
+        tables = q_far = k_far = None
+        if rope is not None:
+            lens = seqlens if rope.length_dependent else None  # per-row lengths matter only to these
+            tables = build_tables(rope, q.shape[0], q.device, seq_lens=lens)
+            if rerope_window is not None:
+                far = dict(seq_lens=lens, rerope_window=rerope_window, rerope_leak=rerope_leak)
+                q_far = build_tables(rope, q.shape[0], q.device, far="q", **far)
+                k_far = build_tables(rope, q.shape[0], q.device, far="k", **far)
+        out, lse = decode_attention(q, k_cache, v_cache, seqlens, tables, block_table=block_table,
+                                    q_far_tables=q_far, k_far_tables=k_far, rerope_leak=rerope_leak, **options)
+    return (out, lse) if return_lse else out

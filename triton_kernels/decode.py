@@ -1,0 +1,436 @@
+"""Split-KV decode and chunked prefill over an UNROTATED key cache (flash-decoding with on-chip rotation).
+
+Grid (num_splits, Hkv, B * m_blocks). A program takes one KV head, all GROUP = Hq / Hkv query heads that share it
+and a block of query tokens as its M rows (row r = token r // GROUP, head r % GROUP), so each K/V byte is read once
+per head group. It walks one chunk of that row's cache in tiles of BLOCK_N keys and rotates each K tile as it
+arrives: the angle of key p0 + j is formed by angle addition from cos/sin of the tile base p0 (exact, from the
+fixed-point turns, once per pair per tile) and a per-program table of cos/sin(j * w) for j < BLOCK_N (exact too),
+so a key element costs a few FMAs. The frequencies are the row's own (LongRoPE short/long set or dynamic NTK base
+picked from the row's length by `build_tables`), so nothing in the cache depends on them. Scores are the sum of
+partial dots: the two rotated halves of the pairs plus the pass-through dims. Each program writes its partial
+output and log-sum-exp; `_merge_kernel` combines the splits by lse (skipped when there is one split).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+from .attention import _fix_interpreter_loop_bounds
+from .rope import rope_cos_sin
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# jitted helpers
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rotate_pairs(x1, x2, c, s):
+    return x1 * c - x2 * s, x1 * s + x2 * c
+
+
+@triton.jit
+def _tile_cos_sin(p0, turns, factor, cos_j, sin_j, HALF_PAD: tl.constexpr):
+    """cos/sin (times factor) of (p0 + j) * w for the (BLOCK_N, HALF_PAD) tile, by angle addition."""
+    c0, s0 = rope_cos_sin(p0.to(tl.int64), turns, tl.zeros([HALF_PAD], dtype=tl.int64))
+    c0 = c0 * factor
+    s0 = s0 * factor
+    return cos_j * c0[None, :] - sin_j * s0[None, :], sin_j * c0[None, :] + cos_j * s0[None, :]
+
+
+@triton.jit
+def _partial_dots(a1, a2, ap, b1, b2, bp, HAS_ROT: tl.constexpr, HAS_PASS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """<a, b> over rotated halves + pass-through dims: (BLOCK_M, BLOCK_N) fp32."""
+    if HAS_ROT:
+        acc = tl.dot(a1, tl.trans(b1), input_precision=DOT_PRECISION)
+        acc = tl.dot(a2, tl.trans(b2), acc, input_precision=DOT_PRECISION)
+        if HAS_PASS:
+            acc = tl.dot(ap, tl.trans(bp), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(ap, tl.trans(bp), input_precision=DOT_PRECISION)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_kernel(
+    Q, K, V, SEQLENS, BLOCK_TABLE,
+    TURNS, TURNS_UNSCALED, FACTOR, TURNS_QF, OFFSET_QF, TURNS_KF,
+    OUT, LSE,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_btb, stride_btp,
+    stride_tb, stride_tqb, stride_oqb, stride_tkb,
+    stride_ob, stride_om, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh, stride_lm, stride_ls,
+    n_q, n_m_blocks, sm_scale_log2, inv_ln_logn_base, window, rerope_window, n_hat,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
+    HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, LEAKY: tl.constexpr,
+    HAS_NHAT: tl.constexpr, HAS_LOGN: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_bm = tl.program_id(2)
+    b = pid_bm // n_m_blocks
+    m_block = pid_bm % n_m_blocks
+    b64 = b.to(tl.int64)
+    seqlen = tl.load(SEQLENS + b)
+
+    # ---- the M rows: query token t, head h_kv * GROUP + g -------------------------------------------------
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < n_q * GROUP
+    tok = rows // GROUP
+    head = pid_h * GROUP + rows % GROUP
+    q_pos = seqlen - n_q + tok  # bottom-right aligned to the row's length
+    first_tok = m_block * BLOCK_M // GROUP
+    last_tok = tl.minimum((m_block * BLOCK_M + BLOCK_M - 1) // GROUP, n_q - 1)
+    p_min = seqlen - n_q + first_tok
+    p_max = seqlen - n_q + last_tok
+
+    # ---- this split's tiles -----------------------------------------------------------------------------
+    k_lo = 0
+    if HAS_WINDOW:
+        k_lo = tl.maximum(p_min - window + 1, 0)
+    k_hi = seqlen
+    if CAUSAL:
+        k_hi = tl.minimum(seqlen, p_max + 1)
+    tile_first = k_lo // BLOCK_N
+    n_tiles = tl.maximum(tl.cdiv(k_hi, BLOCK_N) - tile_first, 0)
+    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    tile_lo = tile_first + pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, tile_first + n_tiles)
+
+    # ---- column sets: pair halves (x1, x2) and pass-through dims ------------------------------------------
+    pair = tl.arange(0, HALF_PAD)
+    pair_mask = pair < HALF
+    if INTERLEAVED:
+        col1 = 2 * pair
+        col2 = 2 * pair + 1
+    else:
+        col1 = pair
+        col2 = pair + HALF
+    pcol = 2 * HALF + tl.arange(0, PASS_PAD)
+    pass_mask = tl.arange(0, PASS_PAD) < PASS
+    dcol = tl.arange(0, D_PAD)
+    d_mask = dcol < HEAD_DIM
+    offs_j = tl.arange(0, BLOCK_N)
+
+    # ---- q: load once, rotate at its own positions (near; far for ReRoPE) ---------------------------------
+    q_row = Q + b64 * stride_qb + tok.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
+    qp = tl.load(q_row[:, None] + pcol[None, :] * stride_qd, mask=row_valid[:, None] & pass_mask[None, :],
+                 other=0.0)
+    q1 = qp
+    q2 = qp
+    qf1 = qp
+    qf2 = qp
+    cos_j = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
+    sin_j = cos_j
+    cos_jf = cos_j
+    sin_jf = cos_j
+    turns = tl.zeros([HALF_PAD], dtype=tl.int64)
+    turns_kf = turns
+    turns_un = turns
+    factor = 1.0
+    if HAS_ROT:
+        factor = tl.load(FACTOR + b)
+        turns = tl.load(TURNS + b64 * stride_tb + pair, mask=pair_mask, other=0)
+        zero = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.int64)
+        qx1 = tl.load(q_row[:, None] + col1[None, :] * stride_qd, mask=row_valid[:, None] & pair_mask[None, :],
+                     other=0.0).to(tl.float32)
+        qx2 = tl.load(q_row[:, None] + col2[None, :] * stride_qd, mask=row_valid[:, None] & pair_mask[None, :],
+                     other=0.0).to(tl.float32)
+        qpos64 = q_pos.to(tl.int64)[:, None]
+        q_turns = turns[None, :] + zero
+        q_factor = factor + tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_NHAT:
+            turns_un = tl.load(TURNS_UNSCALED + pair, mask=pair_mask, other=0)
+            q_turns = tl.where(qpos64 < n_hat, turns_un[None, :], q_turns)
+            q_factor = tl.where(q_pos < n_hat, 1.0, q_factor)
+        qc, qs = rope_cos_sin(qpos64, q_turns, zero)
+        qc = qc * q_factor[:, None]
+        qs = qs * q_factor[:, None]
+        qy1, qy2 = _rotate_pairs(qx1, qx2, qc, qs)
+        q1 = qy1.to(K.dtype.element_ty)
+        q2 = qy2.to(K.dtype.element_ty)
+        cos_j, sin_j = rope_cos_sin(offs_j.to(tl.int64)[:, None], turns[None, :],
+                                    tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
+        if REROPE:
+            turns_qf = tl.load(TURNS_QF + b64 * stride_tqb + pair, mask=pair_mask, other=0)
+            offset_qf = tl.load(OFFSET_QF + b64 * stride_oqb + pair, mask=pair_mask, other=0)
+            qc, qs = rope_cos_sin(qpos64, turns_qf[None, :] + zero, offset_qf[None, :] + zero)
+            if LEAKY:
+                qc = qc * factor
+                qs = qs * factor
+                turns_kf = tl.load(TURNS_KF + b64 * stride_tkb + pair, mask=pair_mask, other=0)
+                cos_jf, sin_jf = rope_cos_sin(offs_j.to(tl.int64)[:, None], turns_kf[None, :],
+                                              tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
+            else:  # far k is unrotated but still times m: fold m * m into q
+                qc = qc * (factor * factor)
+                qs = qs * (factor * factor)
+            qy1, qy2 = _rotate_pairs(qx1, qx2, qc, qs)
+            qf1 = qy1.to(K.dtype.element_ty)
+            qf2 = qy2.to(K.dtype.element_ty)
+    row_scale = sm_scale_log2 + tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_LOGN:
+        row_scale = row_scale * tl.maximum(tl.log(tl.maximum(q_pos + 1, 1).to(tl.float32)) * inv_ln_logn_base, 1.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    k_head = K + pid_h.to(tl.int64) * stride_kh
+    v_head = V + pid_h.to(tl.int64) * stride_vh
+
+    for tile in range(tile_lo, tile_hi):
+        p0 = tile * BLOCK_N
+        offs_n = p0 + offs_j
+        key_valid = offs_n < seqlen
+        if PAGED:  # BLOCK_N divides PAGE_SIZE, so the tile lies in one page
+            page = tl.load(BLOCK_TABLE + b64 * stride_btb + (p0 // PAGE_SIZE).to(tl.int64) * stride_btp)
+            slot = (p0 % PAGE_SIZE + offs_j).to(tl.int64)
+            k_rows = k_head + page.to(tl.int64) * stride_kb + slot * stride_kn
+            v_rows = v_head + page.to(tl.int64) * stride_vb + slot * stride_vn
+        else:
+            k_rows = k_head + b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
+            v_rows = v_head + b64 * stride_vb + offs_n.to(tl.int64) * stride_vn
+        kp = tl.load(k_rows[:, None] + pcol[None, :] * stride_kd, mask=key_valid[:, None] & pass_mask[None, :],
+                     other=0.0)
+        v = tl.load(v_rows[:, None] + dcol[None, :] * stride_vd, mask=key_valid[:, None] & d_mask[None, :],
+                    other=0.0)
+        delta = q_pos[:, None] - offs_n[None, :]
+        if HAS_ROT:
+            k1 = tl.load(k_rows[:, None] + col1[None, :] * stride_kd, mask=key_valid[:, None] & pair_mask[None, :],
+                         other=0.0)
+            k2 = tl.load(k_rows[:, None] + col2[None, :] * stride_kd, mask=key_valid[:, None] & pair_mask[None, :],
+                         other=0.0)
+            kx1 = k1.to(tl.float32)
+            kx2 = k2.to(tl.float32)
+            if REROPE:
+                need_near = p_min - (p0 + BLOCK_N - 1) < rerope_window
+                need_far = p_max - p0 >= rerope_window
+                s_near = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                s_far = s_near
+                if need_near:
+                    kc, ks = _tile_cos_sin(p0, turns, factor, cos_j, sin_j, HALF_PAD)
+                    ky1, ky2 = _rotate_pairs(kx1, kx2, kc, ks)
+                    s_near = _partial_dots(q1, q2, qp, ky1.to(k1.dtype), ky2.to(k1.dtype), kp, HAS_ROT, PASS > 0,
+                                           DOT_PRECISION)
+                if need_far:
+                    if LEAKY:
+                        kc, ks = _tile_cos_sin(p0, turns_kf, factor, cos_jf, sin_jf, HALF_PAD)
+                        ky1, ky2 = _rotate_pairs(kx1, kx2, kc, ks)
+                        s_far = _partial_dots(qf1, qf2, qp, ky1.to(k1.dtype), ky2.to(k1.dtype), kp, HAS_ROT,
+                                              PASS > 0, DOT_PRECISION)
+                    else:
+                        s_far = _partial_dots(qf1, qf2, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+                qk = tl.where(delta < rerope_window, s_near, s_far)
+            else:
+                kc, ks = _tile_cos_sin(p0, turns, factor, cos_j, sin_j, HALF_PAD)
+                if HAS_NHAT:
+                    if p0 < n_hat:  # keys below n_hat: unscaled turns and factor 1, per element
+                        kpos = offs_n.to(tl.int64)[:, None]
+                        early = kpos < n_hat
+                        kc, ks = rope_cos_sin(kpos, tl.where(early, turns_un[None, :], turns[None, :]),
+                                            tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
+                        kc = tl.where(early, kc, kc * factor)
+                        ks = tl.where(early, ks, ks * factor)
+                ky1, ky2 = _rotate_pairs(kx1, kx2, kc, ks)
+                qk = _partial_dots(q1, q2, qp, ky1.to(k1.dtype), ky2.to(k1.dtype), kp, HAS_ROT, PASS > 0,
+                                   DOT_PRECISION)
+        else:
+            qk = _partial_dots(q1, q2, qp, kp, kp, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+
+        allowed = key_valid[None, :]
+        if CAUSAL:
+            allowed = allowed & (delta >= 0)
+        if HAS_WINDOW:
+            allowed = allowed & (delta < window)
+        qk = tl.where(allowed, qk * row_scale[:, None], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = (OUT + b64 * stride_ob + tok.to(tl.int64)[:, None] * stride_om + head.to(tl.int64)[:, None] * stride_oh
+              + pid_s.to(tl.int64) * stride_os + dcol[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+    l_ptrs = (LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + tok.to(tl.int64) * stride_lm
+              + pid_s.to(tl.int64) * stride_ls)
+    tl.store(l_ptrs, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_kernel(
+    OP, LP, OUT, LSE,
+    stride_pb, stride_pm, stride_ph, stride_ps, stride_pd,
+    stride_qb, stride_qm, stride_qh, stride_qs,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    n_q, n_heads,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """One program per (b, token, q head): out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s."""
+    pid = tl.program_id(0)
+    head = pid % n_heads
+    tok = (pid // n_heads) % n_q
+    b = (pid // n_heads // n_q).to(tl.int64)
+    splits = tl.arange(0, SPLITS_PAD)
+    dcol = tl.arange(0, D_PAD)
+    lse_s = tl.load(LP + b * stride_qb + tok * stride_qm + head * stride_qh + splits * stride_qs,
+                    mask=splits < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_ref)
+    total = tl.sum(w, 0)
+    o_s = tl.load(OP + b * stride_pb + tok * stride_pm + head * stride_ph + splits[:, None] * stride_ps
+                  + dcol[None, :] * stride_pd, mask=(splits < NUM_SPLITS)[:, None] & (dcol < HEAD_DIM)[None, :],
+                  other=0.0)
+    out = tl.sum(o_s * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(OUT + b * stride_ob + tok * stride_om + head * stride_oh + dcol * stride_od,
+             out.to(OUT.dtype.element_ty), mask=dcol < HEAD_DIM)
+    tl.store(LSE + b * stride_lb + head * stride_lh + tok * stride_lm,
+             tl.where(total == 0.0, float("-inf"), m_ref + tl.log(tl.where(total == 0.0, 1.0, total))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------------------------------------
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if _INTERPRET:
+    _fix_interpreter_loop_bounds()  # idempotent; loop bounds here are loaded scalars
+_WAVES = 4  # aim for this many programs per SM (memory-bound: more in flight hides latency)
+_MIN_KEYS_PER_SPLIT = 512
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(n, 1)))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
+    """Splits per (row, kv head, m block) so that about _WAVES programs per SM run, each over >= 512 keys."""
+    want = triton.cdiv(_WAVES * num_sms, max(programs, 1))
+    return max(1, min(want, triton.cdiv(max_keys, _MIN_KEYS_PER_SPLIT), 128))
+
+
+def default_config(head_dim: int, block_m: int, page_size: int | None) -> dict:
+    """BLOCK_N / num_warps / num_stages; one config under the interpreter."""
+    block_n = 64 if head_dim <= 128 else 32
+    if page_size is not None:
+        block_n = min(block_n, page_size)
+    if _INTERPRET:
+        return {"BLOCK_N": min(block_n, 32), "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_N": block_n, "num_warps": 4 if block_m <= 16 else 8, "num_stages": 3}
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else 0
+
+
+def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, q_far_tables=None,
+                     k_far_tables=None, causal=True, window=None, softmax_scale=None, rerope_window=None,
+                     rerope_leak=None, logn_base=None, num_splits=None, config=None, out=None, lse=None):
+    """Attention of q (B, Nq, Hq, D) over the first seqlens[b] keys of an unrotated cache.
+
+    k_cache, v_cache: (B, N, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int32.
+    seqlens: int32 (B,) on the device, each row's length (keys 0..len-1); queries sit at len - Nq + 0..Nq-1.
+    tables: `RotaryTables` of the rows at their lengths (None: no rotation); q_far_tables / k_far_tables: ReRoPE's
+    far sides (with rerope_window; rerope_leak only says whether far k rotates). Inputs are assumed validated (`scaled_rope.kvcache` does it).
+    Returns out (B, Nq, Hq, D) in q's dtype and lse (B, Hq, Nq) float32.
+    """
+    B, n_q, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
+    group = n_heads // n_kv
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else None
+    rotary_dim = tables.rotary_dim if tables is not None else 0
+    half = rotary_dim // 2
+    rows = group * n_q
+    block_m = min(64, _pow2(rows))
+    n_m_blocks = triton.cdiv(rows, block_m)
+    cfg = dict(default_config(head_dim, block_m, page_size), **(config or {}))
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    if num_splits is None:
+        num_splits = choose_num_splits(B * n_kv * n_m_blocks, capacity, _num_sms(q.device))
+    if out is None:
+        out = empty(q.shape, q.dtype, q.device)
+    if lse is None:
+        lse = empty((B, n_heads, n_q), torch.float32, q.device)
+    if num_splits > 1:
+        o_part = empty((B, n_q, n_heads, num_splits, head_dim), torch.float32, q.device)
+        l_part = empty((B, n_q, n_heads, num_splits), torch.float32, q.device)
+        o_dst, l_dst = o_part, l_part
+        o_strides = o_part.stride()
+        l_strides = (l_part.stride(0), l_part.stride(2), l_part.stride(1), l_part.stride(3))
+    else:
+        o_dst, l_dst = out, lse
+        o_strides = (*out.stride()[:3], 0, out.stride(3))
+        l_strides = (*lse.stride(), 0)
+
+    has_rot = tables is not None
+    rerope = rerope_window is not None
+    dummy_i64 = torch.zeros(1, dtype=torch.int64, device=q.device)
+    turns = tables.turns.contiguous() if has_rot else dummy_i64
+    turns_un = tables.turns_unscaled if has_rot and tables.turns_unscaled is not None else dummy_i64
+    factor = tables.attention_factor if has_rot else torch.ones(1, dtype=torch.float32, device=q.device)
+    if rerope and has_rot:
+        turns_qf = q_far_tables.turns.contiguous()
+        offset_qf = q_far_tables.offset.contiguous()
+        turns_kf = k_far_tables.turns.contiguous()
+    else:
+        turns_qf = offset_qf = turns_kf = dummy_i64
+    n_hat = tables.n_hat if has_rot else 0
+    block_table_arg = block_table if paged else seqlens
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    grid = (num_splits, n_kv, B * n_m_blocks)
+    _decode_kernel[grid](
+        q, k_cache, v_cache, seqlens, block_table_arg,
+        turns, turns_un, factor, turns_qf, offset_qf, turns_kf,
+        o_dst, l_dst,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        block_table.stride(0) if paged else 0, block_table.stride(1) if paged else 0,
+        _row_stride(turns), _row_stride(turns_qf), _row_stride(offset_qf), _row_stride(turns_kf),
+        *o_strides, *l_strides,
+        n_q, n_m_blocks, scale * LOG2E, 1.0 / math.log(logn_base) if logn_base is not None else 0.0,
+        window if window is not None else 0, rerope_window if rerope else 0, n_hat,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
+        HALF=half, HALF_PAD=_pow2(half), PASS=head_dim - rotary_dim, PASS_PAD=_pow2(head_dim - rotary_dim),
+        HAS_ROT=has_rot, INTERLEAVED=bool(has_rot and tables.interleaved), PAGED=paged,
+        PAGE_SIZE=page_size if paged else 1, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+        REROPE=rerope and has_rot, LEAKY=rerope and has_rot and rerope_leak is not None,
+        HAS_NHAT=n_hat > 0, HAS_LOGN=logn_base is not None, NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        _merge_kernel[(B * n_q * n_heads,)](
+            o_part, l_part, out, lse,
+            *o_part.stride(), *l_part.stride(), *out.stride(), *lse.stride(),
+            n_q, n_heads,
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            D_PAD=_pow2(head_dim), num_warps=4,
+        )
+    return out, lse
