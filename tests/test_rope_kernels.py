@@ -283,6 +283,7 @@ GPU_CASES = [
     (3, 97, 2, 64, 64, {"n_hat": 1_000_000, "inverse": True}),
     (2, 17, 8, 128, 64, {"shared_row": True, "int32": True, "inverse": True}),
     (8, 1, 32, 128, 128, {}),
+    (4, 1, 8, 64, 64, {"interleaved": True}),
 ]
 BACKENDS = {"cuda": cuda_rotate, "triton": rotate}
 
