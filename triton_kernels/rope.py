@@ -69,10 +69,11 @@ def _rotate_kernel(
     x_ptrs = X + b * stride_xb + offs_n[:, None] * stride_xn + h_start.to(tl.int64) * stride_xh
     o_ptrs = Out + b * stride_ob + offs_n[:, None] * stride_on + h_start.to(tl.int64) * stride_oh
     for h in range(0, HEADS_PER_PROGRAM):
-        mask_h = mask & (h_start + h < heads)
+        head_ok = h_start + h < heads
+        mask_h = mask & head_ok
         if INTERLEAVED:
             offs_d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
-            mask_d = mask_n[:, None] & (offs_d < ROTARY_DIM) & (h_start + h < heads)
+            mask_d = mask_n[:, None] & (offs_d < ROTARY_DIM) & head_ok
             x = tl.load(x_ptrs + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             x1, x2 = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_HALF, 2)))
             y = tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (BLOCK_N, 2 * BLOCK_HALF))
@@ -85,7 +86,7 @@ def _rotate_kernel(
             tl.store(o_ptrs + HALF + offs_d, (x1 * sin + x2 * cos).to(Out.dtype.element_ty), mask=mask_h)
         if BLOCK_PASS > 0:
             offs_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
-            mask_p = mask_n[:, None] & (offs_p < HEAD_DIM) & (h_start + h < heads)
+            mask_p = mask_n[:, None] & (offs_p < HEAD_DIM) & head_ok
             tl.store(o_ptrs + offs_p, tl.load(x_ptrs + offs_p, mask=mask_p, other=0.0), mask=mask_p)
         x_ptrs += stride_xh
         o_ptrs += stride_oh
