@@ -36,6 +36,31 @@ def _rotate_pairs(x1, x2, c, s):
 
 
 @triton.jit
+def _load_pairs(rows, row_mask, stride_d, ROWS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                INTERLEAVED: tl.constexpr):
+    """The rotary pairs (x1, x2), each (ROWS, HALF_PAD), of the rows at pointers `rows`; dtype as stored."""
+    if INTERLEAVED:  # one contiguous load, then de-interleave on-chip
+        col = tl.arange(0, 2 * HALF_PAD)
+        x = tl.load(rows[:, None] + col[None, :] * stride_d, mask=row_mask[:, None] & (col < 2 * HALF)[None, :],
+                    other=0.0)
+        x1, x2 = tl.split(tl.reshape(x, (ROWS, HALF_PAD, 2)))
+    else:
+        pair = tl.arange(0, HALF_PAD)
+        mask = row_mask[:, None] & (pair < HALF)[None, :]
+        x1 = tl.load(rows[:, None] + pair[None, :] * stride_d, mask=mask, other=0.0)
+        x2 = tl.load(rows[:, None] + (pair + HALF)[None, :] * stride_d, mask=mask, other=0.0)
+    return x1, x2
+
+
+@triton.jit
+def _load_pass(rows, row_mask, stride_d, START: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr):
+    """Pass-through dims START..START+PASS-1 of the rows at pointers `rows`, (ROWS, PASS_PAD)."""
+    col = tl.arange(0, PASS_PAD)
+    return tl.load(rows[:, None] + (START + col)[None, :] * stride_d,
+                   mask=row_mask[:, None] & (col < PASS)[None, :], other=0.0)
+
+
+@triton.jit
 def _tile_cos_sin(p0, turns, factor, cos_j, sin_j, HALF_PAD: tl.constexpr):
     """cos/sin (times factor) of (p0 + j) * w for the (BLOCK_N, HALF_PAD) tile, by angle addition."""
     c0, s0 = rope_cos_sin(p0.to(tl.int64), turns, tl.zeros([HALF_PAD], dtype=tl.int64))
@@ -113,25 +138,19 @@ def _decode_kernel(
     tile_lo = tile_first + pid_s * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, tile_first + n_tiles)
 
-    # ---- column sets: pair halves (x1, x2) and pass-through dims ------------------------------------------
+    # ---- columns: pairs (x1, x2) of the rotary dims, then pass-through dims ------------------------------
     pair = tl.arange(0, HALF_PAD)
     pair_mask = pair < HALF
-    if INTERLEAVED:
-        col1 = 2 * pair
-        col2 = 2 * pair + 1
-    else:
-        col1 = pair
-        col2 = pair + HALF
-    pcol = 2 * HALF + tl.arange(0, PASS_PAD)
-    pass_mask = tl.arange(0, PASS_PAD) < PASS
     dcol = tl.arange(0, D_PAD)
     d_mask = dcol < HEAD_DIM
     offs_j = tl.arange(0, BLOCK_N)
 
     # ---- q: load once, rotate at its own positions (near; far for ReRoPE) ---------------------------------
     q_row = Q + b64 * stride_qb + tok.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
-    qp = tl.load(q_row[:, None] + pcol[None, :] * stride_qd, mask=row_valid[:, None] & pass_mask[None, :],
-                 other=0.0)
+    if PASS > 0:
+        qp = _load_pass(q_row, row_valid, stride_qd, 2 * HALF, PASS, PASS_PAD)
+    else:
+        qp = tl.zeros([BLOCK_M, 16], dtype=Q.dtype.element_ty)  # unused
     q1 = qp
     q2 = qp
     qf1 = qp
@@ -148,10 +167,9 @@ def _decode_kernel(
         factor = tl.load(FACTOR + b)
         turns = tl.load(TURNS + b64 * stride_tb + pair, mask=pair_mask, other=0)
         zero = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.int64)
-        qx1 = tl.load(q_row[:, None] + col1[None, :] * stride_qd, mask=row_valid[:, None] & pair_mask[None, :],
-                     other=0.0).to(tl.float32)
-        qx2 = tl.load(q_row[:, None] + col2[None, :] * stride_qd, mask=row_valid[:, None] & pair_mask[None, :],
-                     other=0.0).to(tl.float32)
+        qx1, qx2 = _load_pairs(q_row, row_valid, stride_qd, BLOCK_M, HALF, HALF_PAD, INTERLEAVED)
+        qx1 = qx1.to(tl.float32)
+        qx2 = qx2.to(tl.float32)
         qpos64 = q_pos.to(tl.int64)[:, None]
         q_turns = turns[None, :] + zero
         q_factor = factor + tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -198,23 +216,23 @@ def _decode_kernel(
         offs_n = p0 + offs_j
         key_valid = offs_n < seqlen
         if PAGED:  # BLOCK_N divides PAGE_SIZE, so the tile lies in one page
-            page = tl.load(BLOCK_TABLE + b64 * stride_btb + (p0 // PAGE_SIZE).to(tl.int64) * stride_btp)
+            page = tl.load(BLOCK_TABLE + b64 * stride_btb + (p0 // PAGE_SIZE).to(tl.int64) * stride_btp,
+                           mask=p0 < seqlen, other=0)
             slot = (p0 % PAGE_SIZE + offs_j).to(tl.int64)
             k_rows = k_head + page.to(tl.int64) * stride_kb + slot * stride_kn
             v_rows = v_head + page.to(tl.int64) * stride_vb + slot * stride_vn
         else:
             k_rows = k_head + b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
             v_rows = v_head + b64 * stride_vb + offs_n.to(tl.int64) * stride_vn
-        kp = tl.load(k_rows[:, None] + pcol[None, :] * stride_kd, mask=key_valid[:, None] & pass_mask[None, :],
-                     other=0.0)
+        if PASS > 0:
+            kp = _load_pass(k_rows, key_valid, stride_kd, 2 * HALF, PASS, PASS_PAD)
+        else:
+            kp = tl.zeros([BLOCK_N, 16], dtype=K.dtype.element_ty)  # unused
         v = tl.load(v_rows[:, None] + dcol[None, :] * stride_vd, mask=key_valid[:, None] & d_mask[None, :],
                     other=0.0)
         delta = q_pos[:, None] - offs_n[None, :]
         if HAS_ROT:
-            k1 = tl.load(k_rows[:, None] + col1[None, :] * stride_kd, mask=key_valid[:, None] & pair_mask[None, :],
-                         other=0.0)
-            k2 = tl.load(k_rows[:, None] + col2[None, :] * stride_kd, mask=key_valid[:, None] & pair_mask[None, :],
-                         other=0.0)
+            k1, k2 = _load_pairs(k_rows, key_valid, stride_kd, BLOCK_N, HALF, HALF_PAD, INTERLEAVED)
             kx1 = k1.to(tl.float32)
             kx2 = k2.to(tl.float32)
             if REROPE:
