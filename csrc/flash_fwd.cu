@@ -1,0 +1,588 @@
+// FlashAttention-2 style forward for sm_80+ over already rotated q and k (see flash_fwd.h for the semantics).
+//
+// One CTA of 4 warps takes a tile of kBlockM = 64 query rows of one (batch, q head); warp w owns rows 16w..16w+15.
+// Keys stream through shared memory in tiles of kBlockN = 64 rows: K(j) and V(j) each have one buffer, loaded with
+// cp.async so that V(j) arrives while S = Q K(j)^T is computed and K(j+1) arrives while O += P V(j) is computed.
+// S and O live in registers as mma.sync.m16n8k16 accumulators (fp32); the online softmax works in log2 units with
+// log2(e) folded into the per-row scale, so exponentials are single ex2.approx instructions. Shared tiles are
+// rows of D halves with 16-byte chunks XOR-swizzled by (row & 7), which makes ldmatrix conflict-free.
+//
+// Every key tile is classified from the (min, max) positions of the query tile and of the key tile: skipped when
+// no pair is allowed (causal, window), processed without per-element masks when every pair is allowed, and for
+// ReRoPE computed with the near pair (every delta < w), the far pair (every delta >= w) or both (straddling; the
+// far product is then formed per pair of n8 blocks and selected per element). With default positions the key
+// tile range is also cut analytically; with explicit positions a prepass writes each key tile's (min, max).
+#include "flash_fwd.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cmath>
+#include <string>
+
+namespace scaled_rope {
+namespace {
+
+constexpr int kBlockM = 64;
+constexpr int kBlockN = kFlashBlockN;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kNB = kBlockN / 8;  // n8 blocks of S per warp
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// CTAs per SM the register budget is sized for: 3 gives 168 registers, enough for D = 128 without spills (an
+// unconstrained build takes ~245 for little gain: the extra registers only deepen fragment prefetching).
+constexpr int kMinBlocks = 3;
+
+constexpr int kNear = 1;  // tile modes (bits): which product a key tile needs; 0 = skip
+constexpr int kFar = 2;
+
+// ---- PTX wrappers ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16 bytes global -> shared; zero-fills the destination (and reads nothing) when !valid.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats -> one register of two 16-bit values (lo in the low half: the lower column).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ---- shared-memory tiles --------------------------------------------------------------------------------------
+// A tile is [rows][D] elements at a 256-byte aligned shared address; 16-byte chunk c of row r is stored at chunk
+// c ^ (r & 7). Since the row pitch is a multiple of 128 bytes and chunk indices of one ldmatrix differ by a
+// compile-time constant, a fragment address is (tile + per-thread offset) ^ constant: one LOP per ldmatrix.
+template <int D>
+constexpr int kRowBytes = D * 2;
+
+// ROWS x D tile from global (row stride in elements); rows >= rows_valid are zero-filled and never read.
+// Thread tid copies chunk tid % (D/8) of rows tid / (D/8) + i * kRowsPerPass: its chunk, its swizzle (row & 7)
+// and its source offset stay fixed, so a pass only adds constants.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void load_tile(uint32_t tile, const T* gmem, int64_t row_stride, int rows_valid) {
+  constexpr int kChunks = D / 8;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(ROWS % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "tile must split evenly over the threads");
+  const int row = static_cast<int>(threadIdx.x) / kChunks;
+  const int chunk = static_cast<int>(threadIdx.x) % kChunks;
+  const uint32_t dst = tile + row * kRowBytes<D> + ((chunk ^ (row & 7)) << 4);
+  const T* src = gmem + row * row_stride + chunk * 8;
+  const int64_t step = kRowsPerPass * row_stride;
+#pragma unroll
+  for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
+    const bool valid = row + i * kRowsPerPass < rows_valid;
+    cp_async_16(dst + i * kRowsPerPass * kRowBytes<D>, valid ? src + i * step : gmem, valid);
+  }
+}
+
+// Per-thread byte offsets (within a tile) of the row each lane hands to ldmatrix.x4 for chunk pair 0.
+// A operand (Q, 16 rows of warp w): matrices (rows 0-7 | 8-15) x (chunk 0 | 1).
+template <int D>
+__device__ __forceinline__ uint32_t a_frag_offset(int warp, int lane) {
+  return (warp * 16 + (lane & 15)) * kRowBytes<D> + (((lane >> 4) ^ (lane & 7)) << 4);
+}
+// B operand from K rows (non-transposed): matrices (keys 0-7, chunk 0), (0-7, 1), (8-15, 0), (8-15, 1).
+template <int D>
+__device__ __forceinline__ uint32_t k_frag_offset(int lane) {
+  return ((lane & 7) + ((lane >> 4) << 3)) * kRowBytes<D> + ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
+}
+// B operand from V rows (transposed): matrices (keys 0-7, chunk 0), (8-15, 0), (0-7, 1), (8-15, 1).
+template <int D>
+__device__ __forceinline__ uint32_t v_frag_offset(int lane) {
+  return (lane & 15) * kRowBytes<D> + (((lane >> 4) ^ (lane & 7)) << 4);
+}
+
+// ---- warp-level products ----------------------------------------------------------------------------------------
+// s = Q[16 rows of this warp] K^T over all kBlockN keys. q, k: tile + fragment offset.
+template <typename T, int D>
+__device__ __forceinline__ void gemm_qk(float (&s)[kNB][4], uint32_t q, uint32_t k) {
+#pragma unroll
+  for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s[nb][i] = 0.0f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, q ^ (kk << 5));
+    const uint32_t k_kk = k ^ (kk << 5);
+#pragma unroll
+    for (int np = 0; np < kBlockN / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, k_kk + np * 16 * kRowBytes<D>);
+      mma_16816<T>(s[2 * np], a, b[0], b[1]);
+      mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// s = Q K^T for the 16 keys np*16 .. np*16+15 only (n8 blocks 2np, 2np+1).
+template <typename T, int D>
+__device__ __forceinline__ void gemm_qk_pair(float (&s)[2][4], uint32_t q, uint32_t k, int np) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) s[0][i] = s[1][i] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4], b[4];
+    ldmatrix_x4(a, q ^ (kk << 5));
+    ldmatrix_x4(b, (k ^ (kk << 5)) + np * 16 * kRowBytes<D>);
+    mma_16816<T>(s[0], a, b[0], b[1]);
+    mma_16816<T>(s[1], a, b[2], b[3]);
+  }
+}
+
+// o += P V with P = the probabilities in s (rounded to T); v: V tile + fragment offset.
+template <typename T, int D>
+__device__ __forceinline__ void gemm_pv(float (&o)[D / 8][4], const float (&s)[kNB][4], uint32_t v) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                           pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                           pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, (v ^ (dp << 5)) + kk * 16 * kRowBytes<D>);
+      mma_16816<T>(o[2 * dp], a, b[0], b[1]);
+      mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// ---- kernels ----------------------------------------------------------------------------------------------------
+// (min, max) of the explicit key positions of every key tile: grid B * n_tiles, kBlockN threads.
+__global__ void __launch_bounds__(kBlockN) k_tile_minmax_kernel(const int32_t* __restrict__ k_positions,
+                                                                int64_t batch_stride, int seqlen_k, int n_tiles,
+                                                                int32_t* __restrict__ minmax) {
+  static_assert(kBlockN == 64, "two warps per key tile");
+  __shared__ int partial[2][2];
+  const int64_t b = blockIdx.x / n_tiles;
+  const int j = static_cast<int>(blockIdx.x % n_tiles);
+  const int col = j * kBlockN + static_cast<int>(threadIdx.x);
+  int lo = INT_MAX, hi = INT_MIN;
+  if (col < seqlen_k) lo = hi = k_positions[b * batch_stride + col];
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  if (threadIdx.x % 32 == 0) {
+    partial[0][warp] = lo;
+    partial[1][warp] = hi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    minmax[(b * n_tiles + j) * 2] = min(partial[0][0], partial[0][1]);
+    minmax[(b * n_tiles + j) * 2 + 1] = max(partial[1][0], partial[1][1]);
+  }
+}
+
+struct TileClass {
+  int mode;          // 0: skip; else kNear and/or kFar
+  bool elementwise;  // some pair of the tile is masked (or the tile is partial)
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const FlashFwdParams p, int num_q_tiles) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int q_range[2][kWarps];
+  // tiles at 256-byte aligned shared addresses (the launch adds 256 bytes of slack)
+  const uint32_t sQ = (smem_u32(smem_raw) + 255u) & ~255u;
+  const uint32_t sK = sQ + kBlockM * kRowBytes<D>;
+  const uint32_t sV = sK + kBlockN * kRowBytes<D>;
+  const uint32_t sQf = sV + kBlockN * kRowBytes<D>;  // ReRoPE only
+  const uint32_t sKf = sQf + kBlockM * kRowBytes<D>;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane >> 2, t = lane & 3;  // mma fragment row group and column pair
+  const int64_t bh = blockIdx.x / num_q_tiles;
+  const int q_tile = num_q_tiles - 1 - static_cast<int>(blockIdx.x % num_q_tiles);  // heavy causal tiles first
+  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
+  const int m0 = q_tile * kBlockM;
+  const bool rerope = p.rerope_window > 0;
+  // every |delta| < 2^31, so larger windows are the same as INT_MAX
+  const int window = p.window > 0 ? static_cast<int>(min(p.window, static_cast<int64_t>(INT_MAX))) : 0;
+  const int rerope_w = rerope ? static_cast<int>(min(p.rerope_window, static_cast<int64_t>(INT_MAX))) : 0;
+  const int32_t* k_pos = p.k_positions ? p.k_positions + b * p.k_positions_batch_stride : nullptr;
+
+  // Positions and logit scales (log2 units) of this thread's two rows g and g + 8.
+  int pos[2];
+  bool row_valid[2];
+  float row_scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + warp * 16 + g + 8 * r;
+    row_valid[r] = row < seqlen_q;
+    if (p.q_positions) {
+      pos[r] = row_valid[r] ? p.q_positions[b * p.q_positions_batch_stride + row] : 0;
+    } else {
+      pos[r] = seqlen_k - seqlen_q + row;
+    }
+    float scale = p.softmax_scale * kLog2e;
+    if (p.logn_base > 0.0f) scale *= fmaxf(1.0f, logf(static_cast<float>(pos[r]) + 1.0f) / logf(p.logn_base));
+    row_scale[r] = scale;
+  }
+
+  // Query positions of the tile's valid rows: [q_min, q_max].
+  int q_min, q_max;
+  if (p.q_positions) {
+    int lo = INT_MAX, hi = INT_MIN;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (row_valid[r]) {
+        lo = min(lo, pos[r]);
+        hi = max(hi, pos[r]);
+      }
+    }
+    lo = __reduce_min_sync(0xffffffffu, lo);
+    hi = __reduce_max_sync(0xffffffffu, hi);
+    if (lane == 0) {
+      q_range[0][warp] = lo;
+      q_range[1][warp] = hi;
+    }
+    __syncthreads();
+    q_min = min(min(q_range[0][0], q_range[0][1]), min(q_range[0][2], q_range[0][3]));
+    q_max = max(max(q_range[1][0], q_range[1][1]), max(q_range[1][2], q_range[1][3]));
+  } else {
+    q_min = seqlen_k - seqlen_q + m0;
+    q_max = seqlen_k - seqlen_q + min(m0 + kBlockM, seqlen_q) - 1;
+  }
+
+  // Key tiles to visit: [j_begin, j_end), cut analytically for default key positions (key j at position j).
+  const int n_tiles = (seqlen_k + kBlockN - 1) / kBlockN;
+  int j_begin = 0, j_end = n_tiles;
+  if (!k_pos) {
+    if (p.causal) j_end = q_max < 0 ? 0 : min(j_end, q_max / kBlockN + 1);
+    if (window) {
+      const int64_t first = static_cast<int64_t>(q_min) - window + 1;  // smallest allowed key position
+      if (first > 0) j_begin = static_cast<int>(min(first / kBlockN, static_cast<int64_t>(n_tiles)));
+    }
+  }
+
+  auto classify = [&](int j) -> TileClass {
+    int k_min, k_max;
+    if (k_pos) {
+      const int2 mm = reinterpret_cast<const int2*>(p.k_tile_minmax)[b * n_tiles + j];
+      k_min = mm.x;
+      k_max = mm.y;
+    } else {
+      k_min = j * kBlockN;
+      k_max = min(j * kBlockN + kBlockN, seqlen_k) - 1;
+    }
+    const int64_t d_min = static_cast<int64_t>(q_min) - k_max, d_max = static_cast<int64_t>(q_max) - k_min;
+    TileClass c{0, false};
+    if ((p.causal && d_max < 0) || (window && d_min >= window)) return c;
+    c.elementwise = (j + 1) * kBlockN > seqlen_k || (p.causal && d_min < 0) || (window && d_max >= window);
+    if (!rerope || d_max < rerope_w) {
+      c.mode = kNear;
+    } else {
+      c.mode = d_min >= rerope_w ? kFar : (kNear | kFar);
+    }
+    return c;
+  };
+  auto next_tile = [&](int j, TileClass& c) -> int {
+    for (; j < j_end; ++j) {
+      c = classify(j);
+      if (c.mode) return j;
+    }
+    return j_end;
+  };
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* qf_base = rerope ? static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride : nullptr;
+  const int64_t k_off = b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + k_off;
+  const T* kf_base = rerope ? static_cast<const T*>(p.k_far) + k_off : nullptr;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+
+  auto load_keys = [&](int j, int mode) {
+    const int64_t n0 = static_cast<int64_t>(j) * kBlockN;
+    const int rows = seqlen_k - j * kBlockN;
+    if (mode & kNear) load_tile<T, D, kBlockN>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, rows);
+    if (mode & kFar) load_tile<T, D, kBlockN>(sKf, kf_base + n0 * p.k_row_stride, p.k_row_stride, rows);
+  };
+  // Position of key column `col` of the sequence (0 beyond seqlen_k: such columns are always masked).
+  auto key_position = [&](int col) -> int {
+    if (!k_pos) return col;
+    return col < seqlen_k ? k_pos[col] : 0;
+  };
+
+  TileClass cur{0, false};
+  int j = next_tile(j_begin, cur);
+
+  // Prologue: Q (and far Q) with the first key tile in one group.
+  const int q_rows = seqlen_q - m0;
+  load_tile<T, D, kBlockM>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
+  if (rerope) load_tile<T, D, kBlockM>(sQf, qf_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
+  if (j < j_end) load_keys(j, cur.mode);
+  cp_async_commit();
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int db = 0; db < D / 8; ++db) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[db][i] = 0.0f;
+  }
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
+  float row_sum[2] = {0.0f, 0.0f};            // this thread's partial sums (columns 2t, 2t+1 of each block)
+
+  uint32_t a_frag = a_frag_offset<D>(warp, lane);
+  uint32_t k_frag = k_frag_offset<D>(lane);
+  uint32_t v_frag = v_frag_offset<D>(lane);
+  while (j < j_end) {
+    // Opaque to the compiler: keeps it from hoisting every fragment address out of the loop into registers.
+    asm volatile("" : "+r"(a_frag), "+r"(k_frag), "+r"(v_frag));
+    TileClass nxt{0, false};
+    const int j_next = next_tile(j + 1, nxt);
+    const int n0 = j * kBlockN;
+
+    cp_async_wait_all();
+    __syncthreads();  // K(j) visible; every warp is done with V(j - 1)
+    load_tile<T, D, kBlockN>(sV, v_base + static_cast<int64_t>(n0) * p.v_row_stride, p.v_row_stride,
+                             seqlen_k - n0);
+    cp_async_commit();
+
+    float s[kNB][4];
+    if (cur.mode & kNear) {
+      gemm_qk<T, D>(s, sQ + a_frag, sK + k_frag);
+    } else {
+      gemm_qk<T, D>(s, sQf + a_frag, sKf + k_frag);
+    }
+    if (cur.mode == (kNear | kFar)) {  // straddling the ReRoPE window: far product where delta >= w
+#pragma unroll
+      for (int np = 0; np < kBlockN / 16; ++np) {
+        float sf[2][4];
+        gemm_qk_pair<T, D>(sf, sQf + a_frag, sKf + k_frag, np);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = key_position(n0 + (2 * np + i) * 8 + 2 * t + e);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              if (pos[r] - key >= rerope_w) s[2 * np + i][2 * r + e] = sf[i][2 * r + e];
+            }
+          }
+        }
+      }
+    }
+
+    // Scale to log2 units, then mask (after scaling, so that a negative softmax_scale cannot flip -inf).
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nb][i] *= row_scale[i >> 1];
+    }
+    if (cur.elementwise) {
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + nb * 8 + 2 * t + e;
+          const int key = key_position(col);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int delta = pos[r] - key;
+            const bool allowed = col < seqlen_k && (!p.causal || delta >= 0) && (!window || delta < window);
+            if (!allowed) s[nb][2 * r + e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Online softmax; a row with nothing allowed so far keeps max -inf and uses 0 as its reference.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float ref = mx == -INFINITY ? 0.0f : mx;
+      const float alpha = ex2(row_max[r] - ref);
+      row_max[r] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = ex2(s[nb][2 * r + e] - ref);
+          s[nb][2 * r + e] = pr;
+          sum += pr;
+        }
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int db = 0; db < D / 8; ++db) {
+        o[db][2 * r] *= alpha;
+        o[db][2 * r + 1] *= alpha;
+      }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V(j) visible; every warp is done with K(j)
+    if (j_next < j_end) {
+      load_keys(j_next, nxt.mode);
+      cp_async_commit();
+    }
+    gemm_pv<T, D>(o, s, sV + v_frag);
+    j = j_next;
+    cur = nxt;
+  }
+
+  cp_async_wait_all();  // with no key tile the prologue's Q copy is still in flight
+
+  // Epilogue: normalise, write out (input dtype) and lse (natural log); empty rows give 0 and -inf.
+  T* out_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (!row_valid[r]) continue;
+    const int row = m0 + warp * 16 + g + 8 * r;
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    T* out_row = out_base + row * p.o_row_stride;
+#pragma unroll
+    for (int db = 0; db < D / 8; ++db) {
+      *reinterpret_cast<uint32_t*>(out_row + db * 8 + 2 * t) = pack2<T>(o[db][2 * r] * inv, o[db][2 * r + 1] * inv);
+    }
+    if (t == 0) lse_base[row] = sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------------------------
+std::string launch_error(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return "";
+  return std::string("flash_fwd: ") + what + ": " + cudaGetErrorString(err);
+}
+
+template <typename T, int D>
+std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
+  const bool rerope = p.rerope_window > 0;
+  const size_t smem = sizeof(T) * D * (kBlockM + 2 * kBlockN + (rerope ? kBlockM + kBlockN : 0)) + 256;
+  auto kernel = flash_fwd_kernel<T, D>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return std::string("flash_fwd: cannot reserve shared memory: ") + cudaGetErrorString(err);
+    }
+  }
+  const int64_t num_q_tiles = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t blocks = num_q_tiles * p.batch * p.heads_q;
+  if (blocks > INT_MAX) return "flash_fwd: batch * heads_q * ceil(seqlen_q / 64) is too large";
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, static_cast<int>(num_q_tiles));
+  return launch_error("attention kernel launch failed");
+}
+
+bool aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  for (int64_t s : strides) {
+    if (s % 8 != 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
+  if (p.dtype != kFloat16 && p.dtype != kBFloat16) return "flash_fwd: dtype must be float16 or bfloat16";
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    return "flash_fwd: head_dim " + std::to_string(p.head_dim) + " is not supported (64 or 128)";
+  }
+  if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.heads_q < 0 || p.heads_kv <= 0) {
+    return "flash_fwd: invalid sizes";
+  }
+  if (p.heads_q % p.heads_kv != 0) return "flash_fwd: heads_q must be a multiple of heads_kv";
+  if (p.seqlen_q >= INT_MAX / 2 || p.seqlen_k >= INT_MAX / 2) return "flash_fwd: sequence too long";
+  if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return "";
+  const bool rerope = p.rerope_window > 0;
+  if (!p.q || !p.k || !p.v || !p.out || !p.lse || (rerope && (!p.q_far || !p.k_far)) ||
+      (p.k_positions && !p.k_tile_minmax)) {
+    return "flash_fwd: missing pointer";
+  }
+  if (!aligned16(p.q, {p.q_batch_stride, p.q_row_stride, p.q_head_stride}) ||
+      !aligned16(p.k, {p.k_batch_stride, p.k_row_stride, p.k_head_stride}) ||
+      !aligned16(p.v, {p.v_batch_stride, p.v_row_stride, p.v_head_stride}) ||
+      (rerope && (!aligned16(p.q_far, {}) || !aligned16(p.k_far, {})))) {
+    return "flash_fwd: q, k, v (and the far pair) need 16-byte aligned rows (pointers, strides multiple of 8)";
+  }
+  if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || p.o_batch_stride % 2 || p.o_row_stride % 2 ||
+      p.o_head_stride % 2) {
+    return "flash_fwd: out needs 4-byte aligned pairs (even strides)";
+  }
+
+  if (p.k_positions && p.seqlen_k > 0) {
+    const int64_t n_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
+    if (n_tiles * p.batch > INT_MAX) return "flash_fwd: batch * ceil(seqlen_k / 64) is too large";
+    k_tile_minmax_kernel<<<static_cast<unsigned>(n_tiles * p.batch), kBlockN, 0, stream>>>(
+        p.k_positions, p.k_positions_batch_stride, static_cast<int>(p.seqlen_k), static_cast<int>(n_tiles),
+        p.k_tile_minmax);
+    const std::string err = launch_error("key tile prepass launch failed");
+    if (!err.empty()) return err;
+  }
+  if (p.dtype == kFloat16) {
+    return p.head_dim == 64 ? launch<__half, 64>(p, stream) : launch<__half, 128>(p, stream);
+  }
+  return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);
+}
+
+}  // namespace scaled_rope
