@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "flash_fwd.h"
 #include "rope.h"
 
 #ifndef SCALED_ROPE_CUDA_ARCHS
@@ -70,6 +71,59 @@ void rotate(uintptr_t x, uintptr_t out, uintptr_t positions, uintptr_t turns, ui
   if (!err.empty()) throw std::runtime_error(err);
 }
 
+void flash_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_far, uintptr_t k_far, uintptr_t out, uintptr_t lse,
+               uintptr_t q_positions, uintptr_t k_positions, uintptr_t k_tile_minmax, int64_t batch, int64_t seqlen_q,
+               int64_t seqlen_k, int64_t heads_q, int64_t heads_kv, int64_t head_dim, int64_t q_batch_stride,
+               int64_t q_row_stride, int64_t q_head_stride, int64_t k_batch_stride, int64_t k_row_stride,
+               int64_t k_head_stride, int64_t v_batch_stride, int64_t v_row_stride, int64_t v_head_stride,
+               int64_t o_batch_stride, int64_t o_row_stride, int64_t o_head_stride, int64_t lse_batch_stride,
+               int64_t lse_head_stride, int64_t q_positions_batch_stride, int64_t k_positions_batch_stride,
+               double softmax_scale, bool causal, int64_t window, int64_t rerope_window, double logn_base, int dtype,
+               int device, uintptr_t stream) {
+  scaled_rope::FlashFwdParams p;
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.q_far = reinterpret_cast<const void*>(q_far);
+  p.k_far = reinterpret_cast<const void*>(k_far);
+  p.out = reinterpret_cast<void*>(out);
+  p.lse = reinterpret_cast<float*>(lse);
+  p.q_positions = reinterpret_cast<const int32_t*>(q_positions);
+  p.k_positions = reinterpret_cast<const int32_t*>(k_positions);
+  p.k_tile_minmax = reinterpret_cast<int32_t*>(k_tile_minmax);
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.heads_q = heads_q;
+  p.heads_kv = heads_kv;
+  p.head_dim = head_dim;
+  p.q_batch_stride = q_batch_stride;
+  p.q_row_stride = q_row_stride;
+  p.q_head_stride = q_head_stride;
+  p.k_batch_stride = k_batch_stride;
+  p.k_row_stride = k_row_stride;
+  p.k_head_stride = k_head_stride;
+  p.v_batch_stride = v_batch_stride;
+  p.v_row_stride = v_row_stride;
+  p.v_head_stride = v_head_stride;
+  p.o_batch_stride = o_batch_stride;
+  p.o_row_stride = o_row_stride;
+  p.o_head_stride = o_head_stride;
+  p.lse_batch_stride = lse_batch_stride;
+  p.lse_head_stride = lse_head_stride;
+  p.q_positions_batch_stride = q_positions_batch_stride;
+  p.k_positions_batch_stride = k_positions_batch_stride;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.causal = causal;
+  p.window = window;
+  p.rerope_window = rerope_window;
+  p.logn_base = static_cast<float>(logn_base);
+  p.dtype = static_cast<scaled_rope::DType>(dtype);
+  use_device(device);
+  const std::string err = scaled_rope::flash_fwd(p, reinterpret_cast<cudaStream_t>(stream));
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
 int runtime_version() {
   int version = 0;
   check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
@@ -87,6 +141,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("positions_int32"), py::arg("stride_xb"), py::arg("stride_xn"), py::arg("stride_xh"),
         py::arg("stride_ob"), py::arg("stride_on"), py::arg("stride_oh"), py::arg("stride_pb"), py::arg("stride_pn"),
         py::arg("stride_tb"), py::arg("stride_offb"), py::arg("stride_fb"), py::arg("device"), py::arg("stream"));
+  m.def("flash_fwd", &flash_fwd,
+        "FlashAttention-2 forward over rotated q/k (sm_80+); window, rerope_window, logn_base: 0 = off",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_far"), py::arg("k_far"), py::arg("out"), py::arg("lse"),
+        py::arg("q_positions"), py::arg("k_positions"), py::arg("k_tile_minmax"), py::arg("batch"),
+        py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("head_dim"),
+        py::arg("q_batch_stride"), py::arg("q_row_stride"), py::arg("q_head_stride"), py::arg("k_batch_stride"),
+        py::arg("k_row_stride"), py::arg("k_head_stride"), py::arg("v_batch_stride"), py::arg("v_row_stride"),
+        py::arg("v_head_stride"), py::arg("o_batch_stride"), py::arg("o_row_stride"), py::arg("o_head_stride"),
+        py::arg("lse_batch_stride"), py::arg("lse_head_stride"), py::arg("q_positions_batch_stride"),
+        py::arg("k_positions_batch_stride"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window"),
+        py::arg("rerope_window"), py::arg("logn_base"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("cuda_version", &runtime_version, "CUDA runtime version this module was built with (e.g. 13000)");
   m.def("compiled_archs", []() { return std::string(SCALED_ROPE_CUDA_ARCHS); },
         "SCALED_ROPE_CUDA_ARCHS at build time, e.g. '80;90a'");
