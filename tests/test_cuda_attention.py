@@ -1,0 +1,151 @@
+"""CUDA attention (csrc/flash_fwd.cu forward, Triton backward) against the reference, DESIGN.md section 5 rule.
+
+GPU tier only. The kernel works on tiles of 64 queries x 64 keys, so the lengths below put partial tiles, diagonal
+tiles and (for ReRoPE windows of 100-200) near, far and straddling tiles in every test.
+"""
+import pytest
+import torch
+
+from helpers import compare_attention, random_inputs
+from scaled_rope import RopeScaling, scaled_rope_attention
+from scaled_rope import _cuda
+
+pytestmark = pytest.mark.gpu
+
+SHORT = [1.0 + 0.05 * i for i in range(64)]
+LONG = [1.5 + 0.3 * i for i in range(64)]
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def longrope(dim, original=4096, n_hat=4):
+    return RopeScaling.longrope(dim, original, 131072, SHORT[:dim // 2], LONG[:dim // 2], n_hat=n_hat)
+
+
+def check(batch, nq, nk, hq, hkv, dim, dtype, rope, seed=0, grads=False, **kwargs):
+    if grads and _cuda._triton_backward() is None:
+        pytest.skip("the CUDA backward path needs triton_kernels.attention.triton_attention_backward")
+    q, k, v = random_inputs(batch, nq, nk, hq, hkv, dim, dtype, device="cuda", seed=seed)
+    compare_attention(q, k, v, rope, backend="cuda", grads=grads, seed=seed, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (1, 17), (17, 17), (97, 97), (97, 257), (257, 97), (1025, 1025)])
+def test_lengths(dtype, dim, causal, nq, nk):
+    check(2, nq, nk, 3, 3, dim, dtype, longrope(dim), seed=nq * 7 + nk, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 1)])
+def test_gqa(dtype, hq, hkv):
+    check(2, 200, 333, hq, hkv, 128, dtype, longrope(128), seed=hq + hkv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [1, 100, 257])
+def test_window(dtype, causal, window):
+    check(1, 300, 700, 4, 2, 64, dtype, RopeScaling.yarn(64, 8.0, 256), seed=window, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("leak", [None, 16.0])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rerope(dtype, dim, leak, causal):
+    check(2, 450, 600, 4, 2, dim, dtype, RopeScaling.default(dim), seed=31, causal=causal, rerope_window=100,
+          rerope_leak=leak)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rerope_with_window_and_logn(dtype):
+    check(1, 700, 900, 2, 1, 128, dtype, RopeScaling.default(128), seed=32, rerope_window=150, rerope_leak=8.0,
+          window=500, logn_base=256.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 128])
+def test_logn(dtype, dim):
+    check(1, 300, 1100, 4, 4, dim, dtype, longrope(dim, original=512), seed=33, logn_base=512.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_explicit_unsorted_positions_with_empty_rows(dtype, causal):
+    """Shuffled positions spread keys of every tile over the whole range; causal rows below every key are empty."""
+    nq, nk = 150, 333
+    g = torch.Generator().manual_seed(5)
+    k_positions = torch.stack([torch.randperm(nk, generator=g) + 40, torch.randperm(nk, generator=g) * 3])
+    q_positions = torch.stack([torch.randint(0, 400, (nq,), generator=g), torch.randint(0, 1000, (nq,), generator=g)])
+    q_positions[0, :10] = torch.arange(10)  # below every key of row 0: empty when causal
+    check(2, nq, nk, 4, 2, 128, dtype, longrope(128, original=256), seed=34, causal=causal,
+          q_positions=q_positions.cuda(), k_positions=k_positions.cuda(), window=200 if causal else None,
+          rerope_window=None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_explicit_positions_rerope_straddling(dtype):
+    nq, nk = 200, 500
+    g = torch.Generator().manual_seed(6)
+    k_positions = torch.randperm(nk, generator=g)[None, :] * 2
+    q_positions = torch.randint(0, 2 * nk, (1, nq), generator=g)
+    check(1, nq, nk, 2, 2, 64, dtype, RopeScaling.default(64), seed=35, q_positions=q_positions.cuda(),
+          k_positions=k_positions.cuda(), rerope_window=120, rerope_leak=4.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_rows_default_positions(dtype):
+    """Nq > Nk, causal: queries at negative positions see no key (out 0, lse -inf)."""
+    check(1, 300, 70, 2, 1, 64, dtype, longrope(64), seed=36)
+
+
+def test_longrope_per_row_switch():
+    """Row 0 stays within the original length (short factors), row 1 crosses it (long factors)."""
+    nk = 1500
+    k_positions = torch.stack([torch.arange(nk), torch.arange(nk) + 3000]).cuda()
+    q_positions = k_positions[:, -400:]
+    check(2, 400, nk, 4, 1, 128, torch.bfloat16, longrope(128, original=2048), seed=37, q_positions=q_positions,
+          k_positions=k_positions)
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_partial_rotary_layouts_and_scale(layout):
+    rope = RopeScaling.yarn(128, 8.0, 256, rotary_dim=64, layout=layout)
+    check(1, 129, 257, 2, 2, 128, torch.float16, rope, seed=38, softmax_scale=-0.07)
+
+
+def test_no_rope():
+    check(2, 100, 150, 2, 1, 64, torch.bfloat16, None, seed=39)
+
+
+def test_strided_and_misaligned_inputs():
+    """q/k/v as views of a packed qkv tensor, v starting one element off a 16-byte boundary."""
+    g = torch.Generator().manual_seed(40)
+    qkv = torch.randn(2, 130, 3 * 4, 64, generator=g).to("cuda", torch.bfloat16)
+    q, k = qkv[:, :, 0:4], qkv[:, :, 4:8]
+    v = torch.randn(2, 130, 4, 65, generator=g).to("cuda", torch.bfloat16)[..., 1:]
+    assert v.data_ptr() % 16 != 0
+    compare_attention(q, k, v, longrope(64), backend="cuda", grads=False, seed=40)
+
+
+def test_16k_causal_longrope():
+    check(1, 16384, 16384, 1, 1, 128, torch.bfloat16, longrope(128), seed=41)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grads_through_triton_backward(dtype):
+    check(1, 200, 300, 4, 2, 128, dtype, longrope(128), seed=42, grads=True)
+    check(1, 200, 300, 2, 2, 64, dtype, RopeScaling.default(64), seed=43, grads=True, rerope_window=100)
+
+
+def test_unsupported_head_dim_and_dtype():
+    for dim, dtype, word in ((96, torch.bfloat16, "head_dim 96"), (64, torch.float32, "float32")):
+        q, k, v = random_inputs(1, 17, 17, 2, 2, dim, dtype, device="cuda")
+        with pytest.raises(NotImplementedError, match=word):
+            _cuda.cuda_attention(q, k, v, q_tables=None, k_tables=None, causal=True, window=None,
+                                 softmax_scale=0.1, rerope_window=None, logn_base=None)
+        # the public API names the same reason (ValueError from the backend choice, or NotImplementedError)
+        with pytest.raises((NotImplementedError, ValueError), match=word):
+            scaled_rope_attention(q, k, v, RopeScaling.default(dim), backend="cuda")
+        assert _cuda.attention_support(q) is not None

@@ -1,0 +1,81 @@
+"""Small CUDA-attention cases for compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_flash.py
+    compute-sanitizer --tool racecheck python tools/sanitize_flash.py
+
+Every case also checks out and lse against the float32 reference (loose bound: this is a sanitizer run, the
+tests apply the real rule). Exits 1 on a mismatch. Without caching, memcheck sees every torch allocation exactly,
+so a read past the end of q, k, v or the positions is reported.
+"""
+import os
+import sys
+
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+
+import torch  # noqa: E402
+
+from scaled_rope import RopeScaling, reference  # noqa: E402
+from scaled_rope.attention import kernel_tables  # noqa: E402
+from scaled_rope._cuda import cuda_attention  # noqa: E402
+
+
+def run(name, batch, nq, nk, hq, hkv, dim, dtype=torch.bfloat16, rope="default", explicit=False, **kw):
+    g = torch.Generator().manual_seed(nq * 131 + nk)
+    q = torch.randn(batch, nq, hq, dim, generator=g).to("cuda", dtype)
+    k = torch.randn(batch, nk, hkv, dim, generator=g).to("cuda", dtype)
+    v = torch.randn(batch, nk, hkv, dim, generator=g).to("cuda", dtype)
+    rope = RopeScaling.default(dim) if rope == "default" else rope
+    q_pos = k_pos = None
+    if explicit:
+        k_pos = torch.stack([torch.randperm(nk, generator=g) * 2 for _ in range(batch)]).cuda()
+        q_pos = torch.randint(-5, 2 * nk, (batch, nq), generator=g).cuda()
+    causal = kw.pop("causal", True)
+    window, rerope_window = kw.pop("window", None), kw.pop("rerope_window", None)
+    leak, logn = kw.pop("rerope_leak", None), kw.pop("logn_base", None)
+    tables = kernel_tables(rope, q, k, q_positions=q_pos, k_positions=k_pos, rerope_window=rerope_window,
+                           rerope_leak=leak)
+    out, lse = cuda_attention(q, k, v, q_tables=tables[0], k_tables=tables[1], q_far_tables=tables[2],
+                              k_far_tables=tables[3], q_positions=q_pos, k_positions=k_pos, causal=causal,
+                              window=window, softmax_scale=dim ** -0.5, rerope_window=rerope_window, logn_base=logn)
+    torch.cuda.synchronize()
+    ref_out, ref_lse = reference.attention(q, k, v, rope, causal=causal, q_positions=q_pos, k_positions=k_pos,
+                                           window=window, rerope_window=rerope_window, rerope_leak=leak,
+                                           logn_base=logn)
+    err_out = (out.float() - ref_out.float()).abs().max().item() if out.numel() else 0.0
+    same_inf = torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    err_lse = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    ok = err_out < 0.05 and err_lse < 0.05 and same_inf and not torch.isnan(out).any()
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: out err {err_out:.2e}, lse err {err_lse:.2e}, infinities "
+          f"{'match' if same_inf else 'differ'}", flush=True)
+    return ok
+
+
+def main():
+    cases = [
+        ("len1", 1, 1, 1, 1, 1, 64),
+        ("len17 noncausal fp16", 1, 17, 17, 2, 1, 128, torch.float16, "default", False, dict(causal=False)),
+        ("len97x130 gqa", 2, 97, 130, 4, 2, 64),
+        ("nq>nk empty rows", 1, 100, 30, 1, 1, 128),
+        ("window", 1, 150, 200, 2, 2, 64, torch.bfloat16, "default", False, dict(window=37)),
+        ("rerope straddle", 1, 130, 200, 2, 1, 128, torch.bfloat16, "default", False, dict(rerope_window=70)),
+        ("leaky + logn", 1, 70, 140, 2, 2, 64, torch.float16, "default", False,
+         dict(rerope_window=50, rerope_leak=4.0, logn_base=16.0)),
+        ("explicit positions", 2, 77, 150, 2, 1, 128, torch.bfloat16, "default", True, dict(window=90)),
+        ("explicit rerope", 1, 40, 129, 1, 1, 64, torch.bfloat16, "default", True, dict(rerope_window=60)),
+        ("no rope", 1, 65, 65, 1, 1, 64, torch.bfloat16, None),
+    ]
+    ok = True
+    for case in cases:
+        name, batch, nq, nk, hq, hkv, dim, *rest = case
+        dtype = rest[0] if len(rest) > 0 else torch.bfloat16
+        rope = rest[1] if len(rest) > 1 else "default"
+        explicit = rest[2] if len(rest) > 2 else False
+        kw = dict(rest[3]) if len(rest) > 3 else {}
+        ok &= run(name, batch, nq, nk, hq, hkv, dim, dtype, rope, explicit, **kw)
+    print("all ok" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
