@@ -1,0 +1,1 @@
+"""Integrations with model libraries: `scaled_rope.integrations.transformers` (needs transformers)."""

@@ -1,0 +1,336 @@
+"""Run transformers' Llama, Mistral, Qwen2, Qwen3 and Phi-3 models on scaled_rope attention.
+
+    from scaled_rope.integrations.transformers import patch_model
+    model = patch_model(AutoModelForCausalLM.from_pretrained(...))     # rope read from model.config
+    model.generate(...)                                                  # works as before
+
+`patch_model` replaces the forward of every attention layer: q, k, v are projected as transformers does (Qwen3's
+q/k RMS norms included) but NOT rotated; k and v go into the cache as they are (the cache holds unrotated keys)
+and attention runs through `scaled_rope_attention` (prefill) or `scaled_rope_attention_with_kvcache` (decode),
+which rotate on-chip with each row's own frequencies. A LongRoPE row that grows past the original length switches
+to the long factors for every cached key at once, with no re-prefill; dynamic NTK rotates the whole cache with the
+base of the current length.
+
+Positions. Query positions are the model's position_ids. Every key keeps the position it had when it was written:
+the positions of a cache's keys are recorded on the cache object (`DynamicCache` and its sliding-window layers).
+Padded tokens (0 in the 2D attention_mask, left padding as generate() makes it, or any other) get key position
+PAD = -2**30 and the layer runs with window = 2**30 (or its sliding window): a query at P >= 0 sees a padded key
+at distance P + 2**30 >= window, so padded keys are excluded by the window rule while the row's length (largest
+key position + 1) is untouched. Rows without padding and with positions 0..T-1 take the fast default positions.
+
+The model's config gets `_attn_implementation = "scaled_rope"`, registered with transformers' AttentionInterface
+and AttentionMaskInterface: the mask handed to the layers is the 2D padding mask (no 4D mask is built).
+`unpatch_model` restores the layers and the config; a cache filled by a patched model holds unrotated keys and
+must not be reused by the unpatched model.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..attention import scaled_rope_attention
+from ..kvcache import scaled_rope_attention_with_kvcache
+from ..scaling import RopeScaling
+
+ATTN_IMPLEMENTATION = "scaled_rope"
+PAD_POSITION = -(1 << 30)
+PAD_WINDOW = 1 << 30  # > every real distance; a padded key sits at distance >= PAD_WINDOW from any query P >= 0
+DECODE_MAX_QUERIES = 16  # steps with at most this many new tokens over a cache use the decode kernel
+_RECORD = "_scaled_rope_key_positions"
+_FAMILIES = "Llama, Mistral, Qwen2, Qwen3 and Phi-3"
+
+
+def _supported_attention_classes() -> tuple[type, ...]:
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.mistral.modeling_mistral import MistralAttention
+    from transformers.models.phi3.modeling_phi3 import Phi3Attention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+
+    return LlamaAttention, MistralAttention, Qwen2Attention, Qwen3Attention, Phi3Attention
+
+
+# ---- state ----------------------------------------------------------------------------------------------------
+@dataclass
+class _Patch:
+    """What a patched model runs with, shared by its attention layers."""
+
+    rope: RopeScaling
+    rerope_window: int | None
+    rerope_leak: float | None
+    logn_base: float | None
+    backend: str
+    previous_attn_implementation: Any
+    step: "_Step | None" = None
+
+
+@dataclass
+class _Record:
+    """Positions of every key a cache has seen (PAD for padded tokens), stored on the cache object."""
+
+    positions: torch.Tensor  # int64 (B, T)
+    standard: bool           # every row is 0..T-1 with no padding
+    has_pad: bool
+
+
+@dataclass
+class _Step:
+    """One forward pass: its query positions and the positions of all keys, computed once by the first layer."""
+
+    position_ids: Any
+    mask: Any
+    cache: Any
+    seen: int
+    q_positions: torch.Tensor  # int64 (B, n)
+    k_positions: torch.Tensor  # int64 (B, T): every key this forward attends to (the cache's keys + the new ones)
+    standard: bool
+    has_pad: bool
+    seqlens: torch.Tensor | None = None  # int32 (B,) = T, for the decode kernel
+
+
+def _check_cache(cache) -> None:
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    if not isinstance(cache, DynamicCache):
+        raise NotImplementedError(f"patched models support DynamicCache (generate()'s default), got "
+                                  f"{type(cache).__name__}")
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise NotImplementedError(f"patched models support DynamicLayer and DynamicSlidingWindowLayer cache "
+                                      f"layers, got {type(layer).__name__}")
+
+
+def _make_step(position_ids, mask, cache, layer_idx: int, batch: int, n: int, device) -> _Step:
+    """Positions of this forward's queries and keys; one host synchronisation for the checks and flags."""
+    seen = 0
+    if cache is not None:
+        _check_cache(cache)
+        seen = cache.get_seq_length(layer_idx)
+    expected = torch.arange(seen, seen + n, device=device)
+    if position_ids is None:
+        pos = expected.expand(batch, n)
+    else:
+        if position_ids.dim() != 2 or position_ids.shape[-1] != n or position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must have shape ({batch}, {n}), got {tuple(position_ids.shape)}")
+        pos = position_ids.to(device=device, dtype=torch.int64).expand(batch, n)
+    checks = [(pos < 0).any() | (pos >= PAD_WINDOW).any(), (pos != expected).any()]
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < n:
+            raise NotImplementedError(f"patched models take a 2D attention_mask (batch, length) of 0/1; got shape "
+                                      f"{tuple(mask.shape)} (custom 4D masks are not supported)")
+        valid = mask[:, -n:].to(device=device, dtype=torch.bool)
+        new_keys = torch.where(valid, pos, torch.full_like(pos, PAD_POSITION))
+        checks.append((~valid).any())
+    else:
+        valid = torch.ones_like(pos, dtype=torch.bool)
+        new_keys = pos
+        checks.append(torch.zeros((), dtype=torch.bool, device=device))
+    # positions of the valid tokens must increase along a row (packed sequences restart them: not supported)
+    running = torch.cummax(torch.where(valid, pos, torch.full_like(pos, -1)), dim=1).values
+    previous = torch.cat([torch.full_like(pos[:, :1], -1), running[:, :-1]], dim=1)
+    checks.append((valid & (pos <= previous)).any())
+    bad_range, shifted, padded, restarts = torch.stack(checks).tolist()
+    if bad_range:
+        raise ValueError(f"position_ids must lie in [0, 2**30), got values outside (min "
+                         f"{int(pos.min())}, max {int(pos.max())})")
+    if restarts:
+        raise NotImplementedError("position_ids that do not increase along a row (packed sequences) are not "
+                                  "supported by patched models; pass one sequence per row")
+    standard, has_pad = not (shifted or padded), bool(padded)
+    k_positions = new_keys
+    if cache is not None:
+        record = getattr(cache, _RECORD, None)
+        if record is None:
+            if seen:
+                raise ValueError("this cache already holds keys that a patched model did not write (rotated keys "
+                                 "from an unpatched model?); start from an empty cache")
+        else:
+            if record.positions.shape[0] != batch or record.positions.shape[1] < seen:
+                raise ValueError(f"the cache's key positions ({tuple(record.positions.shape)}) do not match this "
+                                 f"forward (batch {batch}, {seen} cached tokens): was the cache reordered or "
+                                 f"filled by an unpatched model?")
+            k_positions = torch.cat([record.positions[:, :seen], new_keys], dim=1)
+            standard = standard and record.standard
+            has_pad = has_pad or record.has_pad
+        setattr(cache, _RECORD, _Record(k_positions, standard, has_pad))
+    return _Step(position_ids, mask, cache, seen, pos, k_positions, standard, has_pad)
+
+
+def _same_mask(a, b, n: int) -> bool:
+    # layers of one forward get different slices of one 2D mask; the step holds the old one, so its memory
+    # cannot be reused by another mask while we compare
+    if a is None or b is None:
+        return a is b
+    a, b = a[:, -n:], b[:, -n:]
+    return a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+
+
+def _current_step(patch: _Patch, position_ids, mask, cache, layer_idx, batch, n, device) -> _Step:
+    step = patch.step
+    if step is not None and position_ids is not None and step.position_ids is position_ids \
+            and step.cache is cache and _same_mask(step.mask, mask, n) \
+            and step.seen == (cache.get_seq_length(layer_idx) if cache is not None else 0):
+        return step  # a later layer of the same forward
+    step = _make_step(position_ids, mask, cache, layer_idx, batch, n, device)
+    patch.step = step
+    return step
+
+
+# ---- the patched attention forward -----------------------------------------------------------------------------
+def _project(module, hidden_states: torch.Tensor):
+    """q (B, n, Hq, D), k and v (B, n, Hkv, D), unrotated, as the module's own forward computes them."""
+    shape = (*hidden_states.shape[:-1], -1, module.head_dim)
+    if hasattr(module, "qkv_proj"):  # Phi-3
+        qkv = module.qkv_proj(hidden_states)
+        q_size = module.config.num_attention_heads * module.head_dim
+        kv_size = module.num_key_value_heads * module.head_dim
+        q, k, v = qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+        return q.view(shape), k.view(shape), v.view(shape)
+    q = module.q_proj(hidden_states).view(shape)
+    k = module.k_proj(hidden_states).view(shape)
+    v = module.v_proj(hidden_states).view(shape)
+    if hasattr(module, "q_norm"):  # Qwen3: RMS norm over the head dim, before the rotation
+        q, k = module.q_norm(q), module.k_norm(k)
+    return q, k, v
+
+
+def _sliding_window(module) -> int | None:
+    if hasattr(module, "sliding_window"):  # Qwen2/Qwen3: per layer type
+        return module.sliding_window
+    return getattr(module.config, "sliding_window", None)  # Mistral, Phi-3: every layer
+
+
+def _patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                     past_key_values=None, **kwargs):
+    patch: _Patch = self._scaled_rope_patch
+    if self.training and self.attention_dropout:
+        raise NotImplementedError("attention dropout is not supported by patched models; set "
+                                  "config.attention_dropout = 0 or call model.eval()")
+    batch, n = hidden_states.shape[:2]
+    q, k, v = _project(self, hidden_states)
+    step = _current_step(patch, kwargs.get("position_ids"), attention_mask, past_key_values, self.layer_idx, batch,
+                         n, hidden_states.device)
+    if past_key_values is not None:
+        keys, values = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        k, v = keys.transpose(1, 2), values.transpose(1, 2)  # (B, T_layer, Hkv, D) views of the cache
+    total, length = step.k_positions.shape[1], k.shape[1]  # sliding-window layers hold the last `length` keys
+    window = _sliding_window(self)
+    if step.has_pad:
+        window = window or PAD_WINDOW
+    options = dict(causal=True, window=window, softmax_scale=self.scaling, rerope_window=patch.rerope_window,
+                   rerope_leak=patch.rerope_leak, logn_base=patch.logn_base)
+    full = step.standard and length == total
+    if full and step.seen and n <= DECODE_MAX_QUERIES and patch.backend != "cuda":
+        if step.seqlens is None:
+            step.seqlens = torch.full((batch,), total, dtype=torch.int32, device=q.device)
+        out = scaled_rope_attention_with_kvcache(q, k, v, patch.rope, cache_seqlens=step.seqlens,
+                                                 backend=patch.backend, **options)
+    elif full:
+        out = scaled_rope_attention(q, k, v, patch.rope, backend=patch.backend, **options)
+    else:
+        out = scaled_rope_attention(q, k, v, patch.rope, q_positions=step.q_positions,
+                                    k_positions=step.k_positions[:, total - length:], backend=patch.backend,
+                                    **options)
+    return self.o_proj(out.reshape(batch, n, -1)), None
+
+
+# ---- transformers registrations ---------------------------------------------------------------------------------
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    """Mask function of the "scaled_rope" implementation: the 2D padding mask (batch, kv_length) or None."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
+def _unpatched_layer(module, *args, **kwargs):
+    raise NotImplementedError(f"{type(module).__name__} runs with attn_implementation='{ATTN_IMPLEMENTATION}' but "
+                              f"was not patched by scaled_rope.integrations.transformers.patch_model (is the config "
+                              f"shared with another model?)")
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _unpatched_layer)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
+
+
+def _phi3_generation_override(model):
+    """Stock Phi-3 drops the cache when a sequence first passes the original length (its cached keys were rotated
+    with the short factors); a patched model keeps it, so generate() uses the parent's input preparation."""
+    from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM
+
+    if isinstance(model, Phi3ForCausalLM) and \
+            type(model).prepare_inputs_for_generation is Phi3ForCausalLM.prepare_inputs_for_generation:
+        return super(Phi3ForCausalLM, model).prepare_inputs_for_generation
+    return None
+
+
+# ---- public API ------------------------------------------------------------------------------------------------
+def patch_model(model, rope: RopeScaling | None = None, rerope_window: int | None = None,
+                rerope_leak: float | None = None, logn_base: float | None = None, backend: str = "auto"):
+    """Route the attention layers of a transformers Llama / Mistral / Qwen2 / Qwen3 / Phi-3 model through
+    scaled_rope, in place; returns the model.
+
+    rope: a RopeScaling (default: `RopeScaling.from_hf_config(model.config)`, the model's own rope). rerope_window,
+    rerope_leak, logn_base: as in `scaled_rope_attention` (ReRoPE / Leaky ReRoPE, log-n logit scaling). backend:
+    "auto", "triton", "cuda" or "reference" (decode steps use the KV-cache kernel, which has no "cuda" backend:
+    with backend="cuda" they run through `scaled_rope_attention`). Patching a patched model replaces its settings.
+    Phi-3's generate() no longer drops the cache when a sequence passes the original length (no re-prefill).
+    Raises NotImplementedError for other architectures.
+    """
+    classes = _supported_attention_classes()
+    layers = [m for m in model.modules() if type(m) in classes]
+    if not layers:
+        raise NotImplementedError(f"patch_model supports the {_FAMILIES} families of transformers; "
+                                  f"{type(model).__name__} has none of their attention layers")
+    if rope is None:
+        rope = RopeScaling.from_hf_config(model.config)
+    elif not isinstance(rope, RopeScaling):
+        raise TypeError(f"rope must be a RopeScaling or None, got {type(rope).__name__}")
+    head_dims = {m.head_dim for m in layers}
+    if head_dims != {rope.head_dim}:
+        raise ValueError(f"rope.head_dim ({rope.head_dim}) does not match the model's attention head dim "
+                         f"({sorted(head_dims)})")
+    if rerope_leak is not None and rerope_window is None:
+        raise ValueError("rerope_leak needs rerope_window")
+    if rerope_window is not None and rope.n_hat:
+        raise ValueError("rerope_window cannot be combined with n_hat > 0 (rope.n_hat)")
+    if backend not in ("auto", "triton", "cuda", "reference"):
+        raise ValueError(f"backend must be one of 'auto', 'triton', 'cuda', 'reference', got {backend!r}")
+    previous = getattr(model, "_scaled_rope_patch", None)
+    attn_implementation = (previous.previous_attn_implementation if previous is not None
+                           else model.config._attn_implementation)
+    _register()
+    patch = _Patch(rope, rerope_window, rerope_leak, logn_base, backend, attn_implementation)
+    for module in layers:
+        module._scaled_rope_patch = patch
+        module.forward = types.MethodType(_patched_forward, module)
+    model._scaled_rope_patch = patch
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    override = _phi3_generation_override(model)
+    if override is not None:
+        model.prepare_inputs_for_generation = override
+    return model
+
+
+def unpatch_model(model):
+    """Undo `patch_model` in place; returns the model. Caches written while patched hold unrotated keys: drop them."""
+    patch = getattr(model, "_scaled_rope_patch", None)
+    if patch is None:
+        raise ValueError(f"{type(model).__name__} is not patched")
+    for module in model.modules():
+        if module is not model and getattr(module, "_scaled_rope_patch", None) is patch:
+            del module.forward
+            del module._scaled_rope_patch
+    del model._scaled_rope_patch
+    model.__dict__.pop("prepare_inputs_for_generation", None)
+    model.config._attn_implementation = patch.previous_attn_implementation
+    return model
+
+
+def is_patched(model) -> bool:
+    return getattr(model, "_scaled_rope_patch", None) is not None
