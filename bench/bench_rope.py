@@ -56,8 +56,8 @@ def eager_rotation(x, positions, rope, max_position):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default bench/results/rope-<date>-<gpu>.json)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="folder for the JSON (default bench/results); the file is rope-<date>-<gpu>.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_rope: no CUDA GPU on this machine; the rotation benchmark needs one (tests cover the CPU path)")
@@ -116,8 +116,7 @@ def main() -> int:
         print(f"| {row['shape']} | {row['method']} | {row['ms'] * 1e3:.1f} | {row['gbps']:.0f} | "
               f"{eager['ms'] / row['ms']:.2f}x | {row['max_abs_diff_vs_eager']:.2e} |")
     date = datetime.date.today().isoformat()
-    path = args.out or Path(__file__).resolve().parent / "results" / \
-        f"rope-{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
+    path = args.out / f"rope-{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"date": date, "env": env, "bytes": "read x + write out + read positions",
                                 "results": rows}, indent=2))

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
+# Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope]
+set -uo pipefail
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 SCALED_ROPE_CUDA_ARCHS="${SCALED_ROPE_CUDA_ARCHS:-90a}" MAX_JOBS="${MAX_JOBS:-16}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -30 "$OUT/build.log"; }
+echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+cd /tmp  # import the installed package, not the checkout
+REPO="$OLDPWD"
+for step in "$@"; do
+  t0=$(date +%s)
+  case "$step" in
+    tests) timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -m gpu -rfE --tb=short --durations=15 --rootdir="$REPO" -p no:cacheprovider ${TEST_FILES:-"$REPO/tests"} > "$OUT/tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40 ;;
+    bench-quick) python3 "$REPO/bench/bench_attention.py" --quick --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 40 ;;
+    bench) python3 "$REPO/bench/bench_attention.py" --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 60 ;;
+    decode) python3 "$REPO/bench/bench_decode.py" --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30 ;;
+    model) python3 "$REPO/bench/bench_model.py" --out "$OUT" 2>&1 | tee "$OUT/bench_model.log" | tail -n 30 ;;
+    probe) python3 "$REPO/tools/probe_attention.py" 2>&1 | tee "$OUT/probe.log" | tail -n 20 ;;
+    rope) python3 "$REPO/bench/bench_rope.py" --out "$OUT" 2>&1 | tee "$OUT/bench_rope.log" | tail -n 20 ;;
+    *) echo "unknown step $step" ;;
+  esac
+  echo "step $step: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/gpu.txt"
+done
