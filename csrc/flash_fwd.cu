@@ -555,8 +555,9 @@ std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   if (p.seqlen_q >= INT_MAX / 2 || p.seqlen_k >= INT_MAX / 2) return "flash_fwd: sequence too long";
   if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return "";
   const bool rerope = p.rerope_window > 0;
-  if (!p.q || !p.k || !p.v || !p.out || !p.lse || (rerope && (!p.q_far || !p.k_far)) ||
-      (p.k_positions && !p.k_tile_minmax)) {
+  const bool keys = p.seqlen_k > 0;  // without keys every row is empty and k, v are never read
+  if (!p.q || !p.out || !p.lse || (keys && (!p.k || !p.v)) || (rerope && (!p.q_far || (keys && !p.k_far))) ||
+      (keys && p.k_positions && !p.k_tile_minmax)) {
     return "flash_fwd: missing pointer";
   }
   if (!aligned16(p.q, {p.q_batch_stride, p.q_row_stride, p.q_head_stride}) ||
@@ -570,7 +571,7 @@ std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     return "flash_fwd: out needs 4-byte aligned pairs (even strides)";
   }
 
-  if (p.k_positions && p.seqlen_k > 0) {
+  if (keys && p.k_positions) {
     const int64_t n_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
     if (n_tiles * p.batch > INT_MAX) return "flash_fwd: batch * ceil(seqlen_k / 64) is too large";
     k_tile_minmax_kernel<<<static_cast<unsigned>(n_tiles * p.batch), kBlockN, 0, stream>>>(
