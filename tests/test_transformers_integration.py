@@ -31,8 +31,17 @@ from scaled_rope.integrations.transformers import is_patched, patch_model, unpat
 transformers.logging.set_verbosity_error()
 
 VOCAB, HEAD_DIM, ORIGINAL = 97, 16, 32
-SHORT = [1.0 + 0.05 * i for i in range(HEAD_DIM // 2)]
-LONG = [1.0 + 0.9 * i for i in range(HEAD_DIM // 2)]
+
+
+def short_factors(pairs):
+    return [1.0 + 0.4 * i / pairs for i in range(pairs)]
+
+
+def long_factors(pairs):
+    return [1.0 + 7.0 * i / pairs for i in range(pairs)]
+
+
+SHORT, LONG = short_factors(HEAD_DIM // 2), long_factors(HEAD_DIM // 2)
 EXACT, FROM_CONFIG = 1e-10, 5e-5
 
 FAMILIES = {
@@ -55,15 +64,19 @@ ROPES = {
 }
 
 
-def make_config(family="llama", rope="default", attn="eager", **overrides):
+def make_config(family="llama", rope="default", attn="eager", head_dim=HEAD_DIM, **overrides):
+    """Tiny config: 4 query heads and 2 KV heads of head_dim (hidden = 4 * head_dim), 2 layers."""
     config_cls, _, extra = FAMILIES[family]
-    kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    kwargs = dict(vocab_size=VOCAB, hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=ORIGINAL,
                   initializer_range=0.1, attn_implementation=attn, bos_token_id=None, eos_token_id=None,
                   pad_token_id=0, **extra)
     if family != "phi3":
-        kwargs["head_dim"] = HEAD_DIM
+        kwargs["head_dim"] = head_dim
     kwargs["rope_parameters"] = copy.deepcopy(ROPES[rope])
+    if rope == "longrope":
+        kwargs["rope_parameters"].update(short_factor=short_factors(head_dim // 2),
+                                         long_factor=long_factors(head_dim // 2))
     kwargs.update(overrides)
     return config_cls(**kwargs)
 
@@ -430,6 +443,8 @@ def test_errors():
         patch_model(patched, rerope_leak=2.0)
     patch_model(patched, backend="reference")
     ids = tokens(1, 8)
+    with pytest.raises(ValueError, match="position_ids must lie"):
+        logits(patched, ids, position_ids=torch.arange(-1, 7)[None])
     with pytest.raises(NotImplementedError, match="packed"):
         logits(patched, ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
     with pytest.raises(NotImplementedError, match="4D"):
@@ -460,8 +475,9 @@ def test_triton_backend_in_interpreter(monkeypatch):
 
 
 def _gpu_pair(family, rope, dtype, **overrides):
-    stock, patched = make_pair(family, rope, attn="sdpa", dtype=torch.float32, hidden_size=8 * HEAD_DIM,
-                               intermediate_size=256, num_attention_heads=8, num_key_value_heads=2, **overrides)
+    """head_dim 64: the CUDA kernels' smallest (auto picks CUDA, else Triton)."""
+    stock, patched = make_pair(family, rope, attn="sdpa", dtype=torch.float32, head_dim=64, intermediate_size=256,
+                               **overrides)
     gold = copy.deepcopy(stock).cuda()
     return gold, stock.to("cuda", dtype), patched.to("cuda", dtype)
 

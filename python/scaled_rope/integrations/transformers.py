@@ -14,8 +14,8 @@ base of the current length.
 Positions. Query positions are the model's position_ids. Every key keeps the position it had when it was written:
 the positions of a cache's keys are recorded on the cache object (`DynamicCache` and its sliding-window layers).
 Padded tokens (0 in the 2D attention_mask, left padding as generate() makes it, or any other) get key position
-PAD = -2**30 and the layer runs with window = 2**30 (or its sliding window): a query at P >= 0 sees a padded key
-at distance P + 2**30 >= window, so padded keys are excluded by the window rule while the row's length (largest
+PAD = -2**29 and the layer runs with window = 2**29 (or its sliding window): a query at P >= 0 sees a padded key
+at distance P + 2**29 >= window, so padded keys are excluded by the window rule while the row's length (largest
 key position + 1) is untouched. Rows without padding and with positions 0..T-1 take the fast default positions.
 
 The model's config gets `_attn_implementation = "scaled_rope"`, registered with transformers' AttentionInterface
@@ -36,8 +36,10 @@ from ..kvcache import scaled_rope_attention_with_kvcache
 from ..scaling import RopeScaling
 
 ATTN_IMPLEMENTATION = "scaled_rope"
-PAD_POSITION = -(1 << 30)
-PAD_WINDOW = 1 << 30  # > every real distance; a padded key sits at distance >= PAD_WINDOW from any query P >= 0
+# a padded key sits at PAD_POSITION, at distance >= PAD_WINDOW from any query P >= 0, while real distances stay
+# below PAD_WINDOW (positions are checked to be < PAD_WINDOW); 2**29 leaves the kernels' int32 arithmetic headroom
+PAD_WINDOW = 1 << 29
+PAD_POSITION = -PAD_WINDOW
 DECODE_MAX_QUERIES = 16  # steps with at most this many new tokens over a cache use the decode kernel
 _RECORD = "_scaled_rope_key_positions"
 _FAMILIES = "Llama, Mistral, Qwen2, Qwen3 and Phi-3"
@@ -64,7 +66,9 @@ class _Patch:
     logn_base: float | None
     backend: str
     previous_attn_implementation: Any
+    forward_id: int = 0  # bumped by a pre-hook on each model forward
     step: "_Step | None" = None
+    hooks: tuple = ()
 
 
 @dataclass
@@ -80,9 +84,9 @@ class _Record:
 class _Step:
     """One forward pass: its query positions and the positions of all keys, computed once by the first layer."""
 
+    forward_id: int
     position_ids: Any
-    mask: Any
-    cache: Any
+    cache_id: int
     seen: int
     q_positions: torch.Tensor  # int64 (B, n)
     k_positions: torch.Tensor  # int64 (B, T): every key this forward attends to (the cache's keys + the new ones)
@@ -134,7 +138,7 @@ def _make_step(position_ids, mask, cache, layer_idx: int, batch: int, n: int, de
     checks.append((valid & (pos <= previous)).any())
     bad_range, shifted, padded, restarts = torch.stack(checks).tolist()
     if bad_range:
-        raise ValueError(f"position_ids must lie in [0, 2**30), got values outside (min "
+        raise ValueError(f"position_ids must lie in [0, 2**29), got values outside (min "
                          f"{int(pos.min())}, max {int(pos.max())})")
     if restarts:
         raise NotImplementedError("position_ids that do not increase along a row (packed sequences) are not "
@@ -156,25 +160,21 @@ def _make_step(position_ids, mask, cache, layer_idx: int, batch: int, n: int, de
             standard = standard and record.standard
             has_pad = has_pad or record.has_pad
         setattr(cache, _RECORD, _Record(k_positions, standard, has_pad))
-    return _Step(position_ids, mask, cache, seen, pos, k_positions, standard, has_pad)
-
-
-def _same_mask(a, b, n: int) -> bool:
-    # layers of one forward get different slices of one 2D mask; the step holds the old one, so its memory
-    # cannot be reused by another mask while we compare
-    if a is None or b is None:
-        return a is b
-    a, b = a[:, -n:], b[:, -n:]
-    return a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+    return _Step(-1, position_ids, id(cache), seen, pos, k_positions, standard, has_pad)
 
 
 def _current_step(patch: _Patch, position_ids, mask, cache, layer_idx, batch, n, device) -> _Step:
+    """The step of this forward: made by its first layer, reused by the others (the model's forward pre-hook
+    bumps forward_id; an attention layer called on its own gets a fresh step unless given the same position_ids
+    object). Computing it again is harmless (the record on the cache is rebuilt from its first `seen` entries),
+    only slower."""
     step = patch.step
-    if step is not None and position_ids is not None and step.position_ids is position_ids \
-            and step.cache is cache and _same_mask(step.mask, mask, n) \
+    if step is not None and position_ids is not None and step.forward_id == patch.forward_id \
+            and step.position_ids is position_ids and step.cache_id == id(cache) \
             and step.seen == (cache.get_seq_length(layer_idx) if cache is not None else 0):
-        return step  # a later layer of the same forward
+        return step
     step = _make_step(position_ids, mask, cache, layer_idx, batch, n, device)
+    step.forward_id = patch.forward_id
     patch.step = step
     return step
 
@@ -250,6 +250,14 @@ def _unpatched_layer(module, *args, **kwargs):
                               f"shared with another model?)")
 
 
+def _new_forward(patch: _Patch):
+    def hook(module, args, kwargs):
+        patch.forward_id += 1
+        patch.step = None  # let go of the previous forward's tensors
+
+    return hook
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -301,11 +309,18 @@ def patch_model(model, rope: RopeScaling | None = None, rerope_window: int | Non
         raise ValueError("rerope_window cannot be combined with n_hat > 0 (rope.n_hat)")
     if backend not in ("auto", "triton", "cuda", "reference"):
         raise ValueError(f"backend must be one of 'auto', 'triton', 'cuda', 'reference', got {backend!r}")
+    from transformers import PreTrainedModel
+
     previous = getattr(model, "_scaled_rope_patch", None)
-    attn_implementation = (previous.previous_attn_implementation if previous is not None
-                           else model.config._attn_implementation)
+    attn_implementation = model.config._attn_implementation
+    if previous is not None:
+        attn_implementation = previous.previous_attn_implementation
+        for handle in previous.hooks:
+            handle.remove()
     _register()
     patch = _Patch(rope, rerope_window, rerope_leak, logn_base, backend, attn_implementation)
+    patch.hooks = tuple(m.register_forward_pre_hook(_new_forward(patch), with_kwargs=True)
+                        for m in model.modules() if isinstance(m, PreTrainedModel))
     for module in layers:
         module._scaled_rope_patch = patch
         module.forward = types.MethodType(_patched_forward, module)
@@ -326,6 +341,8 @@ def unpatch_model(model):
         if module is not model and getattr(module, "_scaled_rope_patch", None) is patch:
             del module.forward
             del module._scaled_rope_patch
+    for handle in patch.hooks:
+        handle.remove()
     del model._scaled_rope_patch
     model.__dict__.pop("prepare_inputs_for_generation", None)
     model.config._attn_implementation = patch.previous_attn_implementation
