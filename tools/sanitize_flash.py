@@ -51,6 +51,9 @@ def run(name, batch, nq, nk, hq, hkv, dim, dtype=torch.bfloat16, rope="default",
     return ok
 
 
+LONGROPE = RopeScaling.longrope(128, 128, 4096, [1.0 + 0.05 * i for i in range(64)], [1.5 + 0.3 * i for i in range(64)])
+
+
 def main():
     cases = [
         ("len1", 1, 1, 1, 1, 1, 64),
@@ -61,7 +64,7 @@ def main():
         ("rerope straddle", 1, 130, 200, 2, 1, 128, torch.bfloat16, "default", False, dict(rerope_window=70)),
         ("leaky + logn", 1, 70, 140, 2, 2, 64, torch.float16, "default", False,
          dict(rerope_window=50, rerope_leak=4.0, logn_base=16.0)),
-        ("explicit positions", 2, 77, 150, 2, 1, 128, torch.bfloat16, "default", True, dict(window=90)),
+        ("explicit positions", 2, 77, 150, 2, 1, 128, torch.bfloat16, LONGROPE, True, dict(window=90)),
         ("explicit rerope", 1, 40, 129, 1, 1, 64, torch.bfloat16, "default", True, dict(rerope_window=60)),
         ("no rope", 1, 65, 65, 1, 1, 64, torch.bfloat16, None),
     ]
