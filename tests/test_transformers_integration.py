@@ -387,17 +387,19 @@ def test_rerope_layer_matches_explicit_form(leak):
     assert max_diff(got, want) < EXACT
 
 
-@pytest.mark.parametrize("window, leak", [(5, None), (5, 3.0), (64, None), (5, 1.0)])
-def test_rerope_generation_matches_recompute(window, leak):
-    """Cached decode (decode kernel, near/far per key) equals a full forward on the whole sequence; a window
-    beyond the sequence, or leak 1, is plain RoPE and equals transformers' own logits."""
+@pytest.mark.parametrize("window, leak, logn", [(5, None, None), (5, 3.0, None), (64, None, None), (5, 1.0, None),
+                                               (None, None, 4.0)])
+def test_rerope_generation_matches_recompute(window, leak, logn):
+    """Cached decode (decode kernel, near/far per key, log-n at the query's own position) equals a full forward on
+    the whole sequence; a window beyond the sequence, or leak 1, is plain RoPE and equals transformers' logits."""
     stock, patched = make_pair("qwen2", "default", exact=True)
-    patch_model(patched, rope=own_rope(stock), rerope_window=window, rerope_leak=leak, backend="reference")
+    patch_model(patched, rope=own_rope(stock), rerope_window=window, rerope_leak=leak, logn_base=logn,
+                backend="reference")
     prompt = 10
     sequences, steps, _ = _generate_logits(patched, tokens(1, prompt), 8)
     recompute = torch.stack([logits(patched, sequences[:, :prompt + i])[:, -1] for i in range(8)], dim=1)
     assert max_diff(steps, recompute) < 1e-6  # generate() hands out float32 logits
-    plain = window > prompt + 8 or leak == 1.0
+    plain = logn is None and (window > prompt + 8 or leak == 1.0)
     stock_steps = torch.stack([logits(stock, sequences[:, :prompt + i])[:, -1] for i in range(8)], dim=1)
     assert (max_diff(steps, stock_steps) < 1e-6) == plain
 
