@@ -1,0 +1,59 @@
+"""Quick forward timing of the CUDA attention next to the Triton backend and SDPA (no rope), one GPU.
+
+    python tools/time_flash.py [--n 16384] [--heads 32] [--dim 128]
+
+Prints TFLOP/s (4*B*H*N*N*D, half for causal; rope not counted) from triton.testing.do_bench medians for
+LongRoPE and ReRoPE (w = 512) causal bf16, end to end (tables, rotation prepass, kernel), and the share of the
+CUDA time spent in the rotation prepass. Not the project benchmark (bench/), a probe for kernel work.
+"""
+import argparse
+
+import torch
+import triton
+
+from scaled_rope import RopeScaling, scaled_rope_attention
+from scaled_rope._cuda import cuda_rotate
+from scaled_rope.attention import kernel_tables
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    b, n, h, d = args.batch, args.n, args.heads, args.dim
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * b * h * n * n * d / 2
+    longrope = RopeScaling.longrope(d, 4096, 131072, [1.0 + 0.01 * i for i in range(d // 2)],
+                                    [1.5 + 0.1 * i for i in range(d // 2)])
+    cases = {"longrope": (longrope, {}), "rerope": (RopeScaling.default(d), dict(rerope_window=512))}
+    rows = []
+    for name, (rope, extra) in cases.items():
+        for backend in ("cuda", "triton"):
+            try:
+                ms = triton.testing.do_bench(
+                    lambda: scaled_rope_attention(q, k, v, rope, causal=True, backend=backend, **extra))
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                print(f"{name} {backend}: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            rows.append((name, backend, ms, flops / ms * 1e-9))
+            print(f"{name:9s} {backend:7s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s", flush=True)
+        tables = kernel_tables(rope, q, k, q_positions=None, k_positions=None,
+                               rerope_window=extra.get("rerope_window"), rerope_leak=None)
+        pos = torch.arange(n, device="cuda", dtype=torch.int32).expand(b, n)
+        jobs = [(q, tables[0]), (k, tables[1])] + ([(q, tables[2]), (k, tables[3])] if extra else [])
+        ms_rot = triton.testing.do_bench(lambda: [cuda_rotate(x, pos, t, out=torch.empty_like(x)) for x, t in jobs])
+        print(f"{name:9s} rotation prepass alone {ms_rot:.3f} ms", flush=True)
+    ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True))
+    print(f"SDPA (default backend, no rope) {ms:.3f} ms {flops / ms * 1e-9:.1f} TFLOP/s")
+    print("\n| case | backend | ms | TFLOP/s |\n|---|---|---|---|")
+    for name, backend, ms_, tf in rows:
+        print(f"| {name} | {backend} | {ms_:.3f} | {tf:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
