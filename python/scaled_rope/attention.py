@@ -133,6 +133,10 @@ def explain_backend(q: torch.Tensor, rerope_window: int | None = None) -> tuple[
     return "reference", reasons
 
 
+class BackendUnsupported(NotImplementedError, ValueError):
+    """An explicitly requested backend cannot run these inputs (catchable as either exception type)."""
+
+
 def _resolve(backend: str, q: torch.Tensor, rerope_window) -> str:
     if backend == "auto":
         return explain_backend(q, rerope_window)[0]
@@ -140,7 +144,7 @@ def _resolve(backend: str, q: torch.Tensor, rerope_window) -> str:
         return backend
     reason = _cuda_reason(q, rerope_window) if backend == "cuda" else _triton_reason(q)
     if reason is not None:
-        raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
+        raise BackendUnsupported(f"backend={backend!r} cannot run these inputs: {reason}")
     return backend
 
 

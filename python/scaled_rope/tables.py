@@ -82,7 +82,8 @@ def _row_frequencies(rope: RopeScaling, batch: int, device: torch.device,
         long_ = _cached_frequencies(rope, original + 1, dev)
         is_long = (seq_lens.to(device) > original)[:, None]
         return torch.where(is_long, long_[None, :], short[None, :])
-    return _cached_frequencies(rope, seq_lens, dev)[None, :].expand(batch, -1)
+    fixed_len = seq_lens if isinstance(seq_lens, int) else None  # the schedule does not depend on the length
+    return _cached_frequencies(rope, fixed_len, dev)[None, :].expand(batch, -1)
 
 
 def build_tables(rope: RopeScaling, batch: int, device: torch.device | str, *,
