@@ -2,13 +2,16 @@
 
 Grid (num_splits, Hkv, B * m_blocks). A program takes one KV head, all GROUP = Hq / Hkv query heads that share it
 and a block of query tokens as its M rows (row r = token r // GROUP, head r % GROUP), so each K/V byte is read once
-per head group. It walks one chunk of that row's cache in tiles of BLOCK_N keys and rotates each K tile as it
-arrives: the angle of key p0 + j is formed by angle addition from cos/sin of the tile base p0 (exact, from the
-fixed-point turns, once per pair per tile) and a per-program table of cos/sin(j * w) for j < BLOCK_N (exact too),
-so a key element costs a few FMAs. The frequencies are the row's own (LongRoPE short/long set or dynamic NTK base
-picked from the row's length by `build_tables`), so nothing in the cache depends on them. Scores are the sum of
-partial dots: the two rotated halves of the pairs plus the pass-through dims. Each program writes its partial
-output and log-sum-exp; `_merge_kernel` combines the splits by lse (skipped when there is one split).
+per head group. It walks one chunk of that row's cache in tiles of BLOCK_N keys, rotating keys as they arrive.
+
+Rotation cost per key element is a few FMAs: a rotation R(a) of a pair is orthogonal, so for a tile starting at
+p0, <R(P w) q, R((p0 + j) w) k> = <R((P - p0) w) q, R(j w) k>. The key side uses a per-program table
+cos/sin(j w), j < BLOCK_N (exact, from the fixed-point turns, held in registers); the query side is shifted by
+-p0 once per tile (exact cos/sin of p0 per pair, BLOCK_M x R/2 work). The frequencies are the row's own (LongRoPE
+short/long set or dynamic NTK base picked from the row's length by `build_tables`), so nothing in the cache
+depends on them. Scores are sums of partial dots: the two halves of the pairs plus the pass-through dims. Each
+program writes its partial output with its running max and sum; `_merge_kernel` combines the splits (skipped when
+there is one split).
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from .attention import _fix_interpreter_loop_bounds
 from .rope import rope_cos_sin
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,18 +63,22 @@ def _load_pass(rows, row_mask, stride_d, START: tl.constexpr, PASS: tl.constexpr
 
 
 @triton.jit
-def _tile_cos_sin(p0, turns, factor, cos_j, sin_j, HALF_PAD: tl.constexpr):
-    """cos/sin (times factor) of (p0 + j) * w for the (BLOCK_N, HALF_PAD) tile, by angle addition."""
+def _shift_q(q1, q2, p0, turns, HALF_PAD: tl.constexpr, DTYPE: tl.constexpr):
+    """Rotate the (rotated) query pairs by -p0 * w: the tile's keys can then be rotated by j * w only."""
     c0, s0 = rope_cos_sin(p0.to(tl.int64), turns, tl.zeros([HALF_PAD], dtype=tl.int64))
-    c0 = c0 * factor
-    s0 = s0 * factor
-    return cos_j * c0[None, :] - sin_j * s0[None, :], sin_j * c0[None, :] + cos_j * s0[None, :]
+    return (q1 * c0[None, :] + q2 * s0[None, :]).to(DTYPE), (q2 * c0[None, :] - q1 * s0[None, :]).to(DTYPE)
 
 
 @triton.jit
-def _partial_dots(a1, a2, ap, b1, b2, bp, HAS_ROT: tl.constexpr, HAS_PASS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """<a, b> over rotated halves + pass-through dims: (BLOCK_M, BLOCK_N) fp32."""
+def _lse(m, total):
+    """ln(total * 2^m), -inf where total == 0; in float64 so that the float32 result is rounded once."""
+    lse = m.to(tl.float64) * 0.6931471805599453 + tl.log(tl.where(total == 0.0, 1.0, total).to(tl.float64))
+    return tl.where(total == 0.0, float("-inf"), lse.to(tl.float32))
+
+
+@triton.jit
+def _score(a1, a2, ap, b1, b2, bp, HAS_ROT: tl.constexpr, HAS_PASS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """<a, b> over the two pair halves + pass-through dims: (BLOCK_M, BLOCK_N) fp32."""
     if HAS_ROT:
         acc = tl.dot(a1, tl.trans(b1), input_precision=DOT_PRECISION)
         acc = tl.dot(a2, tl.trans(b2), acc, input_precision=DOT_PRECISION)
@@ -97,7 +103,7 @@ def _decode_kernel(
     stride_btb, stride_btp,
     stride_tb, stride_tqb, stride_oqb, stride_tkb,
     stride_ob, stride_om, stride_oh, stride_os, stride_od,
-    stride_lb, stride_lh, stride_lm, stride_ls,
+    stride_lb, stride_lh, stride_lm, stride_ls, stride_lx,
     n_q, n_m_blocks, sm_scale_log2, inv_ln_logn_base, window, rerope_window, n_hat,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -113,19 +119,18 @@ def _decode_kernel(
     m_block = pid_bm % n_m_blocks
     b64 = b.to(tl.int64)
     seqlen = tl.load(SEQLENS + b)
+    DTYPE: tl.constexpr = K.dtype.element_ty
 
-    # ---- the M rows: query token t, head h_kv * GROUP + g -------------------------------------------------
+    # ---- the M rows: query token t, head h_kv * GROUP + g ---------------------------------------------------
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < n_q * GROUP
     tok = rows // GROUP
     head = pid_h * GROUP + rows % GROUP
     q_pos = seqlen - n_q + tok  # bottom-right aligned to the row's length
-    first_tok = m_block * BLOCK_M // GROUP
-    last_tok = tl.minimum((m_block * BLOCK_M + BLOCK_M - 1) // GROUP, n_q - 1)
-    p_min = seqlen - n_q + first_tok
-    p_max = seqlen - n_q + last_tok
+    p_min = seqlen - n_q + m_block * BLOCK_M // GROUP
+    p_max = seqlen - n_q + tl.minimum((m_block * BLOCK_M + BLOCK_M - 1) // GROUP, n_q - 1)
 
-    # ---- this split's tiles -----------------------------------------------------------------------------
+    # ---- this split's tiles ---------------------------------------------------------------------------------
     k_lo = 0
     if HAS_WINDOW:
         k_lo = tl.maximum(p_min - window + 1, 0)
@@ -138,23 +143,22 @@ def _decode_kernel(
     tile_lo = tile_first + pid_s * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, tile_first + n_tiles)
 
-    # ---- columns: pairs (x1, x2) of the rotary dims, then pass-through dims ------------------------------
     pair = tl.arange(0, HALF_PAD)
     pair_mask = pair < HALF
     dcol = tl.arange(0, D_PAD)
     d_mask = dcol < HEAD_DIM
     offs_j = tl.arange(0, BLOCK_N)
 
-    # ---- q: load once, rotate at its own positions (near; far for ReRoPE) ---------------------------------
+    # ---- q: load once, rotate at its own positions (near; far for ReRoPE) -----------------------------------
     q_row = Q + b64 * stride_qb + tok.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
     if PASS > 0:
         qp = _load_pass(q_row, row_valid, stride_qd, 2 * HALF, PASS, PASS_PAD)
     else:
-        qp = tl.zeros([BLOCK_M, 16], dtype=Q.dtype.element_ty)  # unused
-    q1 = qp
-    q2 = qp
-    qf1 = qp
-    qf2 = qp
+        qp = tl.zeros([BLOCK_M, 16], dtype=DTYPE)  # unused
+    qr1 = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
+    qr2 = qr1
+    qf1 = qr1
+    qf2 = qr1
     cos_j = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
     sin_j = cos_j
     cos_jf = cos_j
@@ -167,6 +171,7 @@ def _decode_kernel(
         factor = tl.load(FACTOR + b)
         turns = tl.load(TURNS + b64 * stride_tb + pair, mask=pair_mask, other=0)
         zero = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.int64)
+        zero_j = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64)
         qx1, qx2 = _load_pairs(q_row, row_valid, stride_qd, BLOCK_M, HALF, HALF_PAD, INTERLEAVED)
         qx1 = qx1.to(tl.float32)
         qx2 = qx2.to(tl.float32)
@@ -178,29 +183,25 @@ def _decode_kernel(
             q_turns = tl.where(qpos64 < n_hat, turns_un[None, :], q_turns)
             q_factor = tl.where(q_pos < n_hat, 1.0, q_factor)
         qc, qs = rope_cos_sin(qpos64, q_turns, zero)
-        qc = qc * q_factor[:, None]
-        qs = qs * q_factor[:, None]
-        qy1, qy2 = _rotate_pairs(qx1, qx2, qc, qs)
-        q1 = qy1.to(K.dtype.element_ty)
-        q2 = qy2.to(K.dtype.element_ty)
-        cos_j, sin_j = rope_cos_sin(offs_j.to(tl.int64)[:, None], turns[None, :],
-                                    tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
+        qr1, qr2 = _rotate_pairs(qx1, qx2, qc * q_factor[:, None], qs * q_factor[:, None])
+        # keys at p0 + j: cos/sin(j w) times the keys' factor m (keys below n_hat take the exact path)
+        cos_j, sin_j = rope_cos_sin(offs_j.to(tl.int64)[:, None], turns[None, :], zero_j)
+        cos_j = cos_j * factor
+        sin_j = sin_j * factor
         if REROPE:
             turns_qf = tl.load(TURNS_QF + b64 * stride_tqb + pair, mask=pair_mask, other=0)
             offset_qf = tl.load(OFFSET_QF + b64 * stride_oqb + pair, mask=pair_mask, other=0)
             qc, qs = rope_cos_sin(qpos64, turns_qf[None, :] + zero, offset_qf[None, :] + zero)
-            if LEAKY:
-                qc = qc * factor
-                qs = qs * factor
+            if LEAKY:  # far keys rotate at Q / kappa: table cos/sin(j w / kappa) times m
                 turns_kf = tl.load(TURNS_KF + b64 * stride_tkb + pair, mask=pair_mask, other=0)
-                cos_jf, sin_jf = rope_cos_sin(offs_j.to(tl.int64)[:, None], turns_kf[None, :],
-                                              tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
-            else:  # far k is unrotated but still times m: fold m * m into q
-                qc = qc * (factor * factor)
-                qs = qs * (factor * factor)
-            qy1, qy2 = _rotate_pairs(qx1, qx2, qc, qs)
-            qf1 = qy1.to(K.dtype.element_ty)
-            qf2 = qy2.to(K.dtype.element_ty)
+                cos_jf, sin_jf = rope_cos_sin(offs_j.to(tl.int64)[:, None], turns_kf[None, :], zero_j)
+                cos_jf = cos_jf * factor
+                sin_jf = sin_jf * factor
+                qf1, qf2 = _rotate_pairs(qx1, qx2, qc * factor, qs * factor)
+            else:  # far keys are unrotated but still times m: fold m * m into q
+                qf1, qf2 = _rotate_pairs(qx1, qx2, qc * (factor * factor), qs * (factor * factor))
+    qf1_d = qf1.to(DTYPE)
+    qf2_d = qf2.to(DTYPE)
     row_scale = sm_scale_log2 + tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_LOGN:
         row_scale = row_scale * tl.maximum(tl.log(tl.maximum(q_pos + 1, 1).to(tl.float32)) * inv_ln_logn_base, 1.0)
@@ -217,17 +218,17 @@ def _decode_kernel(
         key_valid = offs_n < seqlen
         if PAGED:  # BLOCK_N divides PAGE_SIZE, so the tile lies in one page
             page = tl.load(BLOCK_TABLE + b64 * stride_btb + (p0 // PAGE_SIZE).to(tl.int64) * stride_btp,
-                           mask=p0 < seqlen, other=0)
+                           mask=p0 < seqlen, other=0).to(tl.int64)
             slot = (p0 % PAGE_SIZE + offs_j).to(tl.int64)
-            k_rows = k_head + page.to(tl.int64) * stride_kb + slot * stride_kn
-            v_rows = v_head + page.to(tl.int64) * stride_vb + slot * stride_vn
+            k_rows = k_head + page * stride_kb + slot * stride_kn
+            v_rows = v_head + page * stride_vb + slot * stride_vn
         else:
             k_rows = k_head + b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
             v_rows = v_head + b64 * stride_vb + offs_n.to(tl.int64) * stride_vn
         if PASS > 0:
             kp = _load_pass(k_rows, key_valid, stride_kd, 2 * HALF, PASS, PASS_PAD)
         else:
-            kp = tl.zeros([BLOCK_N, 16], dtype=K.dtype.element_ty)  # unused
+            kp = tl.zeros([BLOCK_N, 16], dtype=DTYPE)  # unused
         v = tl.load(v_rows[:, None] + dcol[None, :] * stride_vd, mask=key_valid[:, None] & d_mask[None, :],
                     other=0.0)
         delta = q_pos[:, None] - offs_n[None, :]
@@ -236,39 +237,38 @@ def _decode_kernel(
             kx1 = k1.to(tl.float32)
             kx2 = k2.to(tl.float32)
             if REROPE:
-                need_near = p_min - (p0 + BLOCK_N - 1) < rerope_window
-                need_far = p_max - p0 >= rerope_window
                 s_near = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 s_far = s_near
-                if need_near:
-                    kc, ks = _tile_cos_sin(p0, turns, factor, cos_j, sin_j, HALF_PAD)
-                    ky1, ky2 = _rotate_pairs(kx1, kx2, kc, ks)
-                    s_near = _partial_dots(q1, q2, qp, ky1.to(k1.dtype), ky2.to(k1.dtype), kp, HAS_ROT, PASS > 0,
-                                           DOT_PRECISION)
-                if need_far:
+                if p_min - (p0 + BLOCK_N - 1) < rerope_window:  # some pair of the tile is near
+                    a1, a2 = _shift_q(qr1, qr2, p0, turns, HALF_PAD, DTYPE)
+                    ky1, ky2 = _rotate_pairs(kx1, kx2, cos_j, sin_j)
+                    s_near = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+                if p_max - p0 >= rerope_window:  # some pair is far
                     if LEAKY:
-                        kc, ks = _tile_cos_sin(p0, turns_kf, factor, cos_jf, sin_jf, HALF_PAD)
-                        ky1, ky2 = _rotate_pairs(kx1, kx2, kc, ks)
-                        s_far = _partial_dots(qf1, qf2, qp, ky1.to(k1.dtype), ky2.to(k1.dtype), kp, HAS_ROT,
-                                              PASS > 0, DOT_PRECISION)
+                        a1, a2 = _shift_q(qf1, qf2, p0, turns_kf, HALF_PAD, DTYPE)
+                        ky1, ky2 = _rotate_pairs(kx1, kx2, cos_jf, sin_jf)
+                        s_far = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0,
+                                       DOT_PRECISION)
                     else:
-                        s_far = _partial_dots(qf1, qf2, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+                        s_far = _score(qf1_d, qf2_d, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
                 qk = tl.where(delta < rerope_window, s_near, s_far)
             else:
-                kc, ks = _tile_cos_sin(p0, turns, factor, cos_j, sin_j, HALF_PAD)
+                a1, a2 = _shift_q(qr1, qr2, p0, turns, HALF_PAD, DTYPE)
+                ky1, ky2 = _rotate_pairs(kx1, kx2, cos_j, sin_j)
                 if HAS_NHAT:
-                    if p0 < n_hat:  # keys below n_hat: unscaled turns and factor 1, per element
+                    if p0 < n_hat:  # keys below n_hat: unscaled turns and factor 1; exact per element
                         kpos = offs_n.to(tl.int64)[:, None]
                         early = kpos < n_hat
                         kc, ks = rope_cos_sin(kpos, tl.where(early, turns_un[None, :], turns[None, :]),
-                                            tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
+                                              tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
                         kc = tl.where(early, kc, kc * factor)
                         ks = tl.where(early, ks, ks * factor)
-                ky1, ky2 = _rotate_pairs(kx1, kx2, kc, ks)
-                qk = _partial_dots(q1, q2, qp, ky1.to(k1.dtype), ky2.to(k1.dtype), kp, HAS_ROT, PASS > 0,
-                                   DOT_PRECISION)
+                        ky1, ky2 = _rotate_pairs(kx1, kx2, kc, ks)
+                        a1 = qr1.to(DTYPE)
+                        a2 = qr2.to(DTYPE)
+                qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
         else:
-            qk = _partial_dots(q1, q2, qp, kp, kp, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+            qk = _score(qp, qp, qp, kp, kp, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
 
         allowed = key_valid[None, :]
         if CAUSAL:
@@ -277,46 +277,51 @@ def _decode_kernel(
             allowed = allowed & (delta < window)
         qk = tl.where(allowed, qk * row_scale[:, None], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep exp2 finite
         p = tl.exp2(qk - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    no_key = l_i == 0.0
+    out = acc / tl.where(no_key, 1.0, l_i)[:, None]
     o_ptrs = (OUT + b64 * stride_ob + tok.to(tl.int64)[:, None] * stride_om + head.to(tl.int64)[:, None] * stride_oh
               + pid_s.to(tl.int64) * stride_os + dcol[None, :] * stride_od)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
     l_ptrs = (LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + tok.to(tl.int64) * stride_lm
               + pid_s.to(tl.int64) * stride_ls)
-    tl.store(l_ptrs, lse, mask=row_valid)
+    if NUM_SPLITS > 1:  # the merge needs (max, sum) in full precision: an lse rounded per split loses ulps
+        tl.store(l_ptrs, m_i, mask=row_valid)
+        tl.store(l_ptrs + stride_lx, l_i, mask=row_valid)
+    else:
+        tl.store(l_ptrs, _lse(m_i, l_i), mask=row_valid)
 
 
 @triton.jit
 def _merge_kernel(
-    OP, LP, OUT, LSE,
+    OP, ML, OUT, LSE,
     stride_pb, stride_pm, stride_ph, stride_ps, stride_pd,
-    stride_qb, stride_qm, stride_qh, stride_qs,
+    stride_mb, stride_mm, stride_mh, stride_ms, stride_mx,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lm,
     n_q, n_heads,
     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """One program per (b, token, q head): out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s."""
+    """One program per (b, token, q head). Split s has max m_s (log2 units), sum l_s and normalised out o_s:
+    w_s = l_s * 2^(m_s - M), out = sum_s w_s o_s / sum_s w_s, lse = ln 2 * (M + log2 sum_s w_s)."""
     pid = tl.program_id(0)
     head = pid % n_heads
     tok = (pid // n_heads) % n_q
     b = (pid // n_heads // n_q).to(tl.int64)
     splits = tl.arange(0, SPLITS_PAD)
     dcol = tl.arange(0, D_PAD)
-    lse_s = tl.load(LP + b * stride_qb + tok * stride_qm + head * stride_qh + splits * stride_qs,
-                    mask=splits < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse_s, 0)
+    ml = ML + b * stride_mb + tok * stride_mm + head * stride_mh + splits * stride_ms
+    m_s = tl.load(ml, mask=splits < NUM_SPLITS, other=float("-inf"))
+    l_s = tl.load(ml + stride_mx, mask=splits < NUM_SPLITS, other=0.0)
+    m = tl.max(m_s, 0)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_ref)
+    w = l_s * tl.exp2(m_s - m_ref)
     total = tl.sum(w, 0)
     o_s = tl.load(OP + b * stride_pb + tok * stride_pm + head * stride_ph + splits[:, None] * stride_ps
                   + dcol[None, :] * stride_pd, mask=(splits < NUM_SPLITS)[:, None] & (dcol < HEAD_DIM)[None, :],
@@ -324,8 +329,7 @@ def _merge_kernel(
     out = tl.sum(o_s * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(OUT + b * stride_ob + tok * stride_om + head * stride_oh + dcol * stride_od,
              out.to(OUT.dtype.element_ty), mask=dcol < HEAD_DIM)
-    tl.store(LSE + b * stride_lb + head * stride_lh + tok * stride_lm,
-             tl.where(total == 0.0, float("-inf"), m_ref + tl.log(tl.where(total == 0.0, 1.0, total))))
+    tl.store(LSE + b * stride_lb + head * stride_lh + tok * stride_lm, _lse(m_ref, total))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,8 +338,8 @@ def _merge_kernel(
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if _INTERPRET:
     _fix_interpreter_loop_bounds()  # idempotent; loop bounds here are loaded scalars
-_WAVES = 4  # aim for this many programs per SM (memory-bound: more in flight hides latency)
-_MIN_KEYS_PER_SPLIT = 512
+_CTAS_PER_SM = 2  # what the default configs fit (registers, shared memory) on an H100
+_MIN_KEYS_PER_SPLIT = 32 if _INTERPRET else 512  # small under the interpreter: tests cover the merge
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -349,9 +353,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
-    """Splits per (row, kv head, m block) so that about _WAVES programs per SM run, each over >= 512 keys."""
-    want = triton.cdiv(_WAVES * num_sms, max(programs, 1))
-    return max(1, min(want, triton.cdiv(max_keys, _MIN_KEYS_PER_SPLIT), 128))
+    """Splits per (row, kv head, m block): fill the resident slots (about _CTAS_PER_SM per SM) in few, full waves
+    (flash-decoding's wave-efficiency rule), each split over >= _MIN_KEYS_PER_SPLIT keys of capacity."""
+    slots = _CTAS_PER_SM * num_sms
+    if programs >= 0.8 * slots:
+        return 1
+    most = max(1, min(128, triton.cdiv(max_keys, _MIN_KEYS_PER_SPLIT)))
+    efficiency = [programs * s / slots / math.ceil(programs * s / slots) for s in range(1, most + 1)]
+    best = max(efficiency)
+    return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
 
 
 def default_config(head_dim: int, block_m: int, page_size: int | None) -> dict:
@@ -399,14 +409,14 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
         lse = empty((B, n_heads, n_q), torch.float32, q.device)
     if num_splits > 1:
         o_part = empty((B, n_q, n_heads, num_splits, head_dim), torch.float32, q.device)
-        l_part = empty((B, n_q, n_heads, num_splits), torch.float32, q.device)
+        l_part = empty((B, n_q, n_heads, num_splits, 2), torch.float32, q.device)  # (max, sum) per split
         o_dst, l_dst = o_part, l_part
         o_strides = o_part.stride()
-        l_strides = (l_part.stride(0), l_part.stride(2), l_part.stride(1), l_part.stride(3))
+        l_strides = (l_part.stride(0), l_part.stride(2), l_part.stride(1), l_part.stride(3), l_part.stride(4))
     else:
         o_dst, l_dst = out, lse
         o_strides = (*out.stride()[:3], 0, out.stride(3))
-        l_strides = (*lse.stride(), 0)
+        l_strides = (*lse.stride(), 0, 0)
 
     has_rot = tables is not None
     rerope = rerope_window is not None

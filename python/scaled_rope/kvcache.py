@@ -109,16 +109,20 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
         raise ValueError(f"logn_base must be a finite number > 1 or None, got {logn_base!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    # the one host synchronisation: a write past the end would corrupt other rows' pages (skipped while a CUDA
-    # graph is being captured, where the caller owns the bounds)
-    if not _capturing(q.device) and batch:
-        lo, hi = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
-        if lo < 0:
-            raise ValueError(f"cache_seqlens must be >= 0, got {lo}")
-        if hi + n_new > capacity:
-            raise ValueError(f"cache_seqlens + Nnew ({hi} + {n_new}) exceeds the cache capacity of {capacity} "
-                             f"tokens per row")
     return capacity
+
+
+def _check_lengths(cache_seqlens: torch.Tensor, n_new: int, capacity: int) -> None:
+    """The one host synchronisation: a write past the end would corrupt other rows' pages. Skipped while a CUDA
+    graph is being captured (the caller owns the bounds there)."""
+    if _capturing(cache_seqlens.device) or cache_seqlens.numel() == 0:
+        return
+    lo, hi = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
+    if lo < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {lo}")
+    if hi + n_new > capacity:
+        raise ValueError(f"cache_seqlens + Nnew ({hi} + {n_new}) exceeds the cache capacity of {capacity} tokens "
+                         f"per row")
 
 
 def _resolve(backend: str, q: torch.Tensor) -> str:
@@ -209,31 +213,36 @@ def scaled_rope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v
     `scaled_rope_attention`. backend: "auto" (triton -> reference), "triton", "reference"; "cuda" is not
     implemented for the cache yet.
     """
-    _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_table, causal, window, softmax_scale,
-              rerope_window, rerope_leak, logn_base, backend)
+    capacity = _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_table, causal, window,
+                         softmax_scale, rerope_window, rerope_leak, logn_base, backend)
     chosen = _resolve(backend, q)
-    n_new = 0
-    if k_new is not None:
-        append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-        n_new = k_new.shape[1]
+    n_new = 0 if k_new is None else k_new.shape[1]
     seqlens = cache_seqlens + n_new  # int32, on the device
     options = dict(causal=causal, window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
                    logn_base=logn_base)
     if chosen == "reference":
+        _check_lengths(cache_seqlens, n_new, capacity)
+        if k_new is not None:
+            append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         out, lse = reference_with_kvcache(q, k_cache, v_cache, rope, seqlens=seqlens, block_table=block_table,
                                           rerope_leak=rerope_leak, **options)
-    else:
-        from .tables import build_tables
-        from .triton_kernels.decode import decode_attention
+        return (out, lse) if return_lse else out
 
-        tables = q_far = k_far = None
-        if rope is not None:
-            lens = seqlens if rope.length_dependent else None  # per-row lengths matter only to these
-            tables = build_tables(rope, q.shape[0], q.device, seq_lens=lens)
-            if rerope_window is not None:
-                far = dict(seq_lens=lens, rerope_window=rerope_window, rerope_leak=rerope_leak)
-                q_far = build_tables(rope, q.shape[0], q.device, far="q", **far)
-                k_far = build_tables(rope, q.shape[0], q.device, far="k", **far)
-        out, lse = decode_attention(q, k_cache, v_cache, seqlens, tables, block_table=block_table,
-                                    q_far_tables=q_far, k_far_tables=k_far, rerope_leak=rerope_leak, **options)
+    from .tables import build_tables
+    from .triton_kernels.decode import decode_attention
+
+    # tables first: their launches queue behind the previous step while the length check below waits for it
+    tables = q_far = k_far = None
+    if rope is not None:
+        lens = seqlens if rope.length_dependent else None  # per-row lengths matter only to these
+        tables = build_tables(rope, q.shape[0], q.device, seq_lens=lens)
+        if rerope_window is not None:
+            far = dict(seq_lens=lens, rerope_window=rerope_window, rerope_leak=rerope_leak)
+            q_far = build_tables(rope, q.shape[0], q.device, far="q", **far)
+            k_far = build_tables(rope, q.shape[0], q.device, far="k", **far)
+    _check_lengths(cache_seqlens, n_new, capacity)
+    if k_new is not None:
+        append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    out, lse = decode_attention(q, k_cache, v_cache, seqlens, tables, block_table=block_table, q_far_tables=q_far,
+                                k_far_tables=k_far, rerope_leak=rerope_leak, **options)
     return (out, lse) if return_lse else out
