@@ -32,8 +32,6 @@ from .rope import rotate
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # ReRoPE tile kinds
 NEAR: tl.constexpr = tl.constexpr(0)
 FAR: tl.constexpr = tl.constexpr(1)
@@ -106,14 +104,26 @@ def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _row_scale(qpos, sm_scale_log2, inv_ln_logn, LOGN: tl.constexpr):
-    """Per query row: softmax_scale * log2(e) * g(P), g(P) = max(1, ln(P + 1) / ln(logn_base))."""
+def _row_scale(qpos, scale, inv_ln_logn, LOGN: tl.constexpr):
+    """Per query row: scale * g(P), g(P) = max(1, ln(P + 1) / ln(logn_base)) (1 without log-n)."""
     if LOGN:
         g = tl.log(tl.maximum(qpos + 1, 1).to(tl.float32)) * inv_ln_logn
-        scale = sm_scale_log2 * tl.maximum(g, 1.0)
+        row = scale * tl.maximum(g, 1.0)
     else:
-        scale = tl.zeros(qpos.shape, dtype=tl.float32) + sm_scale_log2
-    return scale
+        row = tl.zeros(qpos.shape, dtype=tl.float32) + scale
+    return row
+
+
+@triton.jit
+def _exp2_minus_lse(x, lse_hi, lse_lo, DOT_PREC: tl.constexpr):
+    """exp2(x - lse2), lse2 = lse_hi + lse_lo in log2 units (lse_hi = max * scale, lse_lo = log2 of the sum).
+    fp32 inputs (the only ones with ieee dots) subtract the parts one by one: a single fp32 lse2 of magnitude
+    ~10 would cost p up to 5e-7 relative, more than the rest of the fp32 backward; half types add them first."""
+    if DOT_PREC == "ieee":
+        y = tl.math.exp2((x - lse_hi) - lse_lo)
+    else:
+        y = tl.math.exp2(x - (lse_hi + lse_lo))
+    return y
 
 
 @triton.jit
@@ -150,13 +160,15 @@ def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_sca
     if MASK:
         ok = _allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk)
         qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed so far
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_sub = m_new
-    p = tl.math.exp2(qk * row_scale[:, None] - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
+    # m is the running max of the raw products (row_scale > 0), so lse = m * scale + ln(l) rounds like a direct sum
+    m_scaled = m_sub * row_scale
+    p = tl.math.exp2(qk * row_scale[:, None] - m_scaled[:, None])
+    alpha = tl.math.exp2(m_i * row_scale - m_scaled)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v = _load_tile(V + v_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
@@ -271,7 +283,7 @@ def _tile_kind(d_min, d_max, rerope_w):
 
 @triton.jit
 def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m, qpos, kpos,
-                 Nq, stride_qm, stride_dom, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                 Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
                  LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query tile's contribution to dk (near), dk_far and dv of a key tile, all in the transposed form
@@ -291,23 +303,24 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
             s_t = s_far
         else:
             s_t = tl.where(delta_t < rerope_w, s_t, s_far)
-    if MASK:
-        lse = tl.load(Lse + rows, mask=rows < Nq, other=float("inf"))
+    if MASK:  # rows past Nq get p = 0
+        lse_hi = tl.load(Lse + 2 * rows, mask=rows < Nq, other=float("inf"))
+        lse_lo = tl.load(Lse + 2 * rows + 1, mask=rows < Nq, other=0.0)
         dlt = tl.load(Delta + rows, mask=rows < Nq, other=0.0)
     else:
-        lse = tl.load(Lse + rows)
+        lse_hi = tl.load(Lse + 2 * rows)
+        lse_lo = tl.load(Lse + 2 * rows + 1)
         dlt = tl.load(Delta + rows)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # an empty row has p = 0
     row_scale = _row_scale(qpos, sm_scale_log2, inv_ln_logn, LOGN)
-    p_t = tl.math.exp2(s_t * row_scale[None, :] - lse[None, :])
+    p_t = _exp2_minus_lse(s_t * row_scale[None, :], lse_hi[None, :], lse_lo[None, :], DOT_PREC)
     if MASK:
         p_t = tl.where(_allowed(delta_t, CAUSAL, HAS_WINDOW, window), p_t, 0.0)
     do = _load_tile(DO + do_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - dlt[None, :])
-    if LOGN:
-        ds_t = ds_t * row_scale[None, :]
+    if LOGN:  # per query row softmax_scale * g(P); a constant scale is applied once at the end
+        ds_t = ds_t * _row_scale(qpos, sm_scale, inv_ln_logn, LOGN)[None, :]
     if MODE == NEAR:
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
     elif MODE == FAR:
@@ -321,7 +334,7 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
 
 @triton.jit
 def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos, qoff,
-                    Nq, stride_qm, stride_dom, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                    Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
                     LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     DOT_PREC: tl.constexpr):
@@ -329,7 +342,7 @@ def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, h
     for i in range(lo, hi):
         start_m = i * BLOCK_M
         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
-                                      qoff + start_m + offs_m, kpos, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                      qoff + start_m + offs_m, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
                                       inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, MODE,
                                       MASK, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
     return dk, dk_far, dv
@@ -337,7 +350,7 @@ def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, h
 
 @triton.jit
 def _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, i_near, i_far, kpos, qoff,
-                     Nq, stride_qm, stride_dom, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                     Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
                      LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      DOT_PREC: tl.constexpr):
@@ -345,26 +358,26 @@ def _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, 
     if RERORE:
         dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo,
                                          tl.minimum(hi, i_near), kpos, qoff, Nq, stride_qm, stride_dom,
-                                         sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                         sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                                          CAUSAL, HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
         dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta,
                                          tl.maximum(lo, i_near), tl.minimum(hi, i_far), kpos, qoff, Nq, stride_qm,
-                                         stride_dom, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                         stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                                          CAUSAL, HAS_WINDOW, BOTH, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
         dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta,
                                          tl.maximum(lo, i_far), hi, kpos, qoff, Nq, stride_qm, stride_dom,
-                                         sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                         sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                                          CAUSAL, HAS_WINDOW, FAR, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
     else:
         dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos,
-                                         qoff, Nq, stride_qm, stride_dom, sm_scale_log2, inv_ln_logn, window,
+                                         qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window,
                                          rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM,
                                          BLOCK_D, BLOCK_M, DOT_PREC)
     return dk, dk_far, dv
 
 
 @triton.jit
-def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos, row_scale,
+def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos, row_scale,
                 Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -384,7 +397,7 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, 
             s = s_far
         else:
             s = tl.where(delta < rerope_w, s, s_far)
-    p = tl.math.exp2(s * row_scale[:, None] - lse[:, None])
+    p = _exp2_minus_lse(s * row_scale[:, None], lse[:, None], lse_lo[:, None], DOT_PREC)
     if MASK:
         p = tl.where(_allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk), p, 0.0)
     v = _load_tile(V + v_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
@@ -402,36 +415,36 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, 
 
 
 @triton.jit
-def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, lo, hi, qpos, row_scale,
+def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, qpos, row_scale,
                    Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     for t in range(lo, hi):
         start_n = t * BLOCK_N
-        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, start_n + offs_n,
+        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, start_n + offs_n,
                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                  CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
     return dq, dq_far
 
 
 @triton.jit
-def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale,
+def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale,
                     Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     if RERORE:
-        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, lo, tl.minimum(hi, t_far),
+        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, tl.minimum(hi, t_far),
                                     qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                     CAUSAL, HAS_WINDOW, FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, tl.maximum(lo, t_far),
+        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, tl.maximum(lo, t_far),
                                     tl.minimum(hi, t_near), qpos, row_scale, Nk, stride_kn, stride_vn, window,
                                     rerope_w, offs_n, offs_d,
                                     CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, tl.maximum(lo, t_near), hi,
+        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, tl.maximum(lo, t_near), hi,
                                     qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                     CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     else:
-        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, lo, hi, qpos, row_scale,
+        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, qpos, row_scale,
                                     Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                     CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     return dq, dq_far
@@ -461,16 +474,21 @@ else:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Big head dims and ReRoPE (two operand sets in registers) keep to smaller tiles."""
+    """Drop tiles too big for the head dim (ReRoPE holds two operand sets); SCALED_ROPE_AUTOTUNE=0 keeps only
+    the first config that fits (the GPU feature tests use it to avoid compiling every config)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     rerope = kwargs.get("RERORE", named_args.get("RERORE"))
-    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 32)
-    if rerope and block_d > 64:
-        limit = min(limit, 128 * 64)
+    if block_d <= 64:
+        limit = 128 * 128
+    elif block_d <= 128:
+        limit = 128 * 64 if rerope else 128 * 128
+    else:
+        limit = 64 * 64
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    if block_d > 128:
-        kept = [c for c in kept if c.num_stages <= 2] or kept
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if os.environ.get("SCALED_ROPE_AUTOTUNE", "1") == "0":
+        kept = kept[:1]
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -478,11 +496,11 @@ def _prune(configs, named_args, **kwargs):
 # ----------------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, QPos, KPos,
+def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
               stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-              Nq, Nk, H, GROUP, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
+              Nq, Nk, H, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -574,11 +592,16 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, QPos, KPos,
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    lse = m_i * _row_scale(qpos, sm_scale, inv_ln_logn, LOGN) + tl.log(l_safe)
+    lse2_hi = m_i * row_scale
     o_offs = off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om \
         + (offs_m[:, None] * stride_om + offs_d[None, :])
     _store_tile(Out + o_offs, out.to(Out.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(Lse + (off_b * H + off_h) * Nq + rows, lse, mask=rows < Nq)
+    lse_offs = (off_b * H + off_h) * Nq + rows
+    tl.store(Lse + lse_offs, tl.where(nonempty, lse, float("-inf")), mask=rows < Nq)
+    # for the backward, interleaved (max * scale, log2 of the sum) in log2 units; +inf for an empty row (p = 0)
+    tl.store(Lse2 + 2 * lse_offs, tl.where(nonempty, lse2_hi, float("inf")), mask=rows < Nq)
+    tl.store(Lse2 + 2 * lse_offs + 1, tl.log2(l_safe), mask=rows < Nq)
 
 
 @triton.jit
@@ -611,7 +634,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-                   Nq, Nk, H, HKV, GROUP, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
+                   Nq, Nk, H, HKV, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -656,7 +679,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
         Qh = Q + off_b * stride_qb + off_h * stride_qh
         Qh_far = Q_far + off_b * stride_qb + off_h * stride_qh
         DOh = DO + off_b * stride_dob + off_h * stride_doh
-        Lseh = Lse + (off_b * H + off_h) * Nq
+        Lseh = Lse + 2 * (off_b * H + off_h) * Nq
         Deltah = Delta + (off_b * H + off_h) * Nq
         if EXPLICIT:
             for i in range(0, tl.cdiv(Nq, BLOCK_M)):
@@ -676,45 +699,45 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                         if kind == 0:
                             dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
                                                           start_m, qpos, kpos, Nq, stride_qm, stride_dom,
-                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
+                                                          sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
                                                           offs_d, CAUSAL, HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM,
                                                           BLOCK_D, DOT_PREC)
                         elif kind == 1:
                             dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
                                                           start_m, qpos, kpos, Nq, stride_qm, stride_dom,
-                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
+                                                          sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
                                                           offs_d, CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM,
                                                           BLOCK_D, DOT_PREC)
                         else:
                             dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
                                                           start_m, qpos, kpos, Nq, stride_qm, stride_dom,
-                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
+                                                          sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
                                                           offs_d, CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM,
                                                           BLOCK_D, DOT_PREC)
                     else:
                         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
-                                                      start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                                      start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
                                                       inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
                                                       HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
         else:
             qoff = Nk - Nq
             dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, i_lo, a,
-                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
                                               inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
                                               RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
             dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, a, b,
-                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
                                               inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
                                               RERORE, False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
             dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, b, i_hi,
-                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale_log2,
+                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
                                               inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
                                               RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
 
-    if LOGN:  # the per-row scale is already inside ds; only the log2 -> natural factor is left
-        ds_scale = LN2
+    if LOGN:  # the per-row scale is already inside ds
+        ds_scale = 1.0
     else:
-        ds_scale = sm_scale_log2 * LN2
+        ds_scale = sm_scale
     dk_offs = off_b * stride_dkb + off_hk * stride_dkh + start_n.to(tl.int64) * stride_dkn \
         + (offs_n[:, None] * stride_dkn + offs_d[None, :])
     _store_tile(DK + dk_offs, (dk * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
@@ -733,7 +756,7 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm,
                  stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-                 Nq, Nk, H, GROUP, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
+                 Nq, Nk, H, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -762,8 +785,8 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + start_m.to(tl.int64) * stride_dom
                     + (offs_m[:, None] * stride_dom + offs_d[None, :]), rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
     lse_offs = (off_b * H + off_h) * Nq + rows
-    lse = tl.load(Lse + lse_offs, mask=rows < Nq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse = tl.load(Lse + 2 * lse_offs, mask=rows < Nq, other=float("inf"))
+    lse_lo = tl.load(Lse + 2 * lse_offs + 1, mask=rows < Nq, other=0.0)
     dlt = tl.load(Delta + lse_offs, mask=rows < Nq, other=0.0)
     K += off_b * stride_kb + off_hk * stride_kh
     K_far += off_b * stride_kb + off_hk * stride_kh
@@ -795,19 +818,19 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
                 if RERORE:
                     kind = _tile_kind(d_min, d_max, rerope_w)
                     if kind == 0:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos,
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                                  CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                     elif kind == 1:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos,
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                                  CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                     else:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos,
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                                  CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                 else:
-                    dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, start_n, qpos, kpos,
+                    dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
                                              row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                              CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
     else:
@@ -815,17 +838,17 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
         t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW,
                                                            RERORE, BLOCK_N)
         if HAS_WINDOW:
-            dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, t_lo, a, t_far, t_near,
+            dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, t_lo, a, t_far, t_near,
                                          qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                          CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, a, b, t_far, t_near,
+        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, a, b, t_far, t_near,
                                      qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                      CAUSAL, HAS_WINDOW, RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, dlt, K, K_far, V, b, t_hi, t_far, t_near,
+        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, b, t_hi, t_far, t_near,
                                      qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                      CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
-    ds_scale = row_scale * LN2  # softmax_scale * g(P) per row
+    ds_scale = _row_scale(qpos, sm_scale, inv_ln_logn, LOGN)  # softmax_scale * g(P) per row
     dq_offs = off_b * stride_dqb + off_h * stride_dqh + start_m.to(tl.int64) * stride_dqm \
         + (offs_m[:, None] * stride_dqm + offs_d[None, :])
     _store_tile(DQ + dq_offs, (dq * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
@@ -853,6 +876,7 @@ class _Plan:
     q_sign: float  # 1, -1 or 0: the sign of softmax_scale, folded into the rotated q (the kernels take |scale|)
     logn: bool
     inv_ln_logn: float
+    sm_scale: float  # |softmax_scale| (1 when it is 0: q is zeroed instead)
     sm_scale_log2: float
 
     def constexprs(self, head_dim: int, n_bucket: int, dtype: torch.dtype) -> dict:
@@ -907,10 +931,11 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
     nk, kv_heads = k.shape[1], k.shape[2]
     out = _alloc.empty((batch, nq, heads, dim), q.dtype, q.device)
     lse = _alloc.empty((batch, heads, nq), torch.float32, q.device)
+    lse2 = _alloc.empty((batch, heads, nq, 2), torch.float32, q.device)
     if nq == 0 or batch == 0:
-        return out, lse
+        return out, lse, lse2
     if nk == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
+        return out.zero_(), lse.fill_(float("-inf")), lse2
     q_r, k_r, q_f, k_f = _rotate_inputs(q, k, q_pos, k_pos, plan)
     qp, stride_qpb, stride_qpn = _pos_args(q_pos, plan.explicit, q_r)
     kp, stride_kpb, stride_kpn = _pos_args(k_pos, plan.explicit, q_r)
@@ -920,16 +945,17 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
         return triton.cdiv(nq, meta["BLOCK_M"]), batch * heads
 
     _attn_fwd[grid](
-        q_r, k_r, v, q_f, k_f, out, lse, qp, kp,
+        q_r, k_r, v, q_f, k_f, out, lse, lse2, qp, kp,
         q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
         v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-        nq, nk, heads, heads // kv_heads, plan.sm_scale_log2, plan.inv_ln_logn, plan.window, plan.rerope_w,
-        **plan.constexprs(dim, n_bucket, q.dtype))
-    return out, lse
+        nq, nk, heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
+        plan.rerope_w, **plan.constexprs(dim, n_bucket, q.dtype))
+    return out, lse, lse2
 
 
-def _backward(do, dlse, q, k, v, out, lse, q_pos, k_pos, plan: _Plan):
+def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
+    """lse2: the forward's log2-domain lse in two parts (B, H, Nq, 2), +inf on empty rows."""
     batch, nq, heads, dim = q.shape
     nk, kv_heads = k.shape[1], k.shape[2]
     if nq == 0 or nk == 0 or batch == 0:
@@ -957,12 +983,12 @@ def _backward(do, dlse, q, k, v, out, lse, q_pos, k_pos, plan: _Plan):
         return triton.cdiv(nk, meta["BLOCK_N"]), batch * kv_heads
 
     _attn_bwd_dkdv[grid_kv](
-        q_r, k_r, v, q_f, k_f, do, lse, delta, dk_r, dk_f, dv, qp, kp,
+        q_r, k_r, v, q_f, k_f, do, lse2, delta, dk_r, dk_f, dv, qp, kp,
         q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
         v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
         dk_r.stride(0), dk_r.stride(2), dk_r.stride(1), dv.stride(0), dv.stride(2), dv.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-        nq, nk, heads, kv_heads, heads // kv_heads, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
+        nq, nk, heads, kv_heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
         plan.rerope_w, **consts)
 
     dq_r = _scratch_like(q)
@@ -972,13 +998,13 @@ def _backward(do, dlse, q, k, v, out, lse, q_pos, k_pos, plan: _Plan):
         return triton.cdiv(nq, meta["BLOCK_M"]), batch * heads
 
     _attn_bwd_dq[grid_q](
-        q_r, k_r, v, q_f, k_f, do, lse, delta, dq_r, dq_f, qp, kp,
+        q_r, k_r, v, q_f, k_f, do, lse2, delta, dq_r, dq_f, qp, kp,
         q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
         v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
         dq_r.stride(0), dq_r.stride(2), dq_r.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-        nq, nk, heads, heads // kv_heads, plan.sm_scale_log2, plan.inv_ln_logn, plan.window, plan.rerope_w,
-        **consts)
+        nq, nk, heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
+        plan.rerope_w, **consts)
     del q_r, k_r, q_f, k_f
     if plan.q_sign != 1.0:  # gradients w.r.t. the signed rotated q
         dq_r.mul_(plan.q_sign)
@@ -1006,20 +1032,20 @@ def _unrotate(g_near, g_far, x, positions, tables, far_tables, rerope: bool):
 class _ScaledRopeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, plan):
-        out, lse = _forward(q, k, v, q_pos, k_pos, plan)
-        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
+        out, lse, lse2 = _forward(q, k, v, q_pos, k_pos, plan)
+        ctx.save_for_backward(q, k, v, out, lse2, q_pos, k_pos)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
+        q, k, v, out, lse2, q_pos, k_pos = ctx.saved_tensors
         if dout is None and dlse is None:
             return None, None, None, None, None, None
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse, q_pos, k_pos, ctx.plan)
+        dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse2, q_pos, k_pos, ctx.plan)
         return dq, dk, dv, None, None, None
 
 
@@ -1091,5 +1117,6 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
                  explicit=explicit, q_sign=math.copysign(1.0, softmax_scale) if softmax_scale else 0.0,
                  logn=logn_base is not None,
                  inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
+                 sm_scale=abs(float(softmax_scale)) or 1.0,
                  sm_scale_log2=(abs(float(softmax_scale)) or 1.0) * 1.4426950408889634)
     return _ScaledRopeAttention.apply(q, k, v, q_pos, k_pos, plan)

@@ -1,0 +1,307 @@
+"""Triton attention (forward + backward) against the reference with the DESIGN.md section 5 rule.
+
+Interpreter tier: fp32/fp16 at small shapes (fp32 where each output sums enough terms for the 2x-baseline rule to
+measure the kernel rather than the luck of one rounding; masking and lengths in fp16); without a GPU it runs on the CPU under TRITON_INTERPRET=1 (the
+interpreter uses one rectangular tile config, 16x32 / 32x16, so short sequences already span many tiles), with a
+GPU the same tests run on it. GPU tier (marked `gpu`): bf16/fp16, long sequences, every feature, every autotune
+config.
+"""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import assert_close_to_gold, compare_attention, random_inputs  # noqa: E402
+from scaled_rope import RopeScaling, reference, scaled_rope_attention  # noqa: E402
+from scaled_rope.triton_kernels import attention as tattn  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHORT = [1.0 + 0.05 * i for i in range(64)]
+LONG = [1.5 + 0.3 * i for i in range(64)]
+
+
+def schedules(head_dim, rotary_dim=None, layout="half"):
+    pairs = (rotary_dim or head_dim) // 2
+    common = dict(rotary_dim=rotary_dim, layout=layout)
+    return {
+        "default": RopeScaling.default(head_dim, **common),
+        "linear": RopeScaling.linear(head_dim, 4.0, **common),
+        "ntk": RopeScaling.ntk(head_dim, 8.0, **common),
+        "dynamic_ntk": RopeScaling.dynamic_ntk(head_dim, 2.0, 16, **common),
+        "yarn": RopeScaling.yarn(head_dim, 16.0, 24, **common),
+        "llama3": RopeScaling.llama3(head_dim, 8.0, 16, 1.0, 4.0, base=500000.0, **common),
+        "longrope": RopeScaling.longrope(head_dim, 16, 256, SHORT[:pairs], LONG[:pairs], n_hat=4, **common),
+        "factors": RopeScaling.from_factors(head_dim, LONG[:pairs], attention_factor=1.1, n_hat=3, **common),
+        "power_basis": RopeScaling.power_basis(head_dim, 0.5, **common),
+        "truncated_basis": RopeScaling.truncated_basis(head_dim, 200.0, **common),
+    }
+
+
+def check(batch, nq, nk, hq, hkv, dim, dtype, rope, seed=0, device=DEVICE, **kwargs):
+    q, k, v = random_inputs(batch, nq, nk, hq, hkv, dim, dtype, device=device, seed=seed)
+    compare_attention(q, k, v, rope, backend="triton", seed=seed, **kwargs)
+
+
+def tile_kinds(nq, nk, w, block_m, block_n, causal=True, window=None):
+    """ReRoPE kinds (near / far / both) of the live (query tile, key tile) pairs at default positions."""
+    kinds = set()
+    for m0 in range(0, nq, block_m):
+        p = torch.arange(m0, min(m0 + block_m, nq)) + nk - nq
+        for n0 in range(0, nk, block_n):
+            delta = p[:, None] - torch.arange(n0, min(n0 + block_n, nk))[None, :]
+            live = torch.ones_like(delta, dtype=torch.bool)
+            if causal:
+                live &= delta >= 0
+            if window is not None:
+                live &= delta < window
+            if live.any():
+                kinds.add("near" if delta.max() < w else "far" if delta.min() >= w else "both")
+    return kinds
+
+
+# ---- interpreter tier (CPU without a GPU; the same tests on a GPU when there is one) ----------------------------
+@pytest.mark.parametrize("name", list(schedules(32)))
+def test_every_scaling_type(name):
+    check(1, 40, 40, 2, 1, 32, torch.float32, schedules(32)[name], seed=1)
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("rotary_dim", [48, 32])
+def test_layouts_partial_rotary_odd_head_dim(layout, rotary_dim):
+    rope = schedules(48, rotary_dim=rotary_dim, layout=layout)["factors"]
+    check(1, 33, 33, 2, 2, 48, torch.float32, rope, seed=2)
+
+
+@pytest.mark.parametrize("nq,nk,causal", [(1, 97, True), (17, 17, False), (17, 97, True), (97, 97, True),
+                                          (97, 97, False), (40, 17, True), (257, 257, True)])
+def test_awkward_lengths(nq, nk, causal):
+    check(1, nq, nk, 2, 1, 16, torch.float16, RopeScaling.yarn(16, 4.0, 32), seed=nq + nk, causal=causal)
+
+
+@pytest.mark.parametrize("nq,nk,window", [(1, 1, None), (30, 30, 1)])
+def test_single_key_rows(nq, nk, window):
+    """Every row sees one key: p = 1, so the exact dq and dk are 0 and the reference returns exact zeros, which
+    the relative rule cannot compare against; FlashAttention's Delta = rowsum(dO * O) cancels dp to rounding
+    instead. Forward and dv by the rule, dq and dk against a roundoff bound."""
+    rope = RopeScaling.yarn(16, 4.0, 32)
+    check(1, nq, nk, 1, 1, 16, torch.float32, rope, seed=19, window=window, grads=False)
+    q, k, v = (x.requires_grad_(True) for x in random_inputs(1, nq, nk, 1, 1, 16, torch.float32, device=DEVICE))
+    out = scaled_rope_attention(q, k, v, rope, window=window, backend="triton")
+    out.backward(torch.ones_like(out))
+    assert torch.allclose(v.grad, torch.ones_like(v.grad))
+    for grad in (q.grad, k.grad):
+        assert grad.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (4, 1)])
+def test_gqa_fp16(hq, hkv):
+    check(2, 45, 45, hq, hkv, 32, torch.float16, schedules(32)["llama3"], seed=3)
+
+
+@pytest.mark.parametrize("dim", [64, 80, 128])
+def test_head_dims(dim):
+    check(1, 35, 35, 1, 1, dim, torch.float32, RopeScaling.linear(dim, 2.0), seed=dim)
+
+
+@pytest.mark.parametrize("causal,window", [(True, 2), (True, 20), (False, 20), (True, 100)])
+def test_sliding_window(causal, window):
+    check(1, 70, 70, 2, 1, 32, torch.float32, schedules(32)["ntk"], seed=4, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("leak", [None, 4.0])
+@pytest.mark.parametrize("w,window", [(20, None), (45, 70), (5, None)])
+def test_rerope_near_far_straddling(leak, w, window):
+    cfg = tattn._FWD_CONFIGS[0].kwargs
+    if tattn._INTERPRET:  # these windows make every tile kind occur with the interpreter's tiles
+        assert tile_kinds(97, 97, w, cfg["BLOCK_M"], cfg["BLOCK_N"], window=window) == {"near", "far", "both"}
+    check(1, 97, 97, 2, 1, 32, torch.float32, RopeScaling.default(32), seed=5, rerope_window=w, rerope_leak=leak,
+          window=window)
+
+
+def test_rerope_fp16_gqa_noncausal_logn():
+    check(1, 64, 80, 4, 2, 32, torch.float16, schedules(32)["yarn"], seed=6, causal=False, rerope_window=24,
+          rerope_leak=8.0, logn_base=16.0)
+
+
+def test_rerope_window_beyond_every_delta_is_plain():
+    check(1, 40, 40, 1, 1, 32, torch.float32, RopeScaling.default(32), seed=7, rerope_window=64)
+
+
+def test_logn_scaling():
+    check(1, 90, 90, 2, 2, 32, torch.float32, schedules(32)["yarn"], seed=8, logn_base=8.0)
+
+
+def test_longrope_rows_switch_sets_in_one_batch():
+    """Row 0 is short (length 30 <= 64: short factors), row 1 long (length 140 > 64: long factors)."""
+    rope = RopeScaling.longrope(32, 64, 1024, SHORT[:16], LONG[:16], n_hat=4)
+    nk = 30
+    k_positions = torch.stack([torch.arange(nk), torch.arange(nk) + 110]).to(DEVICE)
+    q_positions = k_positions[:, -12:]
+    check(2, 12, nk, 2, 1, 32, torch.float32, rope, seed=9, q_positions=q_positions, k_positions=k_positions)
+
+
+@pytest.mark.parametrize("rerope", [False, True])
+def test_explicit_unsorted_positions(rerope):
+    gen = torch.Generator().manual_seed(10)
+    nq, nk = 37, 75
+    k_positions = torch.stack([torch.randperm(nk, generator=gen) * 2 for _ in range(2)]).to(DEVICE)
+    q_positions = torch.randint(0, 2 * nk, (2, nq), generator=gen).to(DEVICE, torch.int32)
+    kwargs = dict(rerope_window=30, rerope_leak=None if rerope else None, window=90) if rerope else {}
+    check(2, nq, nk, 2, 1, 32, torch.float32, schedules(32)["longrope"] if not rerope else RopeScaling.default(32),
+          seed=11, q_positions=q_positions, k_positions=k_positions, **kwargs)
+
+
+def test_explicit_positions_fp16_window_noncausal():
+    gen = torch.Generator().manual_seed(12)
+    k_positions = torch.randint(0, 200, (1, 64), generator=gen).to(DEVICE)
+    q_positions = torch.randint(0, 200, (1, 30), generator=gen).to(DEVICE)
+    check(1, 30, 64, 2, 2, 32, torch.float16, schedules(32)["factors"], seed=12, causal=False, window=40,
+          q_positions=q_positions, k_positions=k_positions)
+
+
+def test_empty_rows_give_zero_and_minus_inf():
+    """Nq > Nk under causal: the first queries sit at negative positions and see nothing; a window of 1 with
+    explicit positions empties rows too."""
+    check(1, 50, 20, 2, 1, 32, torch.float32, RopeScaling.default(32), seed=13)
+    q, k, v = random_inputs(1, 50, 20, 2, 1, 32, torch.float32, device=DEVICE, seed=13)
+    q.requires_grad_(True)
+    out, lse = scaled_rope_attention(q, k, v, RopeScaling.default(32), return_lse=True, backend="triton")
+    out.sum().backward()
+    assert torch.equal(out[:, :30], torch.zeros_like(out[:, :30]))
+    assert torch.isneginf(lse[..., :30]).all() and torch.isfinite(lse[..., 30:]).all()
+    assert torch.equal(q.grad[:, :30], torch.zeros_like(q.grad[:, :30]))
+    positions = torch.arange(20, device=DEVICE)[None] * 3
+    check(1, 20, 20, 1, 1, 32, torch.float32, RopeScaling.default(32), seed=14, window=1,
+          q_positions=positions + 1, k_positions=positions)
+
+
+def test_lse_gradient_and_strided_inputs():
+    """q, k, v as views of one packed (B, N, 3, H, D) tensor; a loss through both out and lse."""
+    dtype, rope = torch.float32, schedules(32)["yarn"]
+    gen = torch.Generator().manual_seed(15)
+    qkv = torch.randn(2, 41, 3, 2, 32, generator=gen).to(DEVICE, dtype)
+    w_out = torch.randn(2, 41, 2, 32, generator=gen).to(DEVICE)
+    w_lse = torch.randn(2, 2, 41, generator=gen).to(DEVICE)
+
+    def run(fn, cast):
+        x = qkv.to(cast).detach().requires_grad_(True)
+        out, lse = fn(x[:, :, 0], x[:, :, 1], x[:, :, 2])
+        ((out * w_out.to(out.dtype)).sum() + (lse * w_lse).sum()).backward()
+        return out.detach(), lse.detach(), x.grad
+
+    ref = lambda cast: lambda q, k, v: reference.attention(q, k, v, rope, compute_dtype=cast)  # noqa: E731
+    gold = run(ref(torch.float64), torch.float64)
+    base = run(ref(dtype), dtype)
+    got = run(lambda q, k, v: scaled_rope_attention(q, k, v, rope, return_lse=True, backend="triton"), dtype)
+    for name, a, g, b in zip(["out", "lse", "dqkv"], got, gold, base):
+        assert_close_to_gold(name, a, g, b, dtype)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.7])
+def test_softmax_scale_any_sign(scale):
+    check(1, 33, 33, 2, 1, 32, torch.float32, RopeScaling.default(32), seed=16, softmax_scale=scale)
+
+
+def test_no_rotation():
+    check(1, 33, 50, 2, 1, 32, torch.float32, None, seed=17, window=25)
+
+
+def test_nothing_rotated_is_saved_for_backward():
+    q, k, v = random_inputs(1, 20, 20, 2, 1, 32, torch.float32, device=DEVICE, seed=18)
+    q.requires_grad_(True)
+    out = scaled_rope_attention(q, k, v, RopeScaling.default(32), rerope_window=5, backend="triton")
+    saved = out.grad_fn.saved_tensors
+    assert saved[0] is q and saved[1] is k and saved[2] is v
+    assert [tuple(t.shape) for t in saved[3:5]] == [tuple(q.shape), (1, 2, 20, 2)]
+
+
+def test_bad_arguments_are_named():
+    q, k, v = random_inputs(1, 4, 4, 1, 1, 16, torch.float32, device=DEVICE)
+    common = dict(q_tables=None, k_tables=None, causal=True, window=None, softmax_scale=1.0, rerope_window=None,
+                  logn_base=None)
+    with pytest.raises(ValueError, match="head_dim"):
+        big = torch.zeros(1, 4, 1, 264, device=DEVICE)
+        tattn.triton_attention(big, big, big, **common)
+    with pytest.raises(ValueError, match="q heads"):
+        tattn.triton_attention(q.expand(1, 4, 3, 16), k.expand(1, 4, 2, 16), v.expand(1, 4, 2, 16), **common)
+    with pytest.raises(ValueError, match="q_positions"):
+        tattn.triton_attention(q, k, v, q_positions=torch.zeros(1, 5, dtype=torch.int64, device=DEVICE), **common)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        tattn.triton_attention(q.double(), k.double(), v.double(), **common)
+
+
+# ---- GPU tier -------------------------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def one_config(monkeypatch):
+    """Feature tests use the first config that fits (compiling every autotune config per feature is slow);
+    test_gpu_every_config covers the others."""
+    monkeypatch.setenv("SCALED_ROPE_AUTOTUNE", "0")
+
+
+LONGROPE_128 = RopeScaling.longrope(128, 4096, 131072, SHORT, LONG, n_hat=4)
+
+GPU_FEATURES = {
+    "causal": dict(),
+    "noncausal": dict(causal=False),
+    "window": dict(window=300),
+    "rerope": dict(rerope_window=512, rope=RopeScaling.default(128)),
+    "leaky": dict(rerope_window=200, rerope_leak=16.0, rope=RopeScaling.default(128), window=1500),
+    "logn": dict(logn_base=512.0),
+}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("feature", list(GPU_FEATURES))
+def test_gpu_features(one_config, dtype, feature):
+    kwargs = dict(GPU_FEATURES[feature])
+    rope = kwargs.pop("rope", LONGROPE_128)
+    check(2, 1500, 2100, 8, 2, 128, dtype, rope, seed=20, device="cuda", **kwargs)
+
+
+@gpu
+@pytest.mark.parametrize("dim", [64, 96, 256])
+def test_gpu_head_dims(one_config, dim):
+    rope = RopeScaling.yarn(dim, 8.0, 1024, rotary_dim=dim // 2 * 2 - (32 if dim == 96 else 0), layout="interleaved")
+    check(1, 1000, 1000, 4, 4, dim, torch.bfloat16, rope, seed=21, device="cuda")
+
+
+@gpu
+def test_gpu_longrope_row_switch_explicit_positions(one_config):
+    nk = 3000
+    k_positions = torch.stack([torch.arange(nk), torch.arange(nk) + 3000]).cuda()
+    q_positions = k_positions[:, -1000:]
+    check(2, 1000, nk, 4, 1, 128, torch.bfloat16, LONGROPE_128, seed=22, device="cuda", q_positions=q_positions,
+          k_positions=k_positions, rerope_window=700)
+
+
+@gpu
+@pytest.mark.parametrize("rerope", [None, 512])
+def test_gpu_16k(one_config, rerope):
+    rope = RopeScaling.default(128) if rerope else LONGROPE_128
+    check(1, 16384, 16384, 1, 1, 128, torch.bfloat16, rope, seed=23, device="cuda", rerope_window=rerope)
+
+
+@gpu
+@pytest.mark.parametrize("feature", ["causal", "rerope"])
+def test_gpu_every_config(feature):
+    """Each autotune config alone (a one-config autotuner does not benchmark), at lengths that are not tile
+    multiples."""
+    kernels = (tattn._attn_fwd, tattn._attn_bwd_dkdv, tattn._attn_bwd_dq)
+    saved = [kernel.configs for kernel in kernels]
+    kwargs = dict(GPU_FEATURES[feature])
+    rope = kwargs.pop("rope", LONGROPE_128)
+    fitting = [tattn._prune(configs, {}, BLOCK_D=128, RERORE="rerope_window" in kwargs) for configs in saved]
+    try:
+        for i in range(max(len(c) for c in fitting)):
+            for kernel, configs in zip(kernels, fitting):
+                kernel.configs = [configs[i % len(configs)]]
+            check(1, 1100, 1300, 4, 2, 128, torch.bfloat16, rope, seed=24 + i, device="cuda", **kwargs)
+    finally:
+        for kernel, configs in zip(kernels, saved):
+            kernel.configs = configs
