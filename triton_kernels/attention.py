@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import triton
@@ -465,27 +466,44 @@ if _INTERPRET:  # one config, deliberately rectangular so that tile-range arithm
     _FWD_CONFIGS = _configs([(16, 32, 4, 1)])
     _DKDV_CONFIGS = _configs([(32, 16, 4, 1)])
     _DQ_CONFIGS = _configs([(16, 32, 4, 1)])
-else:
-    _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
-                             (64, 64, 4, 3), (64, 32, 4, 3)])
-    _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2),
-                              (32, 64, 4, 3)])
-    _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
+else:  # the first config that fits is the one SCALED_ROPE_AUTOTUNE=0 uses: keep the safest first
+    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3),
+                             (64, 32, 4, 2)])
+    _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)])
+    _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)])
+
+_MAX_FP32_PER_THREAD = 192  # accumulators + score tiles held in registers
+_MAX_SHARED_BYTES = 200 * 1024  # H100 has 227 KB per block; leave room for layout conversions
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles too big for the head dim (ReRoPE holds two operand sets); SCALED_ROPE_AUTOTUNE=0 keeps only
-    the first config that fits (the GPU feature tests use it to avoid compiling every config)."""
+def _fits(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int, rerope: bool,
+          elem: int) -> bool:
+    """Rough register and shared-memory estimate of one program (ReRoPE holds two operand sets; the pipeliner keeps
+    num_stages - 1 tiles in flight)."""
+    sets = 2 if rerope else 1
+    staged = max(num_stages - 1, 1)
+    if kind == "fwd":  # acc (m x d), scores (m x n) per set; q tiles resident, k (per set) and v staged
+        regs = block_m * block_d + sets * block_m * block_n
+        smem = sets * block_m * block_d + staged * (sets + 1) * block_n * block_d
+    elif kind == "dkdv":  # dk per set and dv (n x d), transposed scores; k, v resident, q (per set) and do staged
+        regs = (sets + 1) * block_n * block_d + sets * block_m * block_n
+        smem = (sets + 1) * block_n * block_d + staged * (sets + 1) * block_m * block_d
+    else:  # dq per set (m x d), scores; q, do resident, k (per set) and v staged
+        regs = sets * block_m * block_d + sets * block_m * block_n
+        smem = (sets + 1) * block_m * block_d + staged * (sets + 1) * block_n * block_d
+    return regs <= _MAX_FP32_PER_THREAD * 32 * num_warps and smem * elem <= _MAX_SHARED_BYTES
+
+
+def _prune(configs, named_args, kind="fwd", **kwargs):
+    """Configs that fit the head dim and dtype; SCALED_ROPE_AUTOTUNE=0 keeps only the first (the GPU feature
+    tests use it so that each feature compiles one config)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    rerope = kwargs.get("RERORE", named_args.get("RERORE"))
-    if block_d <= 64:
-        limit = 128 * 128
-    elif block_d <= 128:
-        limit = 128 * 64 if rerope else 128 * 128
-    else:
-        limit = 64 * 64
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    rerope = bool(kwargs.get("RERORE", named_args.get("RERORE")))
+    elem = named_args["Q"].element_size() if "Q" in named_args else 2
+    kept = [c for c in configs if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                                        block_d, rerope, elem)]
+    if not kept:  # nothing fits the estimate: the smallest tiles
+        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     if os.environ.get("SCALED_ROPE_AUTOTUNE", "1") == "0":
         kept = kept[:1]
     return kept
@@ -494,7 +512,7 @@ def _prune(configs, named_args, **kwargs):
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="fwd")})
 @triton.jit
 def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -627,7 +645,8 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta, stride_ob, stride_oh, stride_om, 
     tl.store(Delta + lse_offs, delta, mask=rows < Nq)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY,
+                 prune_configs_by={"early_config_prune": partial(_prune, kind="dkdv")})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, KPos,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -749,7 +768,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
     _store_tile(DV + dv_offs, dv.to(DV.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="dq")})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
