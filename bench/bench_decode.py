@@ -10,7 +10,8 @@ decode-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path
 
     python bench/bench_decode.py [--out DIR|PATH] [--quick] [--sweep]
 
---sweep also times the kernel over BLOCK_N x num_warps x num_stages x num_splits on the first two shapes (tuning).
+--sweep also times the kernel over BLOCK_N x num_warps x num_stages x maxnreg x num_splits on the first two
+shapes (tuning; about 2 minutes more).
 """
 from __future__ import annotations
 
@@ -148,17 +149,22 @@ def main() -> int:
         if args.sweep and (batch, ctx, hq, hkv, dim) in SHAPES[:2]:
             for block_n in (32, 64):
                 for warps in (4, 8):
-                    for stages in (2, 3, 4):
-                        for n_splits in (splits, 2 * splits):
-                            cfg = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
-                            try:
-                                ms = do_bench(lambda: decode_attention(q, k_cache, v_cache, seqlens, tables,
-                                                                       num_splits=n_splits, config=cfg),
-                                              warmup=5, rep=25, return_mode="median")
-                                entry = {"ms": ms, "tbps": kv_bytes / ms / 1e9}
-                            except Exception as exc:
-                                entry = {"ms": None, "tbps": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
-                            sweep.append({"shape": shape, "num_splits": n_splits, **cfg, **entry})
+                    for stages in (2, 3):
+                        for maxnreg in (None, 128):
+                            for n_splits in (splits, 2 * splits):
+                                cfg = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+                                if maxnreg:
+                                    cfg["maxnreg"] = maxnreg
+                                try:
+                                    ms = do_bench(lambda: decode_attention(q, k_cache, v_cache, seqlens, tables,
+                                                                           num_splits=n_splits, config=cfg),
+                                                  warmup=5, rep=25, return_mode="median")
+                                    entry = {"ms": ms, "tbps": kv_bytes / ms / 1e9}
+                                except Exception as exc:
+                                    entry = {"ms": None, "tbps": None,
+                                             "error": f"{type(exc).__name__}: {exc}"[:200]}
+                                sweep.append({"shape": shape, "num_splits": n_splits, "maxnreg": maxnreg, **cfg,
+                                              **entry})
         del k_cache, v_cache, k_rot
         torch.cuda.empty_cache()
 
@@ -176,12 +182,12 @@ def main() -> int:
         ratio = f"{ours['ms'] / row['ms']:.2f}x" if ours["ms"] else "n/a"
         print(f"| {row['shape']} | {row['method']} | {row['ms'] * 1e3:.0f} | {row['tbps']:.2f} | {ratio} |")
     if sweep:
-        print("\n| shape | BLOCK_N | warps | stages | splits | KV TB/s |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("\n| shape | BLOCK_N | warps | stages | maxnreg | splits | KV TB/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for row in sorted(sweep, key=lambda r: (r["shape"], -(r["tbps"] or 0))):
             tbps = f"{row['tbps']:.2f}" if row["tbps"] else row.get("error", "n/a")
             print(f"| {row['shape']} | {row['BLOCK_N']} | {row['num_warps']} | {row['num_stages']} | "
-                  f"{row['num_splits']} | {tbps} |")
+                  f"{row['maxnreg']} | {row['num_splits']} | {tbps} |")
     date = datetime.date.today().isoformat()
     name = f"decode-{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
     path = args.out or Path(__file__).resolve().parent / "results"

@@ -89,6 +89,88 @@ def _score(a1, a2, ap, b1, b2, bp, HAS_ROT: tl.constexpr, HAS_PASS: tl.constexpr
     return acc
 
 
+NEAR: tl.constexpr = tl.constexpr(0)   # every pair near (or no ReRoPE): q shifted per tile, keys by the j-table
+FAR: tl.constexpr = tl.constexpr(1)    # every pair far (ReRoPE)
+BOTH: tl.constexpr = tl.constexpr(2)   # tile straddles the ReRoPE window
+EXACT: tl.constexpr = tl.constexpr(3)  # tile reaches below n_hat: keys rotated exactly per element
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, lo, hi,
+                  k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
+                  stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
+                  factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+                  d_mask, MODE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                  PASS: tl.constexpr, PASS_PAD: tl.constexpr, HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  LEAKY: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key tiles lo..hi-1 of one kind (MODE)."""
+    for tile in range(lo, hi):
+        p0 = tile * BLOCK_N
+        offs_n = p0 + offs_j
+        key_valid = offs_n < seqlen
+        if PAGED:  # BLOCK_N divides PAGE_SIZE, so the tile lies in one page
+            page = tl.load(BLOCK_TABLE + b64 * stride_btb + (p0 // PAGE_SIZE).to(tl.int64) * stride_btp,
+                           mask=p0 < seqlen, other=0).to(tl.int64)
+            slot = (p0 % PAGE_SIZE + offs_j).to(tl.int64)
+            k_rows = k_head + page * stride_kb + slot * stride_kn
+            v_rows = v_head + page * stride_vb + slot * stride_vn
+        else:
+            k_rows = k_head + b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
+            v_rows = v_head + b64 * stride_vb + offs_n.to(tl.int64) * stride_vn
+        if PASS > 0:
+            kp = _load_pass(k_rows, key_valid, stride_kd, 2 * HALF, PASS, PASS_PAD)
+        else:
+            kp = tl.zeros([BLOCK_N, 16], dtype=DTYPE)  # unused
+        v = tl.load(v_rows[:, None] + dcol[None, :] * stride_vd, mask=key_valid[:, None] & d_mask[None, :],
+                    other=0.0)
+        delta = q_pos[:, None] - offs_n[None, :]
+        if HAS_ROT:
+            k1, k2 = _load_pairs(k_rows, key_valid, stride_kd, BLOCK_N, HALF, HALF_PAD, INTERLEAVED)
+            if MODE == EXACT:
+                kpos = offs_n.to(tl.int64)[:, None]
+                early = kpos < n_hat
+                kc, ks = rope_cos_sin(kpos, tl.where(early, turns_un[None, :], turns[None, :]),
+                                      tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
+                ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), tl.where(early, kc, kc * factor),
+                                         tl.where(early, ks, ks * factor))
+                qk = _score(qr1.to(DTYPE), qr2.to(DTYPE), qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0,
+                            DOT_PRECISION)
+            if MODE == NEAR or MODE == BOTH:
+                a1, a2 = _shift_q(qr1, qr2, p0, turns, HALF_PAD, DTYPE)
+                ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_j, sin_j)
+                qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+            if MODE == FAR or MODE == BOTH:
+                if LEAKY:
+                    a1, a2 = _shift_q(qf1, qf2, p0, turns_kf, HALF_PAD, DTYPE)
+                    ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_jf, sin_jf)
+                    s_far = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+                else:
+                    s_far = _score(qf1_d, qf2_d, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+                if MODE == BOTH:
+                    qk = tl.where(delta < rerope_window, qk, s_far)
+                else:
+                    qk = s_far
+        else:
+            qk = _score(qp, qp, qp, kp, kp, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+
+        allowed = key_valid[None, :]
+        if CAUSAL:
+            allowed = allowed & (delta >= 0)
+        if HAS_WINDOW:
+            allowed = allowed & (delta < window)
+        qk = tl.where(allowed, qk * row_scale[:, None], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep exp2 finite
+        p = tl.exp2(qk - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,13 +186,13 @@ def _decode_kernel(
     stride_tb, stride_tqb, stride_oqb, stride_tkb,
     stride_ob, stride_om, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_lm, stride_ls, stride_lx,
-    n_q, n_m_blocks, sm_scale_log2, inv_ln_logn_base, window, rerope_window, n_hat,
+    n_q, n_m_blocks, num_splits, sm_scale_log2, inv_ln_logn_base, window, rerope_window, n_hat,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
     HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, LEAKY: tl.constexpr,
-    HAS_NHAT: tl.constexpr, HAS_LOGN: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_NHAT: tl.constexpr, HAS_LOGN: tl.constexpr, SPLIT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -139,7 +221,7 @@ def _decode_kernel(
         k_hi = tl.minimum(seqlen, p_max + 1)
     tile_first = k_lo // BLOCK_N
     n_tiles = tl.maximum(tl.cdiv(k_hi, BLOCK_N) - tile_first, 0)
-    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(n_tiles, num_splits)
     tile_lo = tile_first + pid_s * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, tile_first + n_tiles)
 
@@ -211,78 +293,55 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     k_head = K + pid_h.to(tl.int64) * stride_kh
     v_head = V + pid_h.to(tl.int64) * stride_vh
-
-    for tile in range(tile_lo, tile_hi):
-        p0 = tile * BLOCK_N
-        offs_n = p0 + offs_j
-        key_valid = offs_n < seqlen
-        if PAGED:  # BLOCK_N divides PAGE_SIZE, so the tile lies in one page
-            page = tl.load(BLOCK_TABLE + b64 * stride_btb + (p0 // PAGE_SIZE).to(tl.int64) * stride_btp,
-                           mask=p0 < seqlen, other=0).to(tl.int64)
-            slot = (p0 % PAGE_SIZE + offs_j).to(tl.int64)
-            k_rows = k_head + page * stride_kb + slot * stride_kn
-            v_rows = v_head + page * stride_vb + slot * stride_vn
-        else:
-            k_rows = k_head + b64 * stride_kb + offs_n.to(tl.int64) * stride_kn
-            v_rows = v_head + b64 * stride_vb + offs_n.to(tl.int64) * stride_vn
-        if PASS > 0:
-            kp = _load_pass(k_rows, key_valid, stride_kd, 2 * HALF, PASS, PASS_PAD)
-        else:
-            kp = tl.zeros([BLOCK_N, 16], dtype=DTYPE)  # unused
-        v = tl.load(v_rows[:, None] + dcol[None, :] * stride_vd, mask=key_valid[:, None] & d_mask[None, :],
-                    other=0.0)
-        delta = q_pos[:, None] - offs_n[None, :]
-        if HAS_ROT:
-            k1, k2 = _load_pairs(k_rows, key_valid, stride_kd, BLOCK_N, HALF, HALF_PAD, INTERLEAVED)
-            kx1 = k1.to(tl.float32)
-            kx2 = k2.to(tl.float32)
-            if REROPE:
-                s_near = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                s_far = s_near
-                if p_min - (p0 + BLOCK_N - 1) < rerope_window:  # some pair of the tile is near
-                    a1, a2 = _shift_q(qr1, qr2, p0, turns, HALF_PAD, DTYPE)
-                    ky1, ky2 = _rotate_pairs(kx1, kx2, cos_j, sin_j)
-                    s_near = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
-                if p_max - p0 >= rerope_window:  # some pair is far
-                    if LEAKY:
-                        a1, a2 = _shift_q(qf1, qf2, p0, turns_kf, HALF_PAD, DTYPE)
-                        ky1, ky2 = _rotate_pairs(kx1, kx2, cos_jf, sin_jf)
-                        s_far = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0,
-                                       DOT_PRECISION)
-                    else:
-                        s_far = _score(qf1_d, qf2_d, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
-                qk = tl.where(delta < rerope_window, s_near, s_far)
-            else:
-                a1, a2 = _shift_q(qr1, qr2, p0, turns, HALF_PAD, DTYPE)
-                ky1, ky2 = _rotate_pairs(kx1, kx2, cos_j, sin_j)
-                if HAS_NHAT:
-                    if p0 < n_hat:  # keys below n_hat: unscaled turns and factor 1; exact per element
-                        kpos = offs_n.to(tl.int64)[:, None]
-                        early = kpos < n_hat
-                        kc, ks = rope_cos_sin(kpos, tl.where(early, turns_un[None, :], turns[None, :]),
-                                              tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
-                        kc = tl.where(early, kc, kc * factor)
-                        ks = tl.where(early, ks, ks * factor)
-                        ky1, ky2 = _rotate_pairs(kx1, kx2, kc, ks)
-                        a1 = qr1.to(DTYPE)
-                        a2 = qr2.to(DTYPE)
-                qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
-        else:
-            qk = _score(qp, qp, qp, kp, kp, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
-
-        allowed = key_valid[None, :]
-        if CAUSAL:
-            allowed = allowed & (delta >= 0)
-        if HAS_WINDOW:
-            allowed = allowed & (delta < window)
-        qk = tl.where(allowed, qk * row_scale[:, None], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep exp2 finite
-        p = tl.exp2(qk - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # the tiles of this split, in segments of one kind each (a kind is a compile-time specialisation)
+    if REROPE:  # all pairs far / mixed / all near, for every row of the block
+        t_far = tl.maximum(p_min - rerope_window + 1, 0) // BLOCK_N
+        t_near = tl.cdiv(tl.maximum(p_max - rerope_window + 1, 0), BLOCK_N)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, tile_lo, tl.minimum(tile_hi, t_far),
+            k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
+            stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
+            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            d_mask, FAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, tl.maximum(tile_lo, t_far), tl.minimum(tile_hi, t_near),
+            k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
+            stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
+            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            d_mask, BOTH, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, tl.maximum(tile_lo, t_near), tile_hi,
+            k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
+            stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
+            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+    elif HAS_NHAT:  # tiles reaching below n_hat rotate exactly per element
+        t_exact = tl.cdiv(n_hat, BLOCK_N)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, tile_lo, tl.minimum(tile_hi, t_exact),
+            k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
+            stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
+            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            d_mask, EXACT, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, tl.maximum(tile_lo, t_exact), tile_hi,
+            k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
+            stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
+            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, tile_lo, tile_hi,
+            k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
+            stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
+            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
 
     no_key = l_i == 0.0
     out = acc / tl.where(no_key, 1.0, l_i)[:, None]
@@ -291,7 +350,7 @@ def _decode_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
     l_ptrs = (LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + tok.to(tl.int64) * stride_lm
               + pid_s.to(tl.int64) * stride_ls)
-    if NUM_SPLITS > 1:  # the merge needs (max, sum) in full precision: an lse rounded per split loses ulps
+    if SPLIT_OUT:  # the merge needs (max, sum) in full precision: an lse rounded per split loses ulps
         tl.store(l_ptrs, m_i, mask=row_valid)
         tl.store(l_ptrs + stride_lx, l_i, mask=row_valid)
     else:
@@ -305,8 +364,8 @@ def _merge_kernel(
     stride_mb, stride_mm, stride_mh, stride_ms, stride_mx,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lm,
-    n_q, n_heads,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    n_q, n_heads, num_splits,
+    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """One program per (b, token, q head). Split s has max m_s (log2 units), sum l_s and normalised out o_s:
     w_s = l_s * 2^(m_s - M), out = sum_s w_s o_s / sum_s w_s, lse = ln 2 * (M + log2 sum_s w_s)."""
@@ -317,14 +376,14 @@ def _merge_kernel(
     splits = tl.arange(0, SPLITS_PAD)
     dcol = tl.arange(0, D_PAD)
     ml = ML + b * stride_mb + tok * stride_mm + head * stride_mh + splits * stride_ms
-    m_s = tl.load(ml, mask=splits < NUM_SPLITS, other=float("-inf"))
-    l_s = tl.load(ml + stride_mx, mask=splits < NUM_SPLITS, other=0.0)
+    m_s = tl.load(ml, mask=splits < num_splits, other=float("-inf"))
+    l_s = tl.load(ml + stride_mx, mask=splits < num_splits, other=0.0)
     m = tl.max(m_s, 0)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     w = l_s * tl.exp2(m_s - m_ref)
     total = tl.sum(w, 0)
     o_s = tl.load(OP + b * stride_pb + tok * stride_pm + head * stride_ph + splits[:, None] * stride_ps
-                  + dcol[None, :] * stride_pd, mask=(splits < NUM_SPLITS)[:, None] & (dcol < HEAD_DIM)[None, :],
+                  + dcol[None, :] * stride_pd, mask=(splits < num_splits)[:, None] & (dcol < HEAD_DIM)[None, :],
                   other=0.0)
     out = tl.sum(o_s * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(OUT + b * stride_ob + tok * stride_om + head * stride_oh + dcol * stride_od,
@@ -364,14 +423,18 @@ def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
     return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
 
 
-def default_config(head_dim: int, block_m: int, page_size: int | None) -> dict:
-    """BLOCK_N / num_warps / num_stages; one config under the interpreter."""
+def default_config(head_dim: int, block_m: int, page_size: int | None, heavy: bool) -> dict:
+    """BLOCK_N / num_warps / num_stages / maxnreg; one config under the interpreter. heavy: Leaky ReRoPE or n_hat
+    (two key rotations or an exact per-element path): these spill at 128 registers (ptxas -v, sm_90a)."""
     block_n = 64 if head_dim <= 128 else 32
     if page_size is not None:
         block_n = min(block_n, page_size)
     if _INTERPRET:
         return {"BLOCK_N": min(block_n, 32), "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_N": block_n, "num_warps": 4 if block_m <= 16 else 8, "num_stages": 3}
+    config = {"BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
+    if block_m <= 16 and head_dim <= 128 and not heavy:  # 2 CTAs of 8 warps per SM, no spills
+        config["maxnreg"] = 128
+    return config
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -399,7 +462,8 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
     rows = group * n_q
     block_m = min(64, _pow2(rows))
     n_m_blocks = triton.cdiv(rows, block_m)
-    cfg = dict(default_config(head_dim, block_m, page_size), **(config or {}))
+    heavy = tables is not None and (tables.n_hat > 0 or (rerope_window is not None and rerope_leak is not None))
+    cfg = dict(default_config(head_dim, block_m, page_size, heavy), **(config or {}))
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     if num_splits is None:
         num_splits = choose_num_splits(B * n_kv * n_m_blocks, capacity, _num_sms(q.device))
@@ -442,23 +506,23 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
         block_table.stride(0) if paged else 0, block_table.stride(1) if paged else 0,
         _row_stride(turns), _row_stride(turns_qf), _row_stride(offset_qf), _row_stride(turns_kf),
         *o_strides, *l_strides,
-        n_q, n_m_blocks, scale * LOG2E, 1.0 / math.log(logn_base) if logn_base is not None else 0.0,
+        n_q, n_m_blocks, num_splits, scale * LOG2E, 1.0 / math.log(logn_base) if logn_base is not None else 0.0,
         window if window is not None else 0, rerope_window if rerope else 0, n_hat,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
         HALF=half, HALF_PAD=_pow2(half), PASS=head_dim - rotary_dim, PASS_PAD=_pow2(head_dim - rotary_dim),
         HAS_ROT=has_rot, INTERLEAVED=bool(has_rot and tables.interleaved), PAGED=paged,
         PAGE_SIZE=page_size if paged else 1, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
         REROPE=rerope and has_rot, LEAKY=rerope and has_rot and rerope_leak is not None,
-        HAS_NHAT=n_hat > 0, HAS_LOGN=logn_base is not None, NUM_SPLITS=num_splits,
+        HAS_NHAT=n_hat > 0, HAS_LOGN=logn_base is not None, SPLIT_OUT=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **{k: v for k, v in cfg.items() if k != "BLOCK_N"},
     )
     if num_splits > 1:
         _merge_kernel[(B * n_q * n_heads,)](
             o_part, l_part, out, lse,
             *o_part.stride(), *l_part.stride(), *out.stride(), *lse.stride(),
-            n_q, n_heads,
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            n_q, n_heads, num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
             D_PAD=_pow2(head_dim), num_warps=4,
         )
     return out, lse
