@@ -1,17 +1,21 @@
 // FlashAttention-2 style forward for sm_80+ over already rotated q and k (see flash_fwd.h for the semantics).
 //
-// One CTA of 4 warps takes a tile of kBlockM = 64 query rows of one (batch, q head); warp w owns rows 16w..16w+15.
-// Keys stream through shared memory in tiles of kBlockN = 64 rows: K(j) and V(j) each have one buffer, loaded with
-// cp.async so that V(j) arrives while S = Q K(j)^T is computed and K(j+1) arrives while O += P V(j) is computed.
+// One CTA of 4 warps takes a tile of kBlockM = 128 query rows of one (batch, q head); warp w owns rows 32w..32w+31
+// as two m16 tiles, so every K and V fragment read from shared memory feeds two mma.sync (half the shared-memory
+// traffic per FLOP of 16 rows per warp) and every key tile fetched from L2 serves 128 queries. Keys stream through
+// shared memory in tiles of kBlockN = 64 rows: K(j) and V(j) each have one buffer, loaded with cp.async so that
+// V(j) arrives while S = Q K(j)^T is computed and K(j+1) arrives while O += P V(j) is computed. CTAs are numbered
+// heaviest query tile first over all heads (causal work grows with the tile index), so the last wave is light.
 // S and O live in registers as mma.sync.m16n8k16 accumulators (fp32); the online softmax works in log2 units with
 // log2(e) folded into the per-row scale, so exponentials are single ex2.approx instructions. Shared tiles are
 // rows of D halves with 16-byte chunks XOR-swizzled by (row & 7), which makes ldmatrix conflict-free.
 //
 // Every key tile is classified from the (min, max) positions of the query tile and of the key tile: skipped when
 // no pair is allowed (causal, window), processed without per-element masks when every pair is allowed, and for
-// ReRoPE computed with the near pair (every delta < w), the far pair (every delta >= w) or both (straddling; the
-// far product is then formed per pair of n8 blocks and selected per element). With default positions the key
-// tile range is also cut analytically; with explicit positions a prepass writes each key tile's (min, max).
+// ReRoPE computed with the near pair (every delta < w), the far pair (every delta >= w) or both (straddling: the
+// tile is visited twice, near keys with the near pair then far keys with the far pair, each pass masked to its
+// keys). With default positions the key tile range is also cut analytically; with explicit positions a prepass
+// writes each key tile's (min, max).
 #include "flash_fwd.h"
 
 #include <cuda_bf16.h>
@@ -24,17 +28,19 @@
 namespace scaled_rope {
 namespace {
 
-constexpr int kBlockM = 64;
+constexpr int kBlockM = 128;
 constexpr int kBlockN = kFlashBlockN;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kNB = kBlockN / 8;  // n8 blocks of S per warp
+constexpr int kMT = kBlockM / (16 * kWarps);  // m16 tiles per warp
+constexpr int kRows = 2 * kMT;                 // query rows per thread: g and g + 8 of each m16 tile
+constexpr int kNB = kBlockN / 8;               // n8 blocks of S per warp
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// CTAs per SM the register budget is sized for: 3 gives 168 registers, enough for D = 128 without spills (an
-// unconstrained build takes ~245 for little gain: the extra registers only deepen fragment prefetching).
-constexpr int kMinBlocks = 3;
+// CTAs per SM the register budget is sized for: 2 gives 255 registers, what D = 128 needs for its 32 x 128 output
+// accumulator (128 registers) and 32 x 64 scores (64) per thread without spills.
+constexpr int kMinBlocks = 2;
 
 constexpr int kNear = 1;  // tile modes (bits): which product a key tile needs; 0 = skip
 constexpr int kFar = 2;
@@ -129,10 +135,10 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const T* gmem, int64_t 
 }
 
 // Per-thread byte offsets (within a tile) of the row each lane hands to ldmatrix.x4 for chunk pair 0.
-// A operand (Q, 16 rows of warp w): matrices (rows 0-7 | 8-15) x (chunk 0 | 1).
+// A operand (Q, first m16 tile of warp w; the second is 16 rows further): matrices (rows 0-7 | 8-15) x (chunk 0 | 1).
 template <int D>
 __device__ __forceinline__ uint32_t a_frag_offset(int warp, int lane) {
-  return (warp * 16 + (lane & 15)) * kRowBytes<D> + (((lane >> 4) ^ (lane & 7)) << 4);
+  return (warp * 16 * kMT + (lane & 15)) * kRowBytes<D> + (((lane >> 4) ^ (lane & 7)) << 4);
 }
 // B operand from K rows (non-transposed): matrices (keys 0-7, chunk 0), (0-7, 1), (8-15, 0), (8-15, 1).
 template <int D>
@@ -146,58 +152,58 @@ __device__ __forceinline__ uint32_t v_frag_offset(int lane) {
 }
 
 // ---- warp-level products ----------------------------------------------------------------------------------------
-// s = Q[16 rows of this warp] K^T over all kBlockN keys. q, k: tile + fragment offset.
+// s = Q[32 rows of this warp] K^T over all kBlockN keys. q, k: tile + fragment offset.
 template <typename T, int D>
-__device__ __forceinline__ void gemm_qk(float (&s)[kNB][4], uint32_t q, uint32_t k) {
+__device__ __forceinline__ void gemm_qk(float (&s)[kMT][kNB][4], uint32_t q, uint32_t k) {
 #pragma unroll
-  for (int nb = 0; nb < kNB; ++nb) {
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s[nb][i] = 0.0f;
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[mt][nb][i] = 0.0f;
+    }
   }
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4(a, q ^ (kk << 5));
+    uint32_t a[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], (q ^ (kk << 5)) + mt * 16 * kRowBytes<D>);
     const uint32_t k_kk = k ^ (kk << 5);
 #pragma unroll
     for (int np = 0; np < kBlockN / 16; ++np) {
       uint32_t b[4];
       ldmatrix_x4(b, k_kk + np * 16 * kRowBytes<D>);
-      mma_16816<T>(s[2 * np], a, b[0], b[1]);
-      mma_16816<T>(s[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16816<T>(s[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
     }
-  }
-}
-
-// s = Q K^T for the 16 keys np*16 .. np*16+15 only (n8 blocks 2np, 2np+1).
-template <typename T, int D>
-__device__ __forceinline__ void gemm_qk_pair(float (&s)[2][4], uint32_t q, uint32_t k, int np) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) s[0][i] = s[1][i] = 0.0f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4], b[4];
-    ldmatrix_x4(a, q ^ (kk << 5));
-    ldmatrix_x4(b, (k ^ (kk << 5)) + np * 16 * kRowBytes<D>);
-    mma_16816<T>(s[0], a, b[0], b[1]);
-    mma_16816<T>(s[1], a, b[2], b[3]);
   }
 }
 
 // o += P V with P = the probabilities in s (rounded to T); v: V tile + fragment offset.
 template <typename T, int D>
-__device__ __forceinline__ void gemm_pv(float (&o)[D / 8][4], const float (&s)[kNB][4], uint32_t v) {
+__device__ __forceinline__ void gemm_pv(float (&o)[kMT][D / 8][4], const float (&s)[kMT][kNB][4], uint32_t v) {
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                           pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                           pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    uint32_t a[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+      a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+      a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+      a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+    }
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       uint32_t b[4];
       ldmatrix_x4_trans(b, (v ^ (dp << 5)) + kk * 16 * kRowBytes<D>);
-      mma_16816<T>(o[2 * dp], a, b[0], b[1]);
-      mma_16816<T>(o[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16816<T>(o[mt][2 * dp], a[mt], b[0], b[1]);
+        mma_16816<T>(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
@@ -237,6 +243,10 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const FlashFwdParams p, int num_q_tiles) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int q_range[2][kWarps];
+  // Position and logit scale (log2 units) of every query row of the tile: read back per key tile rather than held
+  // in registers, which the 32 x 128 accumulator needs.
+  __shared__ int row_pos[kBlockM];
+  __shared__ float row_scale[kBlockM];
   // tiles at 256-byte aligned shared addresses (the launch adds 256 bytes of slack)
   const uint32_t sQ = (smem_u32(smem_raw) + 255u) & ~255u;
   const uint32_t sK = sQ + kBlockM * kRowBytes<D>;
@@ -247,8 +257,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;  // mma fragment row group and column pair
-  const int64_t bh = blockIdx.x / num_q_tiles;
-  const int q_tile = num_q_tiles - 1 - static_cast<int>(blockIdx.x % num_q_tiles);  // heavy causal tiles first
+  // Heaviest query tiles first over every (batch, head): blockIdx.x = reversed tile * (B * Hq) + (b * Hq + h).
+  const int64_t bh_count = p.batch * p.heads_q;
+  const int64_t bh = blockIdx.x % bh_count;
+  const int q_tile = num_q_tiles - 1 - static_cast<int>(blockIdx.x / bh_count);
   const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
@@ -259,22 +271,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   const int rerope_w = rerope ? static_cast<int>(min(p.rerope_window, static_cast<int64_t>(INT_MAX))) : 0;
   const int32_t* k_pos = p.k_positions ? p.k_positions + b * p.k_positions_batch_stride : nullptr;
 
-  // Positions and logit scales (log2 units) of this thread's two rows g and g + 8.
-  int pos[2];
-  bool row_valid[2];
-  float row_scale[2];
+  // This thread's rows: r = 2 * mt + i is tile row 32 * warp + 16 * mt + g + 8 * i, which holds the accumulator
+  // elements [2i] and [2i + 1] of every n8 block of m16 tile mt. Only this thread's own entries of row_pos and
+  // row_scale are read by it, and every thread that writes one writes the same value: no barrier is needed.
+  auto tile_row = [&](int r) { return warp * 16 * kMT + (r >> 1) * 16 + g + 8 * (r & 1); };
+  int pos[kRows];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = m0 + warp * 16 + g + 8 * r;
-    row_valid[r] = row < seqlen_q;
+  for (int r = 0; r < kRows; ++r) {
+    const int row = m0 + tile_row(r);
+    const bool valid = row < seqlen_q;
     if (p.q_positions) {
-      pos[r] = row_valid[r] ? p.q_positions[b * p.q_positions_batch_stride + row] : 0;
+      pos[r] = valid ? p.q_positions[b * p.q_positions_batch_stride + row] : 0;
     } else {
       pos[r] = seqlen_k - seqlen_q + row;
     }
     float scale = p.softmax_scale * kLog2e;
     if (p.logn_base > 0.0f) scale *= fmaxf(1.0f, logf(static_cast<float>(pos[r]) + 1.0f) / logf(p.logn_base));
-    row_scale[r] = scale;
+    row_pos[tile_row(r)] = pos[r];
+    row_scale[tile_row(r)] = scale;
   }
 
   // Query positions of the tile's valid rows: [q_min, q_max].
@@ -282,8 +296,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   if (p.q_positions) {
     int lo = INT_MAX, hi = INT_MIN;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (row_valid[r]) {
+    for (int r = 0; r < kRows; ++r) {
+      if (m0 + tile_row(r) < seqlen_q) {
         lo = min(lo, pos[r]);
         hi = max(hi, pos[r]);
       }
@@ -295,8 +309,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
       q_range[1][warp] = hi;
     }
     __syncthreads();
-    q_min = min(min(q_range[0][0], q_range[0][1]), min(q_range[0][2], q_range[0][3]));
-    q_max = max(max(q_range[1][0], q_range[1][1]), max(q_range[1][2], q_range[1][3]));
+    q_min = INT_MAX;
+    q_max = INT_MIN;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      q_min = min(q_min, q_range[0][w]);
+      q_max = max(q_max, q_range[1][w]);
+    }
   } else {
     q_min = seqlen_k - seqlen_q + m0;
     q_max = seqlen_k - seqlen_q + min(m0 + kBlockM, seqlen_q) - 1;
@@ -371,115 +390,115 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   if (j < j_end) load_keys(j, cur.mode);
   cp_async_commit();
 
-  float o[D / 8][4];
+  float o[kMT][D / 8][4];
 #pragma unroll
-  for (int db = 0; db < D / 8; ++db) {
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) o[db][i] = 0.0f;
+    for (int db = 0; db < D / 8; ++db) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[mt][db][i] = 0.0f;
+    }
   }
-  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
-  float row_sum[2] = {0.0f, 0.0f};            // this thread's partial sums (columns 2t, 2t+1 of each block)
+  float row_max[kRows], row_sum[kRows];  // log2 units; this thread's partial sums (columns 2t, 2t+1 of each block)
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.0f;
+  }
 
   uint32_t a_frag = a_frag_offset<D>(warp, lane);
   uint32_t k_frag = k_frag_offset<D>(lane);
   uint32_t v_frag = v_frag_offset<D>(lane);
   while (j < j_end) {
-    // Opaque to the compiler: keeps it from hoisting every fragment address out of the loop into registers.
-    asm volatile("" : "+r"(a_frag), "+r"(k_frag), "+r"(v_frag));
     TileClass nxt{0, false};
     const int j_next = next_tile(j + 1, nxt);
     const int n0 = j * kBlockN;
+    // A tile straddling the ReRoPE window is visited twice, as two masked tiles: near keys (delta < w) with the
+    // near pair, then far keys with the far pair; the online softmax merges them (one extra P V on few tiles).
+    const bool straddle = cur.mode == (kNear | kFar);
+#pragma unroll 1
+    for (int pass = 0; pass < (straddle ? 2 : 1); ++pass) {
+      // Opaque to the compiler: keeps it from hoisting every fragment address out of the loop into registers.
+      asm volatile("" : "+r"(a_frag), "+r"(k_frag), "+r"(v_frag));
+      const bool far = straddle ? pass == 1 : cur.mode == kFar;
+      const bool last_pass = !straddle || pass == 1;
 
-    cp_async_wait_all();
-    __syncthreads();  // K(j) visible; every warp is done with V(j - 1)
-    load_tile<T, D, kBlockN>(sV, v_base + static_cast<int64_t>(n0) * p.v_row_stride, p.v_row_stride,
-                             seqlen_k - n0);
-    cp_async_commit();
+      cp_async_wait_all();
+      __syncthreads();  // K(j) visible; every warp is done with V(j - 1)
+      if (pass == 0) {
+        load_tile<T, D, kBlockN>(sV, v_base + static_cast<int64_t>(n0) * p.v_row_stride, p.v_row_stride,
+                                 seqlen_k - n0);
+        cp_async_commit();
+      }
 
-    float s[kNB][4];
-    if (cur.mode & kNear) {
-      gemm_qk<T, D>(s, sQ + a_frag, sK + k_frag);
-    } else {
-      gemm_qk<T, D>(s, sQf + a_frag, sKf + k_frag);
-    }
-    if (cur.mode == (kNear | kFar)) {  // straddling the ReRoPE window: far product where delta >= w
+      float s[kMT][kNB][4];
+      gemm_qk<T, D>(s, (far ? sQf : sQ) + a_frag, (far ? sKf : sK) + k_frag);
+
+      // Scale to log2 units, then mask (after scaling, so that a negative softmax_scale cannot flip -inf).
 #pragma unroll
-      for (int np = 0; np < kBlockN / 16; ++np) {
-        float sf[2][4];
-        gemm_qk_pair<T, D>(sf, sQf + a_frag, sKf + k_frag, np);
+      for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) s[mt][nb][i] *= row_scale[tile_row(2 * mt + (i >> 1))];
+        }
+      }
+      if (cur.elementwise || straddle) {
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int key = key_position(n0 + (2 * np + i) * 8 + 2 * t + e);
+            const int col = n0 + nb * 8 + 2 * t + e;
+            const int key = key_position(col);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              if (pos[r] - key >= rerope_w) s[2 * np + i][2 * r + e] = sf[i][2 * r + e];
+            for (int r = 0; r < kRows; ++r) {
+              const int delta = row_pos[tile_row(r)] - key;
+              const bool allowed = col < seqlen_k && (!p.causal || delta >= 0) && (!window || delta < window) &&
+                                   (!straddle || (delta >= rerope_w) == far);
+              if (!allowed) s[r >> 1][nb][2 * (r & 1) + e] = -INFINITY;
             }
           }
         }
       }
-    }
 
-    // Scale to log2 units, then mask (after scaling, so that a negative softmax_scale cannot flip -inf).
+      // Online softmax; a row with nothing allowed so far keeps max -inf and uses 0 as its reference.
 #pragma unroll
-    for (int nb = 0; nb < kNB; ++nb) {
+      for (int r = 0; r < kRows; ++r) {
+        const int mt = r >> 1, c = 2 * (r & 1);
+        float mx = row_max[r];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[nb][i] *= row_scale[i >> 1];
-    }
-    if (cur.elementwise) {
+        for (int nb = 0; nb < kNB; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][c], s[mt][nb][c + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float ref = mx == -INFINITY ? 0.0f : mx;
+        const float alpha = ex2(row_max[r] - ref);
+        row_max[r] = mx;
+        float sum = 0.0f;
 #pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) {
+        for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + nb * 8 + 2 * t + e;
-          const int key = key_position(col);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int delta = pos[r] - key;
-            const bool allowed = col < seqlen_k && (!p.causal || delta >= 0) && (!window || delta < window);
-            if (!allowed) s[nb][2 * r + e] = -INFINITY;
+          for (int e = 0; e < 2; ++e) {
+            const float pr = ex2(s[mt][nb][c + e] - ref);
+            s[mt][nb][c + e] = pr;
+            sum += pr;
           }
         }
-      }
-    }
-
-    // Online softmax; a row with nothing allowed so far keeps max -inf and uses 0 as its reference.
+        row_sum[r] = row_sum[r] * alpha + sum;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float ref = mx == -INFINITY ? 0.0f : mx;
-      const float alpha = ex2(row_max[r] - ref);
-      row_max[r] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pr = ex2(s[nb][2 * r + e] - ref);
-          s[nb][2 * r + e] = pr;
-          sum += pr;
+        for (int db = 0; db < D / 8; ++db) {
+          o[mt][db][c] *= alpha;
+          o[mt][db][c + 1] *= alpha;
         }
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int db = 0; db < D / 8; ++db) {
-        o[db][2 * r] *= alpha;
-        o[db][2 * r + 1] *= alpha;
-      }
-    }
 
-    cp_async_wait_all();
-    __syncthreads();  // V(j) visible; every warp is done with K(j)
-    if (j_next < j_end) {
-      load_keys(j_next, nxt.mode);
-      cp_async_commit();
+      cp_async_wait_all();
+      __syncthreads();  // V(j) visible; every warp is done with K(j) (after the last pass)
+      if (last_pass && j_next < j_end) {
+        load_keys(j_next, nxt.mode);
+        cp_async_commit();
+      }
+      gemm_pv<T, D>(o, s, sV + v_frag);
     }
-    gemm_pv<T, D>(o, s, sV + v_frag);
     j = j_next;
     cur = nxt;
   }
@@ -490,17 +509,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   T* out_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
   float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < kRows; ++r) {
+    const int mt = r >> 1, c = 2 * (r & 1);
     float sum = row_sum[r];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (!row_valid[r]) continue;
-    const int row = m0 + warp * 16 + g + 8 * r;
+    const int row = m0 + tile_row(r);
+    if (row >= seqlen_q) continue;
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     T* out_row = out_base + row * p.o_row_stride;
 #pragma unroll
     for (int db = 0; db < D / 8; ++db) {
-      *reinterpret_cast<uint32_t*>(out_row + db * 8 + 2 * t) = pack2<T>(o[db][2 * r] * inv, o[db][2 * r + 1] * inv);
+      *reinterpret_cast<uint32_t*>(out_row + db * 8 + 2 * t) = pack2<T>(o[mt][db][c] * inv, o[mt][db][c + 1] * inv);
     }
     if (t == 0) lse_base[row] = sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
   }
@@ -528,7 +548,7 @@ std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
   }
   const int64_t num_q_tiles = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int64_t blocks = num_q_tiles * p.batch * p.heads_q;
-  if (blocks > INT_MAX) return "flash_fwd: batch * heads_q * ceil(seqlen_q / 64) is too large";
+  if (blocks > INT_MAX) return "flash_fwd: batch * heads_q * ceil(seqlen_q / 128) is too large";
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, static_cast<int>(num_q_tiles));
   return launch_error("attention kernel launch failed");
 }
