@@ -61,6 +61,13 @@ def tile_kinds(nq, nk, w, block_m, block_n, causal=True, window=None):
     return kinds
 
 
+@pytest.fixture(autouse=True)
+def one_config(monkeypatch):
+    """On a GPU every test uses the first config that fits (compiling every autotune config for each feature
+    would take many minutes); test_gpu_every_config runs each config. The interpreter has one config anyway."""
+    monkeypatch.setenv("SCALED_ROPE_AUTOTUNE", "0")
+
+
 # ---- interpreter tier (CPU without a GPU; the same tests on a GPU when there is one) ----------------------------
 @pytest.mark.parametrize("name", list(schedules(32)))
 def test_every_scaling_type(name):
@@ -236,13 +243,6 @@ def test_bad_arguments_are_named():
 gpu = pytest.mark.gpu
 
 
-@pytest.fixture
-def one_config(monkeypatch):
-    """Feature tests use the first config that fits (compiling every autotune config per feature is slow);
-    test_gpu_every_config covers the others."""
-    monkeypatch.setenv("SCALED_ROPE_AUTOTUNE", "0")
-
-
 LONGROPE_128 = RopeScaling.longrope(128, 4096, 131072, SHORT, LONG, n_hat=4)
 
 GPU_FEATURES = {
@@ -258,7 +258,7 @@ GPU_FEATURES = {
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("feature", list(GPU_FEATURES))
-def test_gpu_features(one_config, dtype, feature):
+def test_gpu_features(dtype, feature):
     kwargs = dict(GPU_FEATURES[feature])
     rope = kwargs.pop("rope", LONGROPE_128)
     check(2, 1500, 2100, 8, 2, 128, dtype, rope, seed=20, device="cuda", **kwargs)
@@ -266,13 +266,13 @@ def test_gpu_features(one_config, dtype, feature):
 
 @gpu
 @pytest.mark.parametrize("dim", [64, 96, 256])
-def test_gpu_head_dims(one_config, dim):
+def test_gpu_head_dims(dim):
     rope = RopeScaling.yarn(dim, 8.0, 1024, rotary_dim=dim // 2 * 2 - (32 if dim == 96 else 0), layout="interleaved")
     check(1, 1000, 1000, 4, 4, dim, torch.bfloat16, rope, seed=21, device="cuda")
 
 
 @gpu
-def test_gpu_longrope_row_switch_explicit_positions(one_config):
+def test_gpu_longrope_row_switch_explicit_positions():
     nk = 3000
     k_positions = torch.stack([torch.arange(nk), torch.arange(nk) + 3000]).cuda()
     q_positions = k_positions[:, -1000:]
@@ -282,7 +282,7 @@ def test_gpu_longrope_row_switch_explicit_positions(one_config):
 
 @gpu
 @pytest.mark.parametrize("rerope", [None, 512])
-def test_gpu_16k(one_config, rerope):
+def test_gpu_16k(rerope):
     rope = RopeScaling.default(128) if rerope else LONGROPE_128
     check(1, 16384, 16384, 1, 1, 128, torch.bfloat16, rope, seed=23, device="cuda", rerope_window=rerope)
 

@@ -1,0 +1,443 @@
+"""Fused scaled-RoPE attention (Triton backend) against what users run today, forward and forward+backward.
+
+Cases (bf16, causal):
+  longrope  B4 H32 N4k, B1 H32 N16k, B1 H32 N32k at D128 and B8 H16 N4k at D64; LongRoPE long factors, n_hat = 4
+  rerope / leaky   ReRoPE and Leaky ReRoPE (w = 512, kappa = 16) at B1 H32 D128, N 4k, 16k, 64k, 128k (forward;
+            forward+backward up to 16k), next to our own plain causal attention at the same shape
+Peers, in the same run (each one that cannot run is recorded as n/a with the reason):
+  eager rope + SDPA flash    cos/sin computed per call (as transformers does), q and k rotated eagerly, SDPA flash
+  compiled rope + SDPA flash the same rotation under torch.compile
+  SDPA flash / SDPA cuDNN / FlexAttention (no rope)   ceilings: attention alone, nothing rotated
+  two-matrix                 ReRoPE as published: both score matrices, select, softmax (O(N^2) memory)
+  two FlexAttention + merge  near and far parts as two FlexAttention calls merged by their LSE
+TFLOP/s = 4*B*H*N^2*D/2 (causal) forward, 3.5x that for forward+backward (backward = 2.5x forward); rope FLOPs not
+counted; do_bench medians. Ratio = peer time / our time (> 1: ours is faster). Peak memory of forward+backward
+is measured for ours and the SDPA pipelines. Prints the GPU, versions, progress and one markdown table; writes
+attention-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
+
+    python bench/bench_attention.py [--quick] [--cpu] [--out DIR|PATH] [--budget SECONDS] [--no-autotune]
+
+--quick: B4 N4k and B1 N16k plus ReRoPE/Leaky at N4k (about 2 minutes). Without a GPU (or with --cpu) it runs a
+small correctness and timing pass on the CPU instead: the reference, eager rope + SDPA (math) and our kernels in
+Triton's interpreter, and says so; those times say nothing about GPU performance. --budget: seconds after which
+peers not yet run are skipped (ours always runs).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if "--cpu" in sys.argv or not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be chosen before triton is imported
+
+ORIGINAL, MAXIMUM, N_HAT = 4096, 131072, 4
+WINDOW, LEAK = 512, 16.0
+
+
+def longrope(dim: int):
+    """Phi-3-like LongRoPE: long factors spread 1..~40 over the pairs, n_hat = 4."""
+    from scaled_rope import RopeScaling
+
+    pairs = dim // 2
+    short = [1.0 + 0.2 * i / pairs for i in range(pairs)]
+    long_ = [1.0 + 40.0 * (i / pairs) ** 2 for i in range(pairs)]
+    return RopeScaling.longrope(dim, ORIGINAL, MAXIMUM, short, long_, n_hat=N_HAT)
+
+
+# ---- the peers' rotation: what a user writes today --------------------------------------------------------------
+def rotation_tensors(rope, n: int, device) -> dict:
+    """Frequencies (float32, as transformers keeps inv_freq) for the eager rotations."""
+    inv_freq, factor = rope.frequencies(n)
+    return {"inv_freq": inv_freq.float().to(device), "inv_freq0": rope.unscaled_frequencies().float().to(device),
+            "factor": float(factor), "n_hat": rope.n_hat}
+
+
+def cos_sin(positions, inv_freq, inv_freq0, factor: float, n_hat: int, dtype):
+    """transformers-style cos/sin for float positions (N,), computed on every call; n_hat early positions keep the
+    unscaled frequencies and factor 1."""
+    freqs = positions[:, None] * inv_freq[None, :]
+    scale = torch.full_like(positions, factor)
+    if n_hat:
+        early = positions < n_hat
+        freqs = torch.where(early[:, None], positions[:, None] * inv_freq0[None, :], freqs)
+        scale = torch.where(early, torch.ones_like(scale), scale)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    scale = scale[:, None]
+    return (emb.cos() * scale).to(dtype)[None, :, None, :], (emb.sin() * scale).to(dtype)[None, :, None, :]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_qk(q, k, q_positions, k_positions, inv_freq, inv_freq0, factor: float, n_hat: int):
+    cos_q, sin_q = cos_sin(q_positions, inv_freq, inv_freq0, factor, n_hat, q.dtype)
+    if k_positions is q_positions:  # one cos/sin for both, as transformers does
+        cos_k, sin_k = cos_q, sin_q
+    else:
+        cos_k, sin_k = cos_sin(k_positions, inv_freq, inv_freq0, factor, n_hat, k.dtype)
+    return apply_rope(q, cos_q, sin_q), apply_rope(k, cos_k, sin_k)
+
+
+_COMPILED = {}
+
+
+def compiled_rope_qk():
+    if "rope" not in _COMPILED:
+        _COMPILED["rope"] = torch.compile(rope_qk, dynamic=False)
+    return _COMPILED["rope"]
+
+
+def sdpa(q, k, v, backend: str):
+    """q, k, v (B, N, H, D) -> (B, N, H, D), causal, with one SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "math": SDPBackend.MATH}[backend]
+    with sdpa_kernel(chosen):
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+def flex(q, k, v, mask_mod, with_lse: bool = False):
+    """FlexAttention (compiled) over (B, N, H, D) inputs with a block mask from mask_mod; optionally the LSE."""
+    from torch.nn.attention import flex_attention as fa
+
+    if "flex" not in _COMPILED:
+        _COMPILED["flex"] = torch.compile(fa.flex_attention, dynamic=False)
+    n = q.shape[1]
+    key = ("mask", mask_mod.__name__, n, q.device.type)
+    if key not in _COMPILED:
+        _COMPILED[key] = fa.create_block_mask(mask_mod, None, None, n, n, device=q.device)
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if not with_lse:
+        return _COMPILED["flex"](*args, block_mask=_COMPILED[key]).transpose(1, 2)
+    if hasattr(fa, "AuxRequest"):
+        out, aux = _COMPILED["flex"](*args, block_mask=_COMPILED[key], return_aux=fa.AuxRequest(lse=True))
+        lse = aux.lse
+    else:
+        out, lse = _COMPILED["flex"](*args, block_mask=_COMPILED[key], return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+def causal_mask(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def near_mask(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
+
+
+def far_mask(b, h, q_idx, kv_idx):
+    return q_idx - kv_idx >= WINDOW
+
+
+def rerope_operands(q, k, rot: dict, leak):
+    """Eager near and far rotations (default rope): near at P, Q; far q at P/kappa + w(1 - 1/kappa) (w without a
+    leak), far k at Q/kappa (k itself without a leak: rotation by 0, factor 1)."""
+    n = q.shape[1]
+    pos = torch.arange(n, device=q.device, dtype=torch.float32)
+    q_near, k_near = rope_qk(q, k, pos, pos, **rot)
+    if leak is None:
+        far_q = torch.full_like(pos, float(WINDOW))
+        cos, sin = cos_sin(far_q, rot["inv_freq"], rot["inv_freq0"], rot["factor"], 0, q.dtype)
+        return q_near, k_near, apply_rope(q, cos, sin), k
+    q_far, k_far = rope_qk(q, k, pos / leak + WINDOW * (1 - 1 / leak), pos / leak, **rot)
+    return q_near, k_near, q_far, k_far
+
+
+def rerope_two_matrix(q, k, v, rot: dict, leak):
+    """The published form: both score matrices in full, select by distance, causal softmax."""
+    q_near, k_near, q_far, k_far = rerope_operands(q, k, rot, leak)
+    n, dim = q.shape[1], q.shape[3]
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    s_near = (t(q_near) @ t(k_near).transpose(-1, -2)).float()
+    s_far = (t(q_far) @ t(k_far).transpose(-1, -2)).float()
+    i = torch.arange(n, device=q.device)
+    delta = i[:, None] - i[None, :]
+    s = torch.where(delta < WINDOW, s_near, s_far) * dim ** -0.5
+    p = torch.softmax(s.masked_fill(delta < 0, float("-inf")), dim=-1).to(v.dtype)
+    return (p @ t(v)).transpose(1, 2)
+
+
+def rerope_two_flex(q, k, v, rot: dict, leak):
+    """Near part and far part as two FlexAttention calls, merged by their LSE."""
+    q_near, k_near, q_far, k_far = rerope_operands(q, k, rot, leak)
+    o1, l1 = flex(q_near, k_near, v, near_mask, with_lse=True)
+    o2, l2 = flex(q_far, k_far, v, far_mask, with_lse=True)
+    lse = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - lse).transpose(1, 2)[..., None]
+    w2 = torch.exp(l2 - lse).transpose(1, 2)[..., None]
+    return (o1.float() * w1 + o2.float() * w2).to(v.dtype)
+
+
+# ---- measurement -----------------------------------------------------------------------------------------------
+def timer(fn, device: str) -> float:
+    """Median milliseconds: triton's do_bench on the GPU, wall time of a few runs on the CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return "OOM"
+    return text[:160]
+
+
+class Case:
+    """One shape and variant; builds its inputs on first use and runs implementations on them."""
+
+    def __init__(self, kind, batch, heads, n, dim, device, dtype):
+        self.kind, self.batch, self.heads, self.n, self.dim = kind, batch, heads, n, dim
+        self.device, self.dtype = device, dtype
+        self.inputs = None
+        self.outputs = {}
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} B{self.batch} H{self.heads} N{self.n} D{self.dim}"
+
+    def flops(self, backward: bool) -> float:
+        forward = 4 * self.batch * self.heads * self.n * self.n * self.dim / 2
+        return forward * (3.5 if backward else 1.0)
+
+    def materialize(self):
+        if self.inputs is None:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            shape = (self.batch, self.n, self.heads, self.dim)
+            make = lambda: torch.randn(shape, generator=gen).to(self.device, self.dtype)  # noqa: E731
+            self.inputs = [make(), make(), make(), make()]  # q, k, v, dout
+        return self.inputs
+
+    def release(self):
+        self.inputs, self.outputs = None, {}
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def implementations(case: Case) -> dict:
+    """name -> f(q, k, v) -> out (B, N, H, D), for this case, in priority order (ours first)."""
+    from scaled_rope import RopeScaling, reference, scaled_rope_attention
+
+    on_gpu = case.on_gpu
+    backend = "triton"
+    if case.kind == "longrope":
+        rope = longrope(case.dim)
+        rot = rotation_tensors(rope, case.n, case.device)
+        pos = torch.arange(case.n, device=case.device, dtype=torch.float32)
+        impls = {"ours": lambda q, k, v: scaled_rope_attention(q, k, v, rope, backend=backend)}
+        if on_gpu:
+            impls["eager rope + SDPA flash"] = lambda q, k, v: sdpa(*rope_qk(q, k, pos, pos, **rot), v, "flash")
+            impls["SDPA flash (no rope)"] = lambda q, k, v: sdpa(q, k, v, "flash")
+            impls["SDPA cuDNN (no rope)"] = lambda q, k, v: sdpa(q, k, v, "cudnn")
+            impls["FlexAttention (no rope)"] = lambda q, k, v: flex(q, k, v, causal_mask)
+            impls["compiled rope + SDPA flash"] = lambda q, k, v: sdpa(
+                *compiled_rope_qk()(q, k, pos, pos, **rot), v, "flash")
+        else:
+            impls["eager rope + SDPA math"] = lambda q, k, v: sdpa(*rope_qk(q, k, pos, pos, **rot), v, "math")
+            impls["reference"] = lambda q, k, v: reference.attention(q, k, v, rope)[0]
+        return impls
+    leak = LEAK if case.kind == "leaky" else None
+    rope = RopeScaling.default(case.dim)
+    rot = rotation_tensors(rope, case.n, case.device)
+    window = WINDOW if on_gpu else 32
+    impls = {
+        "ours": lambda q, k, v: scaled_rope_attention(q, k, v, rope, rerope_window=window, rerope_leak=leak,
+                                                      backend=backend),
+        "ours plain causal": lambda q, k, v: scaled_rope_attention(q, k, v, rope, backend=backend),
+    }
+    if on_gpu:
+        impls["two-matrix"] = lambda q, k, v: rerope_two_matrix(q, k, v, rot, leak)
+        impls["two FlexAttention + merge"] = lambda q, k, v: rerope_two_flex(q, k, v, rot, leak)
+    else:
+        impls["reference"] = lambda q, k, v: reference.attention(q, k, v, rope, rerope_window=window,
+                                                                 rerope_leak=leak)[0]
+    return impls
+
+
+def too_big(case: Case, name: str) -> str | None:
+    """Skip what cannot fit before allocating it (the two-matrix form holds several fp32 N x N matrices)."""
+    if name != "two-matrix" or case.device != "cuda":
+        return None
+    need = case.batch * case.heads * case.n ** 2 * 4 * 6
+    free = torch.cuda.mem_get_info()[0]
+    if need > free:
+        return f"needs ~{need / 2 ** 30:.0f} GiB of score matrices, {free / 2 ** 30:.0f} GiB free"
+    return None
+
+
+def run_one(case: Case, name: str, fn, backward: bool) -> dict:
+    entry = {"case": case.label, "kind": case.kind, "batch": case.batch, "heads": case.heads, "n": case.n,
+             "head_dim": case.dim, "direction": "fwd+bwd" if backward else "fwd", "impl": name}
+    reason = too_big(case, name)
+    if reason:
+        return {**entry, "ms": None, "error": reason}
+    try:
+        q, k, v, dout = case.materialize()
+        if backward:
+            q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+
+            def step():
+                fn(q, k, v).backward(dout)
+        else:
+            def step():
+                return fn(q, k, v)
+        with torch.no_grad() if not backward else torch.enable_grad():
+            out = fn(q, k, v)  # first call: compilation and autotuning happen here
+            if not backward:
+                case.outputs[name] = out.detach()
+            del out
+            ms = timer(step, case.device)
+        entry.update(ms=ms, tflops=case.flops(backward) / ms / 1e9)
+        if backward and case.device == "cuda" and (name.startswith("ours") or "SDPA flash" in name):
+            for x in (q, k, v):
+                x.grad = None
+            entry["peak_mb"] = peak_memory_mb(step)
+    except Exception as exc:  # a peer that cannot run here is recorded, not fatal
+        entry.update(ms=None, error=describe(exc))
+    return entry
+
+
+def plan(quick: bool, device: str):
+    """[(Case, directions)]"""
+    if device != "cuda":
+        return [(Case("longrope", 1, 2, 96, 64, "cpu", torch.float32), (False, True)),
+                (Case("rerope", 1, 2, 96, 64, "cpu", torch.float32), (False, True)),
+                (Case("leaky", 1, 2, 96, 64, "cpu", torch.float32), (False,))]
+    bf16 = torch.bfloat16
+    main = [(4, 32, 4096, 128), (1, 32, 16384, 128)] if quick else \
+        [(4, 32, 4096, 128), (1, 32, 16384, 128), (1, 32, 32768, 128), (8, 16, 4096, 64)]
+    cases = [(Case("longrope", b, h, n, d, "cuda", bf16), (False, True)) for b, h, n, d in main]
+    for n in [4096] if quick else [4096, 16384, 65536, 131072]:
+        for kind in ("rerope", "leaky"):
+            directions = (False, True) if n <= 16384 and not quick else (False,)
+            cases.append((Case(kind, 1, 32, n, 128, "cuda", bf16), directions))
+    return cases
+
+
+def check(case: Case) -> dict:
+    """Largest |ours - peer| / max|peer| over the forward outputs of this case."""
+    ours = case.outputs.get("ours")
+    diffs = {}
+    if ours is None:
+        return diffs
+    for name, out in case.outputs.items():
+        if name.startswith("ours") or "no rope" in name:
+            continue
+        out = out.float()
+        diffs[name] = ((ours.float() - out).abs().max() / out.abs().max().clamp(min=1e-30)).item()
+    return diffs
+
+
+def table(rows: list[dict], checks: dict) -> str:
+    lines = ["| case | dir | impl | ms | TFLOP/s | peer / ours | peak MB | max rel diff vs ours |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ours = next((r for r in rows if r["case"] == row["case"] and r["direction"] == row["direction"]
+                     and r["impl"] == "ours"), None)
+        if row["ms"] is None:
+            lines.append(f"| {row['case']} | {row['direction']} | {row['impl']} | n/a | n/a | {row['error']} | | |")
+            continue
+        ratio = f"{row['ms'] / ours['ms']:.2f}x" if ours and ours.get("ms") and row is not ours else ""
+        peak = f"{row['peak_mb']:.0f}" if "peak_mb" in row else ""
+        diff = checks.get(row["case"], {}).get(row["impl"]) if row["direction"] == "fwd" else None
+        diff = f"{diff:.1e}" if diff is not None else ""
+        lines.append(f"| {row['case']} | {row['direction']} | {row['impl']} | {row['ms']:.3f} | "
+                     f"{row['tflops']:.1f} | {ratio} | {peak} | {diff} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short subset (about 2 minutes)")
+    parser.add_argument("--cpu", action="store_true", help="CPU correctness and timing pass (interpreter)")
+    parser.add_argument("--out", type=Path, default=None, help="directory or .json path (default bench/results)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which remaining peers are skipped (default 110 quick, 330 full)")
+    parser.add_argument("--no-autotune", action="store_true", help="our kernels use their first config")
+    args = parser.parse_args()
+    if args.no_autotune:
+        os.environ["SCALED_ROPE_AUTOTUNE"] = "0"
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+
+    import triton
+
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
+           "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+           "python": platform.python_version(), "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+           "autotune": not args.no_autotune}
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    if device == "cpu":
+        print("No GPU: CPU correctness + timing pass (reference, eager rope + SDPA math, our kernels in Triton's "
+              "interpreter, fp32, tiny shapes). These times say nothing about GPU performance.")
+    budget = args.budget if args.budget is not None else (110.0 if args.quick else 330.0)
+    start = time.time()
+    rows, checks = [], {}
+    for case, directions in plan(args.quick, device):
+        impls = implementations(case)
+        for backward in directions:
+            for name, fn in impls.items():
+                elapsed = time.time() - start
+                if not name.startswith("ours") and elapsed > budget and device == "cuda":
+                    entry = {"case": case.label, "direction": "fwd+bwd" if backward else "fwd", "impl": name,
+                             "ms": None, "error": f"skipped: time budget ({budget:.0f} s) spent"}
+                else:
+                    entry = run_one(case, name, fn, backward)
+                rows.append(entry)
+                shown = f"{entry['ms']:.3f} ms, {entry['tflops']:.1f} TFLOP/s" if entry["ms"] else entry["error"]
+                print(f"[{time.time() - start:6.1f}s] {case.label} {entry['direction']}: {name}: {shown}", flush=True)
+        checks[case.label] = check(case)
+        case.release()
+
+    print()
+    print(table(rows, checks))
+    date = datetime.date.today().isoformat()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
+    path = args.out or Path(__file__).resolve().parent / "results"
+    if path.suffix != ".json":
+        path = path / f"attention-{date}-{slug}{'-quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"date": date, "env": env, "quick": args.quick, "seconds": time.time() - start,
+                                "flops": "4*B*H*N^2*D/2 forward (causal), 3.5x for forward+backward",
+                                "results": rows, "max_rel_diff_vs_ours": checks}, indent=2))
+    print(f"\nwrote {path} ({time.time() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
