@@ -69,10 +69,10 @@ class Case:
                                       device=device)
             self.v_cache = self.k_cache.clone()
             for b, n in enumerate(cached):
-                for p in range(n):
-                    page = int(self.block_table[b, p // page_size])
-                    self.k_cache[page, p % page_size] = self.k[b, p]
-                    self.v_cache[page, p % page_size] = self.v[b, p]
+                pos = torch.arange(n, device=device)
+                pages = self.block_table[b].long()[pos // page_size]
+                self.k_cache[pages, pos % page_size] = self.k[b, :n]
+                self.v_cache[pages, pos % page_size] = self.v[b, :n]
         self.k_new = self.v_new = None
         if n_new:
             self.k_new = torch.stack([self.k[b, n - n_new:n] for b, n in enumerate(lens)])
