@@ -255,6 +255,35 @@ def test_generation_crossing_original_length_matches_full_recompute():
     assert case.lens[0] < ORIGINAL < lens[0]
 
 
+@needs_triton
+@pytest.mark.parametrize("n_q", [1, 3])
+def test_positions_near_two_million(n_q):
+    """Angles at positions ~2**21 (paged cache whose unread pages all alias one page; a window keeps the read
+    to the last keys) against the reference at the same explicit positions."""
+    page_size, window, length = 16, 40, 2 ** 21 - 7
+    rope = longrope(64, original=4096)
+    g = torch.Generator().manual_seed(53)
+    n_pages = -(-length // page_size)
+    table = torch.zeros(1, n_pages, dtype=torch.int32)
+    table[0, -4:] = torch.arange(1, 5, dtype=torch.int32)
+    k_cache = torch.randn(5, page_size, 2, 64, generator=g)
+    v_cache = torch.randn(5, page_size, 2, 64, generator=g)
+    q = torch.randn(1, n_q, 4, 64, generator=g)
+    seqlens = torch.tensor([length], dtype=torch.int32)
+    out, lse = scaled_rope_attention_with_kvcache(q, k_cache, v_cache, rope, cache_seqlens=seqlens,
+                                                  block_table=table, window=window, return_lse=True,
+                                                  backend="triton")
+    first = length - n_q - window + 1
+    pos = torch.arange(first, length)
+    pages = table[0].long()[pos // page_size]
+    k, v = k_cache[pages, pos % page_size][None], v_cache[pages, pos % page_size][None]
+    q_pos = torch.arange(length - n_q, length)[None]
+    expected = [reference.attention(q.to(cd), k.to(cd), v.to(cd), rope, q_positions=q_pos, k_positions=pos[None],
+                                    window=window, compute_dtype=cd) for cd in (torch.float64, torch.float32)]
+    assert_close_to_gold("out", out, expected[0][0], expected[1][0], torch.float32)
+    assert_close_to_gold("lse", lse, expected[0][1], expected[1][1], torch.float32)
+
+
 # ---- argument checks ----------------------------------------------------------------------------------------
 def _args(**over):
     q = torch.randn(2, 1, 4, 64)
