@@ -467,13 +467,15 @@ if _INTERPRET:  # one config, deliberately rectangular so that tile-range arithm
     _DKDV_CONFIGS = _configs([(32, 16, 4, 1)])
     _DQ_CONFIGS = _configs([(16, 32, 4, 1)])
 else:  # the first config that fits is the one SCALED_ROPE_AUTOTUNE=0 uses: keep the safest first
-    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3),
-                             (64, 32, 4, 2)])
-    _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)])
-    _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)])
+    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)])
+    _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3)])
+    _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2)])
+# used only when no config above fits the estimate (head dim 256 with ReRoPE or fp32)
+_FALLBACK = {"fwd": _configs([(64, 32, 4, 2)])[0], "dkdv": _configs([(32, 64, 4, 2)])[0],
+             "dq": _configs([(64, 32, 4, 2)])[0]}
 
 _MAX_FP32_PER_THREAD = 192  # accumulators + score tiles held in registers
-_MAX_SHARED_BYTES = 200 * 1024  # H100 has 227 KB per block; leave room for layout conversions
+_MAX_SHARED_BYTES = 180 * 1024  # H100 has 227 KB per block; leave room for layout conversions
 
 
 def _fits(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int, rerope: bool,
@@ -502,8 +504,7 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
     elem = named_args["Q"].element_size() if "Q" in named_args else 2
     kept = [c for c in configs if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                                         block_d, rerope, elem)]
-    if not kept:  # nothing fits the estimate: the smallest tiles
-        kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    kept = kept or [_FALLBACK[kind]]
     if os.environ.get("SCALED_ROPE_AUTOTUNE", "1") == "0":
         kept = kept[:1]
     return kept
