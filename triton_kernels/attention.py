@@ -905,6 +905,11 @@ class _Plan:
                     LOGN=self.logn, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
+def _length_bucket(nq: int, nk: int) -> int:
+    """Autotune key for the lengths: powers of two up to 16k; longer sequences reuse the 16k choice."""
+    return min(triton.next_power_of_2(max(nq, nk)), 16384)
+
+
 def _scratch_like(x: torch.Tensor) -> torch.Tensor:
     """A (B, N, H, D) view of a fresh (B, H, N, D) buffer: each head's rows are one contiguous block."""
     batch, n, heads, dim = x.shape
@@ -959,7 +964,7 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
     q_r, k_r, q_f, k_f = _rotate_inputs(q, k, q_pos, k_pos, plan)
     qp, stride_qpb, stride_qpn = _pos_args(q_pos, plan.explicit, q_r)
     kp, stride_kpb, stride_kpn = _pos_args(k_pos, plan.explicit, q_r)
-    n_bucket = triton.next_power_of_2(max(nq, nk))
+    n_bucket = _length_bucket(nq, nk)
 
     def grid(meta):
         return triton.cdiv(nq, meta["BLOCK_M"]), batch * heads
@@ -982,7 +987,7 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if do.stride(-1) != 1:
         do = do.contiguous()
-    consts = plan.constexprs(dim, triton.next_power_of_2(max(nq, nk)), q.dtype)
+    consts = plan.constexprs(dim, _length_bucket(nq, nk), q.dtype)
     delta = _alloc.empty((batch, heads, nq), torch.float32, q.device)
     has_dlse = dlse is not None
     dlse = dlse.contiguous() if has_dlse else delta
