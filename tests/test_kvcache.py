@@ -161,6 +161,13 @@ def test_rerope_decode(leak, n_q):
 
 
 @needs_triton
+def test_rerope_with_window_logn_noncausal_gqa():
+    case = Case([4, 50, 93], n_new=4, n_q=4, hq=6, hkv=2, seed=59, page_size=32)
+    case.check(RopeScaling.default(64, layout="interleaved"), causal=False, window=45, rerope_window=20,
+               rerope_leak=3.0, logn_base=16.0)
+
+
+@needs_triton
 def test_softmax_scale_and_window_decode():
     case = Case([10, 77], seed=19)
     case.check(RopeScaling.default(64), window=30, softmax_scale=0.3)

@@ -423,16 +423,17 @@ def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
     return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
 
 
-def default_config(head_dim: int, block_m: int, page_size: int | None, heavy: bool) -> dict:
+def default_config(head_dim: int, elem_size: int, block_m: int, page_size: int | None, heavy: bool) -> dict:
     """BLOCK_N / num_warps / num_stages / maxnreg; one config under the interpreter. heavy: Leaky ReRoPE or n_hat
-    (two key rotations or an exact per-element path): these spill at 128 registers (ptxas -v, sm_90a)."""
-    block_n = 64 if head_dim <= 128 else 32
+    (two key rotations or an exact per-element path): these spill at 128 registers (ptxas -v, sm_90a). K and V
+    stages take 2 * 3 * BLOCK_N * D * elem_size bytes of shared memory: 96 KB at BLOCK_N 64, D 128, 16 bits."""
+    block_n = 64 if head_dim * elem_size <= 256 else 32
     if page_size is not None:
         block_n = min(block_n, page_size)
     if _INTERPRET:
         return {"BLOCK_N": min(block_n, 32), "num_warps": 4, "num_stages": 1}
     config = {"BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
-    if block_m <= 16 and head_dim <= 128 and not heavy:  # 2 CTAs of 8 warps per SM, no spills
+    if block_m <= 16 and head_dim * elem_size <= 256 and not heavy:  # 2 CTAs of 8 warps per SM, no spills
         config["maxnreg"] = 128
     return config
 
@@ -465,7 +466,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
     block_m = min(64, _pow2(rows))
     n_m_blocks = triton.cdiv(rows, block_m)
     heavy = tables is not None and (tables.n_hat > 0 or (rerope_window is not None and rerope_leak is not None))
-    cfg = dict(default_config(head_dim, block_m, page_size, heavy), **(config or {}))
+    cfg = dict(default_config(head_dim, q.element_size(), block_m, page_size, heavy), **(config or {}))
     if paged:  # a tile must lie in one page
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], page_size)
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
