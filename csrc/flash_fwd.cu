@@ -17,6 +17,7 @@
 // keys). With default positions the key tile range is also cut analytically; with explicit positions a prepass
 // writes each key tile's (min, max).
 #include "flash_fwd.h"
+#include "flash_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,6 +29,8 @@
 namespace scaled_rope {
 namespace {
 
+using namespace flash;
+
 constexpr int kBlockM = 128;
 constexpr int kBlockN = kFlashBlockN;
 constexpr int kWarps = 4;
@@ -35,29 +38,11 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kMT = kBlockM / (16 * kWarps);  // m16 tiles per warp
 constexpr int kRows = 2 * kMT;                 // query rows per thread: g and g + 8 of each m16 tile
 constexpr int kNB = kBlockN / 8;               // n8 blocks of S per warp
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
 // CTAs per SM the register budget is sized for: 2 gives 255 registers, what D = 128 needs for its 32 x 128 output
 // accumulator (128 registers) and 32 x 64 scores (64) per thread without spills.
 constexpr int kMinBlocks = 2;
 
-constexpr int kNear = 1;  // tile modes (bits): which product a key tile needs; 0 = skip
-constexpr int kFar = 2;
-
-// ---- PTX wrappers ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16 bytes global -> shared; zero-fills the destination (and reads nothing) when !valid.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
+// ---- PTX wrappers (mma.sync, ldmatrix) ----------------------------------------------------------------------
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -88,23 +73,6 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Two floats -> one register of two 16-bit values (lo in the low half: the lower column).
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // ---- shared-memory tiles --------------------------------------------------------------------------------------
@@ -233,11 +201,6 @@ __global__ void __launch_bounds__(kBlockN) k_tile_minmax_kernel(const int32_t* _
     minmax[(b * n_tiles + j) * 2 + 1] = max(partial[1][0], partial[1][1]);
   }
 }
-
-struct TileClass {
-  int mode;          // 0: skip; else kNear and/or kFar
-  bool elementwise;  // some pair of the tile is masked (or the tile is partial)
-};
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const FlashFwdParams p, int num_q_tiles) {
@@ -600,6 +563,9 @@ std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     const std::string err = launch_error("key tile prepass launch failed");
     if (!err.empty()) return err;
   }
+  bool launched = false;
+  const std::string err = flash::flash_fwd_sm90(p, stream, &launched);
+  if (launched) return err;
   if (p.dtype == kFloat16) {
     return p.head_dim == 64 ? launch<__half, 64>(p, stream) : launch<__half, 128>(p, stream);
   }

@@ -1,0 +1,522 @@
+// FlashAttention forward for sm_90a (H100/H200) over already rotated q and k, head_dim 128: warpgroup MMA (wgmma).
+// Semantics as csrc/flash_fwd.h; csrc/flash_fwd.cu launches this kernel where it applies and the sm_80 one otherwise.
+//
+// One CTA of two warpgroups takes kBlockM = 128 query rows of one (batch, q head), 64 rows per warpgroup; keys come in
+// tiles of kBlockN = 128. S = Q K^T is one wgmma.m64n128k16 chain per warpgroup with Q and K both read from shared
+// memory, and O += P V takes P from registers (the S accumulator layout is the A-fragment layout) and V from shared
+// memory as an N-major operand, so no tile is ever transposed. Every tile is stored as 64-column blocks of 128-byte
+// rows with 16-byte chunks XOR-swizzled by (row & 7), the hardware's 128-byte swizzle (bases 1024-byte aligned).
+// K and V go through a two-stage cp.async ring: the copy of tile i + 2 is issued as soon as tile i is consumed, so
+// one full tile of copying overlaps each tile of compute. Query tiles are numbered heaviest first over all heads.
+//
+// Tile classification is that of the sm_80 kernel: skipped, unmasked or masked tiles; for ReRoPE the near pair, the
+// far pair, or (straddling the window) two visits of the tile, near keys with (q, k) then far keys with
+// (q_far, k_far), each masked to its keys. A visit loads its own K (near or far) and V, so a stage holds one K.
+#include "flash_common.cuh"
+
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SCALED_ROPE_SM90A 1
+#endif
+
+namespace scaled_rope {
+namespace flash {
+namespace {
+
+constexpr int kD = 128;
+constexpr int kBlockM = 128;
+constexpr int kBlockN = 128;
+constexpr int kThreads = 256;               // two warpgroups
+constexpr int kNB = kBlockN / 8;            // n8 blocks of S per thread row
+static_assert(kNB * 8 == kBlockN && kBlockN % kFlashBlockN == 0, "key tiles of whole n8 blocks and prepass tiles");
+constexpr int kPrepassTiles = kBlockN / kFlashBlockN;  // key tiles of the (min, max) prepass per key tile
+constexpr int kQBytes = kBlockM * kD * 2;
+constexpr int kKVBytes = kBlockN * kD * 2;
+constexpr int kStages = 2;
+
+// ---- wgmma wrappers ----------------------------------------------------------------------------------------------
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte offsets (>> 4 each).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t leading, uint32_t stride) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((leading & 0x3FFFF) >> 4) << 16) |
+         (static_cast<uint64_t>((stride & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Orders the accumulator registers after a wgmma wait (the asm statements are volatile, so they keep their order).
+__device__ __forceinline__ void fence_regs(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// cp.async writes (generic proxy) made visible to wgmma operand reads (async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// d (m64 x n128, fp32) = (scale_d ? d : 0) + A (m64 x k16, shared, K-major) * B (k16 x n128, shared, K-major).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, int scale_d);
+// d += A (m64 x k16, registers) * B (k16 x n128, shared, N-major).
+template <typename T>
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int scale_d);
+
+template <>
+__device__ __forceinline__ void wgmma_ss<__nv_bfloat16>(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<__nv_bfloat16>(float (&d)[64], const uint32_t (&a)[4], uint64_t b,
+                                                   int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<__half>(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<__half>(float (&d)[64], const uint32_t (&a)[4], uint64_t b,
+                                                   int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+}
+
+// ---- kernel -------------------------------------------------------------------------------------------------------
+// ROWS x 128 tile from global into 64-column blocks of swizzled 128-byte rows; rows >= rows_valid are zero-filled.
+template <typename T, int ROWS>
+__device__ __forceinline__ void load_tile(uint32_t tile, const T* gmem, int64_t row_stride, int rows_valid) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(ROWS % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "tile must split evenly over the threads");
+  const int row = static_cast<int>(threadIdx.x) / kChunks;
+  const int chunk = static_cast<int>(threadIdx.x) % kChunks;
+  const uint32_t dst = tile + (chunk >> 3) * ROWS * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+  const T* src = gmem + row * row_stride + chunk * 8;
+#pragma unroll
+  for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
+    const bool valid = row + i * kRowsPerPass < rows_valid;
+    cp_async_16(dst + i * kRowsPerPass * 128, valid ? src + i * kRowsPerPass * row_stride : gmem, valid);
+  }
+}
+
+struct Visit {
+  int j;       // key tile; j_end when done
+  bool far;    // product of this visit: far pair (q_far, k_far) or near pair (q, k)
+  bool masked; // per-element masks needed
+  bool split;  // straddling tile: this visit keeps only keys on its side of the ReRoPE window
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const FlashFwdParams p, int num_q_tiles) {
+#ifdef SCALED_ROPE_SM90A
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int q_range[2][kThreads / 32];
+  const bool rerope = p.rerope_window > 0;
+  const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;  // the launch adds 1024 bytes of slack
+  const uint32_t sQf = sQ + kQBytes;                           // ReRoPE only
+  const uint32_t sStages = sQ + (rerope ? 2 : 1) * kQBytes;    // stage s: K at + s * 2 * kKVBytes, V after it
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32, lane = tid % 32;
+  const int wg = tid / 128;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t bh_count = p.batch * p.heads_q;
+  const int64_t bh = blockIdx.x % bh_count;
+  const int q_tile = num_q_tiles - 1 - static_cast<int>(blockIdx.x / bh_count);
+  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
+  const int m0 = q_tile * kBlockM;
+  const int window = p.window > 0 ? static_cast<int>(min(p.window, static_cast<int64_t>(INT_MAX))) : 0;
+  const int rerope_w = rerope ? static_cast<int>(min(p.rerope_window, static_cast<int64_t>(INT_MAX))) : 0;
+  const int32_t* k_pos = p.k_positions ? p.k_positions + b * p.k_positions_batch_stride : nullptr;
+
+  // This thread's rows: r = 0, 1 is row m0 + 16 * warp + g + 8 r (warp w of the CTA owns rows 16w..16w+15), holding
+  // accumulator elements [4 nb + 2 r] and [4 nb + 2 r + 1] (columns 8 nb + 2t, +1) of every n8 block nb.
+  int pos[2];
+  float row_scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + warp * 16 + g + 8 * r;
+    if (p.q_positions) {
+      pos[r] = row < seqlen_q ? p.q_positions[b * p.q_positions_batch_stride + row] : 0;
+    } else {
+      pos[r] = seqlen_k - seqlen_q + row;
+    }
+    float scale = p.softmax_scale * kLog2e;
+    if (p.logn_base > 0.0f) scale *= fmaxf(1.0f, logf(static_cast<float>(pos[r]) + 1.0f) / logf(p.logn_base));
+    row_scale[r] = scale;
+  }
+
+  int q_min, q_max;
+  if (p.q_positions) {
+    int lo = INT_MAX, hi = INT_MIN;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (m0 + warp * 16 + g + 8 * r < seqlen_q) {
+        lo = min(lo, pos[r]);
+        hi = max(hi, pos[r]);
+      }
+    }
+    lo = __reduce_min_sync(0xffffffffu, lo);
+    hi = __reduce_max_sync(0xffffffffu, hi);
+    if (lane == 0) {
+      q_range[0][warp] = lo;
+      q_range[1][warp] = hi;
+    }
+    __syncthreads();
+    q_min = INT_MAX;
+    q_max = INT_MIN;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) {
+      q_min = min(q_min, q_range[0][w]);
+      q_max = max(q_max, q_range[1][w]);
+    }
+  } else {
+    q_min = seqlen_k - seqlen_q + m0;
+    q_max = seqlen_k - seqlen_q + min(m0 + kBlockM, seqlen_q) - 1;
+  }
+
+  const int n_tiles = (seqlen_k + kBlockN - 1) / kBlockN;
+  const int n_prepass = (seqlen_k + kFlashBlockN - 1) / kFlashBlockN;
+  int j_begin = 0, j_end = n_tiles;
+  if (!k_pos) {
+    if (p.causal) j_end = q_max < 0 ? 0 : min(j_end, q_max / kBlockN + 1);
+    if (window) {
+      const int64_t first = static_cast<int64_t>(q_min) - window + 1;
+      if (first > 0) j_begin = static_cast<int>(min(first / kBlockN, static_cast<int64_t>(n_tiles)));
+    }
+  }
+
+  auto classify = [&](int j) -> TileClass {
+    int k_min, k_max;
+    if (k_pos) {
+      k_min = INT_MAX;
+      k_max = INT_MIN;
+#pragma unroll
+      for (int i = 0; i < kPrepassTiles; ++i) {
+        const int jp = j * kPrepassTiles + i;
+        if (jp < n_prepass) {
+          const int2 mm = reinterpret_cast<const int2*>(p.k_tile_minmax)[b * n_prepass + jp];
+          k_min = min(k_min, mm.x);
+          k_max = max(k_max, mm.y);
+        }
+      }
+    } else {
+      k_min = j * kBlockN;
+      k_max = min(j * kBlockN + kBlockN, seqlen_k) - 1;
+    }
+    const int64_t d_min = static_cast<int64_t>(q_min) - k_max, d_max = static_cast<int64_t>(q_max) - k_min;
+    TileClass c{0, false};
+    if ((p.causal && d_max < 0) || (window && d_min >= window)) return c;
+    c.elementwise = (j + 1) * kBlockN > seqlen_k || (p.causal && d_min < 0) || (window && d_max >= window);
+    if (!rerope || d_max < rerope_w) {
+      c.mode = kNear;
+    } else {
+      c.mode = d_min >= rerope_w ? kFar : (kNear | kFar);
+    }
+    return c;
+  };
+  auto first_visit = [&](int j) -> Visit {
+    for (; j < j_end; ++j) {
+      const TileClass c = classify(j);
+      if (c.mode == (kNear | kFar)) return Visit{j, false, true, true};
+      if (c.mode) return Visit{j, c.mode == kFar, c.elementwise, false};
+    }
+    return Visit{j_end, false, false, false};
+  };
+  auto advance = [&](const Visit& v) -> Visit {
+    if (v.j >= j_end) return v;
+    if (v.split && !v.far) return Visit{v.j, true, true, true};
+    return first_visit(v.j + 1);
+  };
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const int64_t k_off = b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  auto load_visit = [&](const Visit& v, int stage) {
+    const uint32_t sK = sStages + stage * 2 * kKVBytes;
+    const int64_t n0 = static_cast<int64_t>(v.j) * kBlockN;
+    const int rows = seqlen_k - v.j * kBlockN;
+    const T* k_base = static_cast<const T*>(v.far ? p.k_far : p.k) + k_off;
+    load_tile<T, kBlockN>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, rows);
+    load_tile<T, kBlockN>(sK + kKVBytes, v_base + n0 * p.v_row_stride, p.v_row_stride, rows);
+  };
+  auto key_position = [&](int col) -> int {
+    if (!k_pos) return col;
+    return col < seqlen_k ? k_pos[col] : 0;
+  };
+
+  // Prologue: Q (and far Q) with the first visit in group 0, the second visit in group 1.
+  Visit cur = first_visit(j_begin);
+  const int q_rows = seqlen_q - m0;
+  load_tile<T, kBlockM>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
+  if (rerope) {
+    const T* qf_base = static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride;
+    load_tile<T, kBlockM>(sQf, qf_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
+  }
+  if (cur.j < j_end) load_visit(cur, 0);
+  cp_async_commit();
+  Visit nxt = advance(cur);
+  if (nxt.j < j_end) load_visit(nxt, 1);
+  cp_async_commit();
+
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
+  float row_sum[2] = {0.0f, 0.0f};            // this thread's partial sums
+
+  int stage = 0;
+  while (cur.j < j_end) {
+    const int n0 = cur.j * kBlockN;
+    const uint32_t sK = sStages + stage * 2 * kKVBytes;
+    const uint32_t sV = sK + kKVBytes;
+    cp_async_wait_one();  // this visit's group has landed (the next visit's may still be in flight)
+    fence_proxy_async();
+    __syncthreads();
+
+    // S = Q K^T: 8 k16 steps; step kk reads 32 bytes at (kk % 4) * 32 of the rows of column block kk / 4.
+    float s[64];
+    const uint32_t q_tile_addr = (cur.far ? sQf : sQ) + wg * 64 * 128;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t da = smem_desc(q_tile_addr + (kk >> 2) * kBlockM * 128 + (kk & 3) * 32, 16, 1024);
+      const uint64_t db = smem_desc(sK + (kk >> 2) * kBlockN * 128 + (kk & 3) * 32, 16, 1024);
+      wgmma_ss<T>(s, da, db, kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(s);
+
+    // Scale to log2 units, then mask (after scaling, so that a negative softmax_scale cannot flip -inf).
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s[i] *= row_scale[(i >> 1) & 1];
+    if (cur.masked) {
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + nb * 8 + 2 * t + e;
+          const int key = key_position(col);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int delta = pos[r] - key;
+            const bool allowed = col < seqlen_k && (!p.causal || delta >= 0) && (!window || delta < window) &&
+                                 (!cur.split || (delta >= rerope_w) == cur.far);
+            if (!allowed) s[4 * nb + 2 * r + e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Online softmax; a row with nothing allowed so far keeps max -inf and uses 0 as its reference.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) mx = fmaxf(mx, fmaxf(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float ref = mx == -INFINITY ? 0.0f : mx;
+      const float alpha = ex2(row_max[r] - ref);
+      row_max[r] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = ex2(s[4 * nb + 2 * r + e] - ref);
+          s[4 * nb + 2 * r + e] = pr;
+          sum += pr;
+        }
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int db = 0; db < kD / 8; ++db) {
+        o[4 * db + 2 * r] *= alpha;
+        o[4 * db + 2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V: 8 k16 steps over the keys; P's A fragment for keys 16kk.. is n8 blocks 2kk and 2kk + 1 of S.
+    uint32_t pa[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      // V tile as an N-major operand: 64-column blocks kBlockN * 128 bytes apart, 8-key groups 1024 bytes apart.
+      wgmma_rs<T>(o, pa[kk], smem_desc(sV + kk * 16 * 128, kBlockN * 128, 1024), 1);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_regs(o);
+
+    __syncthreads();  // every warpgroup is done with this stage
+    const Visit after = advance(nxt);
+    if (after.j < j_end) load_visit(after, stage);
+    cp_async_commit();
+    cur = nxt;
+    nxt = after;
+    stage ^= 1;
+  }
+  cp_async_wait_all();
+
+  // Epilogue: normalise, write out (input dtype) and lse (natural log); empty rows give 0 and -inf.
+  T* out_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int row = m0 + warp * 16 + g + 8 * r;
+    if (row >= seqlen_q) continue;
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    T* out_row = out_base + row * p.o_row_stride;
+#pragma unroll
+    for (int db = 0; db < kD / 8; ++db) {
+      *reinterpret_cast<uint32_t*>(out_row + db * 8 + 2 * t) =
+          pack2<T>(o[4 * db + 2 * r] * inv, o[4 * db + 2 * r + 1] * inv);
+    }
+    if (t == 0) lse_base[row] = sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
+  }
+#endif
+}
+
+std::string launch_error(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return "";
+  return std::string("flash_fwd (sm_90a): ") + what + ": " + cudaGetErrorString(err);
+}
+
+// 1 when this build holds sm_90a code for the kernel and the current device runs it, else 0 (cached per kernel).
+template <typename T>
+bool sm90_available() {
+  static const bool available = [] {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) {
+      cudaGetLastError();
+      return false;
+    }
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T>) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attr.binaryVersion == 90;
+  }();
+  return available;
+}
+
+template <typename T>
+std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
+  const bool rerope = p.rerope_window > 0;
+  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + kStages * 2 * kKVBytes + 1024);
+  auto kernel = flash_fwd_sm90_kernel<T>;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("flash_fwd (sm_90a): cannot reserve shared memory: ") + cudaGetErrorString(err);
+  }
+  const int64_t num_q_tiles = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t blocks = num_q_tiles * p.batch * p.heads_q;
+  if (blocks > INT_MAX) return "flash_fwd: batch * heads_q * ceil(seqlen_q / 128) is too large";
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, static_cast<int>(num_q_tiles));
+  return launch_error("attention kernel launch failed");
+}
+
+}  // namespace
+
+std::string flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream, bool* launched) {
+  *launched = false;
+  if (p.head_dim != kD) return "";
+  const char* force_sm80 = std::getenv("SCALED_ROPE_FLASH_SM80");
+  if (force_sm80 != nullptr && force_sm80[0] != '\0' && force_sm80[0] != '0') return "";
+  if (p.dtype == kFloat16) {
+    if (!sm90_available<__half>()) return "";
+    *launched = true;
+    return launch<__half>(p, stream);
+  }
+  if (!sm90_available<__nv_bfloat16>()) return "";
+  *launched = true;
+  return launch<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace flash
+}  // namespace scaled_rope
