@@ -1,12 +1,11 @@
 """Triton attention (forward + backward) against the reference with the DESIGN.md section 5 rule.
 
-Interpreter tier: fp32/fp16 at small shapes (fp32 where each output sums enough terms for the 2x-baseline rule to
-measure the kernel rather than the luck of one rounding; masking and lengths in fp16); without a GPU it runs on the CPU under TRITON_INTERPRET=1 (the
-interpreter uses one rectangular tile config, 16x32 / 32x16, so short sequences already span many tiles), with a
-GPU the same tests run on it. GPU tier (marked `gpu`): bf16/fp16, long sequences, every feature, every autotune
-config.
+Interpreter tier: fp32/fp16 at small shapes; without a GPU it runs on the CPU under TRITON_INTERPRET=1 (one
+rectangular tile config, 16x32 / 32x16, so short sequences already span many tiles), with a GPU the same tests run
+on it. fp32 where each output sums enough terms for the 2x-baseline rule to measure the kernel rather than the luck
+of one rounding; masking and lengths in fp16. GPU tier (marked `gpu`): bf16/fp16, long sequences, every feature,
+every autotune config.
 """
-import os
 
 import pytest
 import torch

@@ -80,8 +80,7 @@ def _fdiv_pos(x, b: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, offs_d, ROW_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+def _load_tile(ptrs, rows, n_rows, offs_d, ROW_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile; rows >= n_rows (when ROW_MASK) and columns >= HEAD_DIM read as zero."""
     if ROW_MASK:
         if BLOCK_D == HEAD_DIM:
@@ -138,10 +137,9 @@ def _allowed(delta, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
-              Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn, stride_vn, window,
+              rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
+              MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key tile of the online softmax. K/K_far/V point at (batch, kv head); start_n is the tile's first key."""
     cols = start_n + offs_n
     k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
@@ -178,40 +176,40 @@ def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_sca
 
 
 @triton.jit
-def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale,
-                 Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn, stride_vn, window,
+                 rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
+                 MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     """Key tiles lo..hi-1 of one kind, default positions (key Q = its index)."""
     for t in range(lo, hi):
         start_n = t * BLOCK_N
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, start_n + offs_n,
-                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                  CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, start_n + offs_n, row_scale, Nk,
+                                  stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, MODE,
+                                  MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale,
-                  Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale, Nk, stride_kn,
+                  stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  RERORE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """Tiles lo..hi-1 split by ReRoPE kind: far below t_far, straddling up to t_near, near from t_near."""
     if RERORE:
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, tl.minimum(hi, t_far), qpos,
-                                     row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                     CAUSAL, HAS_WINDOW, FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, tl.minimum(hi, t_far), qpos, row_scale,
+                                     Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
+                                     FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
         acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, tl.maximum(lo, t_far),
                                      tl.minimum(hi, t_near), qpos, row_scale, Nk, stride_kn, stride_vn, window,
-                                     rerope_w, offs_n, offs_d,
-                                     CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, tl.maximum(lo, t_near), hi, qpos,
-                                     row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                     CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                     rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D,
+                                     BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, tl.maximum(lo, t_near), hi, qpos, row_scale,
+                                     Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
+                                     NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     else:
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale,
-                                     Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                     CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn,
+                                     stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR, MASK,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -283,10 +281,10 @@ def _tile_kind(d_min, d_max, rerope_w):
 
 
 @triton.jit
-def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m, qpos, kpos,
-                 Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
-                 LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m, qpos, kpos, Nq, stride_qm, stride_dom,
+                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, LOGN: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query tile's contribution to dk (near), dk_far and dv of a key tile, all in the transposed form
     (rows = keys). Q/Q_far/DO/Lse/Delta point at (batch, q head)."""
     rows = start_m + offs_m
@@ -334,8 +332,8 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
 
 
 @triton.jit
-def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos, qoff,
-                    Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos, qoff, Nq, stride_qm,
+                    stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
                     LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     DOT_PREC: tl.constexpr):
@@ -344,44 +342,44 @@ def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, h
         start_m = i * BLOCK_M
         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
                                       qoff + start_m + offs_m, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, MODE,
-                                      MASK, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, MODE, MASK,
+                                      LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
     return dk, dk_far, dv
 
 
 @triton.jit
-def _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, i_near, i_far, kpos, qoff,
-                     Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+def _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, i_near, i_far, kpos, qoff, Nq,
+                     stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
                      LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      DOT_PREC: tl.constexpr):
     """Query tiles lo..hi-1 split by ReRoPE kind: near below i_near, straddling up to i_far, far from i_far."""
     if RERORE:
         dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo,
-                                         tl.minimum(hi, i_near), kpos, qoff, Nq, stride_qm, stride_dom,
-                                         sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                         CAUSAL, HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta,
-                                         tl.maximum(lo, i_near), tl.minimum(hi, i_far), kpos, qoff, Nq, stride_qm,
-                                         stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                         CAUSAL, HAS_WINDOW, BOTH, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta,
-                                         tl.maximum(lo, i_far), hi, kpos, qoff, Nq, stride_qm, stride_dom,
-                                         sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                         CAUSAL, HAS_WINDOW, FAR, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                         tl.minimum(hi, i_near), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
+                                         sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
+                                         HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, tl.maximum(lo, i_near),
+                                         tl.minimum(hi, i_far), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
+                                         sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
+                                         HAS_WINDOW, BOTH, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, tl.maximum(lo, i_far),
+                                         hi, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
+                                         inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, FAR, MASK,
+                                         LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
     else:
-        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos,
-                                         qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window,
-                                         rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM,
-                                         BLOCK_D, BLOCK_M, DOT_PREC)
+        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos, qoff, Nq,
+                                         stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w,
+                                         offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM, BLOCK_D,
+                                         BLOCK_M, DOT_PREC)
     return dk, dk_far, dv
 
 
 @triton.jit
-def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos, row_scale,
-                Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn,
+                stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     """One key tile's contribution to dq (near) and dq_far of a query tile (unscaled: times softmax scale later)."""
     cols = start_n + offs_n
     k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
@@ -416,38 +414,39 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n
 
 
 @triton.jit
-def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, qpos, row_scale,
-                   Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn,
+                   stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     for t in range(lo, hi):
         start_n = t * BLOCK_N
-        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, start_n + offs_n,
+        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
+        start_n + offs_n,
                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                  CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
     return dq, dq_far
 
 
 @triton.jit
-def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale,
-                    Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale, Nk,
+                    stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     if RERORE:
         dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, tl.minimum(hi, t_far),
-                                    qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                    CAUSAL, HAS_WINDOW, FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                    qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                    HAS_WINDOW, FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
         dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, tl.maximum(lo, t_far),
-                                    tl.minimum(hi, t_near), qpos, row_scale, Nk, stride_kn, stride_vn, window,
-                                    rerope_w, offs_n, offs_d,
-                                    CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                    tl.minimum(hi, t_near), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
+                                    offs_n, offs_d, CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                    DOT_PREC)
         dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, tl.maximum(lo, t_near), hi,
-                                    qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                    CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                    qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                    HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     else:
         dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, qpos, row_scale,
-                                    Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                    CAUSAL, HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                    Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
+                                    NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     return dq, dq_far
 
 
@@ -471,7 +470,7 @@ else:  # the first config that fits is the one SCALED_ROPE_AUTOTUNE=0 uses: keep
     _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3)])
     _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2)])
 # used only when no config above fits the estimate (head dim 256 with ReRoPE or fp32)
-_FALLBACK = {"fwd": _configs([(64, 32, 4, 2)])[0], "dkdv": _configs([(32, 64, 4, 2)])[0],
+_FALLBACK = { "fwd": _configs([(64, 32, 4, 2)])[0], "dkdv": _configs([(32, 64, 4, 2)])[0],
              "dq": _configs([(64, 32, 4, 2)])[0]}
 
 _MAX_FP32_PER_THREAD = 192  # accumulators + score tiles held in registers
@@ -515,12 +514,10 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
 # ----------------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="fwd")})
 @triton.jit
-def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos,
-              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-              Nq, Nk, H, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+              stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_qpb, stride_qpn,
+              stride_kpb, stride_kpn, Nq, Nk, H, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w,
+              N_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -575,38 +572,35 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos,
                 if RERORE:
                     kind = _tile_kind(d_min, d_max, rerope_w)
                     if kind == 0:
-                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos,
-                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                                  offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D,
-                                                  DOT_PREC)
+                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
+                                                  Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                                  HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                     elif kind == 1:
-                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos,
-                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                                  offs_d, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
-                                                  DOT_PREC)
+                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
+                                                  Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                                  HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                     else:
-                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos,
-                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                                  offs_d, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
-                                                  DOT_PREC)
+                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
+                                                  Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                                  HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                 else:
-                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos,
-                                              row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                              offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
+                                              stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                              HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
-        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW,
-                                                           RERORE, BLOCK_N)
+        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, RERORE,
+                                                           BLOCK_N)
         if HAS_WINDOW:
-            acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, t_lo, a, t_far, t_near, qpos,
-                                          row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                          CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, a, b, t_far, t_near, qpos,
-                                      row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                      CAUSAL, HAS_WINDOW, RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, b, t_hi, t_far, t_near, qpos,
-                                      row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                      CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, t_lo, a, t_far, t_near, qpos, row_scale,
+                                          Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                          HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, a, b, t_far, t_near, qpos, row_scale, Nk,
+                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
+                                      RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, b, t_hi, t_far, t_near, qpos, row_scale, Nk,
+                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
+                                      RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
@@ -624,8 +618,8 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos,
 
 
 @triton.jit
-def _attn_bwd_preprocess(Out, DO, DLse, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                         Nq, H, HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _attn_bwd_preprocess(Out, DO, DLse, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, Nq,
+                         H, HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr):
     """Delta = rowsum(dO * O) - dLse (an lse gradient enters the softmax backward as a shift of Delta)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -646,18 +640,15 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta, stride_ob, stride_oh, stride_om, 
     tl.store(Delta + lse_offs, delta, mask=rows < Nq)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY,
-                 prune_configs_by={"early_config_prune": partial(_prune, kind="dkdv")})
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="dkdv")})
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, KPos,
-                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                   stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-                   Nq, Nk, H, HKV, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, KPos, stride_qb, stride_qh, stride_qm,
+                   stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_qpb, stride_qpn,
+                   stride_kpb, stride_kpn, Nq, Nk, H, HKV, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window,
+                   rerope_w, N_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of one kv head: dk (near and far, w.r.t. the rotated k) and dv, summed over the q heads of the
     group and every query tile."""
     pid_n = tl.program_id(0)
@@ -718,41 +709,41 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                         kind = _tile_kind(d_min, d_max, rerope_w)
                         if kind == 0:
                             dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
-                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom,
-                                                          sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
-                                                          offs_d, CAUSAL, HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM,
-                                                          BLOCK_D, DOT_PREC)
+                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
+                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                                          CAUSAL, HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM, BLOCK_D,
+                                                          DOT_PREC)
                         elif kind == 1:
                             dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
-                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom,
-                                                          sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
-                                                          offs_d, CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM,
-                                                          BLOCK_D, DOT_PREC)
+                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
+                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                                          CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM, BLOCK_D,
+                                                          DOT_PREC)
                         else:
                             dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
-                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom,
-                                                          sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
-                                                          offs_d, CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM,
-                                                          BLOCK_D, DOT_PREC)
+                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
+                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                                          CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM, BLOCK_D,
+                                                          DOT_PREC)
                     else:
                         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
-                                                      start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
-                                                      HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                      start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
+                                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                                      CAUSAL, HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
         else:
             qoff = Nk - Nq
             dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, i_lo, a,
-                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
-                                              RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-            dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, a, b,
-                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
-                                              RERORE, False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
+                                              sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
+                                              HAS_WINDOW, RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+            dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, a, b, i_near,
+                                              i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
+                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, RERORE,
+                                              False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
             dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, b, i_hi,
-                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
-                                              RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
+                                              sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
+                                              HAS_WINDOW, RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
 
     if LOGN:  # the per-row scale is already inside ds
         ds_scale = 1.0
@@ -762,8 +753,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
         + (offs_n[:, None] * stride_dkn + offs_d[None, :])
     _store_tile(DK + dk_offs, (dk * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
     if RERORE:
-        _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM,
-                    BLOCK_D)
+        _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
     dv_offs = off_b * stride_dvb + off_hk * stride_dvh + start_n.to(tl.int64) * stride_dvn \
         + (offs_n[:, None] * stride_dvn + offs_d[None, :])
     _store_tile(DV + dv_offs, dv.to(DV.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
@@ -771,15 +761,13 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="dq")})
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
-                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                 stride_dqb, stride_dqh, stride_dqm,
-                 stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-                 Nq, Nk, H, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, stride_qb, stride_qh, stride_qm,
+                 stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dqb, stride_dqh, stride_dqm, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP,
+                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr,
+                 EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """One query tile of one q head: dq near and far (w.r.t. the rotated q), over every key tile."""
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -838,32 +826,37 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
                 if RERORE:
                     kind = _tile_kind(d_min, d_max, rerope_w)
                     if kind == 0:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
+                        qpos, kpos,
                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                                  CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                     elif kind == 1:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
+                        qpos, kpos,
                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                                  CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                     else:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
+                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
+                        qpos, kpos,
                                                  row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                                  CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                 else:
-                    dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
+                    dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
+                    kpos,
                                              row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                              CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
-        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW,
-                                                           RERORE, BLOCK_N)
+        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, RERORE,
+                                                           BLOCK_N)
         if HAS_WINDOW:
-            dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, t_lo, a, t_far, t_near,
+            dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, t_lo, a, t_far,
+            t_near,
                                          qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                          CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, a, b, t_far, t_near,
-                                     qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                     CAUSAL, HAS_WINDOW, RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, a, b, t_far, t_near, qpos,
+                                     row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                     HAS_WINDOW, RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
         dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, b, t_hi, t_far, t_near,
                                      qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
                                      CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
@@ -873,8 +866,8 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos,
         + (offs_m[:, None] * stride_dqm + offs_d[None, :])
     _store_tile(DQ + dq_offs, (dq * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
     if RERORE:
-        _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
-                    HEAD_DIM, BLOCK_D)
+        _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM,
+                    BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1136,12 +1129,10 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
     if rerope and (q_far_tables is None or k_far_tables is None):
         raise ValueError("rerope_window needs q_far_tables and k_far_tables")
     plan = _Plan(q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables, k_far_tables=k_far_tables,
-                 causal=bool(causal), has_window=has_window,
-                 window=min(int(window), _MAX_WINDOW) if has_window else 0, rerope=rerope,
-                 rerope_w=max(min(int(rerope_window), _MAX_WINDOW), -_MAX_WINDOW) if rerope else 0,
+                 causal=bool(causal), has_window=has_window, window=min(int(window), _MAX_WINDOW) if has_window else 0,
+                 rerope=rerope, rerope_w=max(min(int(rerope_window), _MAX_WINDOW), -_MAX_WINDOW) if rerope else 0,
                  explicit=explicit, q_sign=math.copysign(1.0, softmax_scale) if softmax_scale else 0.0,
-                 logn=logn_base is not None,
-                 inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
+                 logn=logn_base is not None, inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
                  sm_scale=abs(float(softmax_scale)) or 1.0,
                  sm_scale_log2=(abs(float(softmax_scale)) or 1.0) * 1.4426950408889634)
     return _ScaledRopeAttention.apply(q, k, v, q_pos, k_pos, plan)
