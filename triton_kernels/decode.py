@@ -444,13 +444,14 @@ def _row_stride(t: torch.Tensor) -> int:
 
 def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, q_far_tables=None,
                      k_far_tables=None, causal=True, window=None, softmax_scale=None, rerope_window=None,
-                     rerope_leak=None, logn_base=None, num_splits=None, config=None):
+                     rerope_leak=None, logn_base=None, max_seqlen=None, num_splits=None, config=None):
     """Attention of q (B, Nq, Hq, D) over the first seqlens[b] keys of an unrotated cache.
 
     k_cache, v_cache: (B, N, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int32.
     seqlens: int32 (B,) on the device, each row's length (keys 0..len-1); queries sit at len - Nq + 0..Nq-1.
     tables: `RotaryTables` of the rows at their lengths (None: no rotation); q_far_tables / k_far_tables: ReRoPE's
-    far sides (with rerope_window; rerope_leak only says whether far k rotates). num_splits (default: by SM count)
+    far sides (with rerope_window; rerope_leak only says whether far k rotates). max_seqlen: the longest row if
+    known (else the capacity stands in), for the split count. num_splits (default: by SM count and length)
     and config (BLOCK_N, num_warps, num_stages, maxnreg; default `default_config`) are for tests and tuning.
     Inputs are assumed validated (`scaled_rope.kvcache` does it).
     Returns out (B, Nq, Hq, D) in q's dtype and lse (B, Hq, Nq) float32.
@@ -469,9 +470,10 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
     cfg = dict(default_config(head_dim, q.element_size(), block_m, page_size, heavy), **(config or {}))
     if paged:  # a tile must lie in one page
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], page_size)
-    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    if max_seqlen is None:
+        max_seqlen = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     if num_splits is None:
-        num_splits = choose_num_splits(B * n_kv * n_m_blocks, capacity, _num_sms(q.device))
+        num_splits = choose_num_splits(B * n_kv * n_m_blocks, max_seqlen, _num_sms(q.device))
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((B, n_heads, n_q), torch.float32, q.device)
     if num_splits > 1:

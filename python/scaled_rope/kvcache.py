@@ -112,17 +112,18 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
     return capacity
 
 
-def _check_lengths(cache_seqlens: torch.Tensor, n_new: int, capacity: int) -> None:
+def _check_lengths(cache_seqlens: torch.Tensor, n_new: int, capacity: int) -> int | None:
     """The one host synchronisation: a write past the end would corrupt other rows' pages. Skipped while a CUDA
-    graph is being captured (the caller owns the bounds there)."""
+    graph is being captured (the caller owns the bounds there). Returns the longest new length (None if skipped)."""
     if _capturing(cache_seqlens.device) or cache_seqlens.numel() == 0:
-        return
+        return None
     lo, hi = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
     if lo < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {lo}")
     if hi + n_new > capacity:
         raise ValueError(f"cache_seqlens + Nnew ({hi} + {n_new}) exceeds the cache capacity of {capacity} tokens "
                          f"per row")
+    return hi + n_new
 
 
 def _resolve(backend: str, q: torch.Tensor) -> str:
@@ -240,9 +241,9 @@ def scaled_rope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v
             far = dict(seq_lens=lens, rerope_window=rerope_window, rerope_leak=rerope_leak)
             q_far = build_tables(rope, q.shape[0], q.device, far="q", **far)
             k_far = build_tables(rope, q.shape[0], q.device, far="k", **far)
-    _check_lengths(cache_seqlens, n_new, capacity)
+    max_seqlen = _check_lengths(cache_seqlens, n_new, capacity)
     if k_new is not None:
         append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     out, lse = decode_attention(q, k_cache, v_cache, seqlens, tables, block_table=block_table, q_far_tables=q_far,
-                                k_far_tables=k_far, rerope_leak=rerope_leak, **options)
+                                k_far_tables=k_far, rerope_leak=rerope_leak, max_seqlen=max_seqlen, **options)
     return (out, lse) if return_lse else out
