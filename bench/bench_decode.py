@@ -165,7 +165,7 @@ def main() -> int:
                                              "error": f"{type(exc).__name__}: {exc}"[:200]}
                                 sweep.append({"shape": shape, "num_splits": n_splits, "maxnreg": maxnreg, **cfg,
                                               **entry})
-        del k_cache, v_cache, k_rot
+        methods.clear()  # drop this shape's tensors before the next one is allocated
         torch.cuda.empty_cache()
 
     print()

@@ -4,7 +4,6 @@ Every case keeps the whole sequence of each row (K, V: (B, max_len, Hkv, D)) and
 `reference.attention` run on that row's prefix with explicit positions (DESIGN.md section 5 rule). CPU tier under
 TRITON_INTERPRET=1 (float32/float16, small shapes); GPU tier marked `gpu`.
 """
-import math
 import os
 
 import pytest

@@ -58,7 +58,6 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new and v_new must be given together")
-    n_new = 0
     if k_new is not None:
         for name, x in (("k_new", k_new), ("v_new", v_new)):
             _check_tensor(name, x, 4)
@@ -69,7 +68,6 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
         if k_new.shape != v_new.shape:
             raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and "
                              f"{tuple(v_new.shape)}")
-        n_new = k_new.shape[1]
     if block_table is None:
         if k_cache.shape[0] != batch:
             raise ValueError(f"k_cache must be (B={batch}, N, Hkv, D) without block_table, got "
