@@ -14,7 +14,7 @@
 namespace scaled_rope {
 namespace {
 
-constexpr float kTurnToRadian = 3.4061215800865545e-19f;  // 2 pi / 2^64
+constexpr double kTurnToRadian = 3.4061215800865545e-19;  // 2 pi / 2^64
 constexpr int kThreads = 256;
 constexpr int kChunksPerThread = 8;        // phase-2 work per thread that sizes the position tile
 constexpr int kMaxTile = 64;
@@ -85,9 +85,15 @@ __global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateParams p, 
     const uint64_t turns = static_cast<uint64_t>(unscaled ? p.turns_unscaled[i] : p.turns[b * p.stride_tb + i]);
     uint64_t t = static_cast<uint64_t>(pos) * turns;  // wraps mod 2^64 by design
     if (p.offset != nullptr) t += static_cast<uint64_t>(p.offset[b * p.stride_offb + i]);
-    const float angle = __ll2float_rn(static_cast<int64_t>(t)) * kTurnToRadian;
-    float s, c;
-    sincosf(angle, &s, &c);
+    // The angle in double, split into a float pair: sincosf at the exact float a_hi, corrected to first
+    // order by a_lo (|a_lo| <= 2^-22 rad), so cos/sin carry no float rounding of the angle itself.
+    const double angle = static_cast<double>(static_cast<int64_t>(t)) * kTurnToRadian;
+    const float a_hi = static_cast<float>(angle);
+    const float a_lo = static_cast<float>(angle - static_cast<double>(a_hi));
+    float s_hi, c_hi;
+    sincosf(a_hi, &s_hi, &c_hi);
+    const float c = c_hi - s_hi * a_lo;
+    const float s = s_hi + c_hi * a_lo;
     const float m = unscaled ? 1.0f : p.factor[b * p.stride_fb];
     cos_sin[k] = make_float2(c * m, (p.inverse ? -s : s) * m);
   }

@@ -1,7 +1,7 @@
 """Scaled-RoPE rotation in Triton: `rope_cos_sin` (the angle helper every kernel uses) and `rotate`.
 
 Angles come from 64-bit fixed-point turns (scaled_rope.tables): T = p * turns + offset in int64, wrapping mod
-2**64, angle = float32(T) * 2pi / 2**64 in [-pi, pi). One program takes a block of positions of one batch row,
+2**64, angle = T * 2pi / 2**64 in [-pi, pi), carried as a float32 pair (see rope_cos_sin). One program takes a block of positions of one batch row,
 computes m' * (cos, sin) once per (position, pair) and loops over its heads.
 """
 from __future__ import annotations
@@ -17,10 +17,22 @@ from .._rotation_args import check_rotation_args
 
 @triton.jit
 def rope_cos_sin(pos, turns, offset):
-    """(cos, sin) in fp32 of the angle (pos * turns + offset) / 2**64 turns; pos, turns, offset int64."""
+    """(cos, sin) in fp32 of the angle (pos * turns + offset) / 2**64 turns; pos, turns, offset int64.
+
+    The angle is carried as a float32 pair a_hi + a_lo: t keeps its top 12 bits in t_hi, so that
+    float32(t_hi) * ANGLE_HI (a 12-bit constant) is exact, and the rest (|a_lo| < 2.3e-3 rad) enters through
+    cos(a_hi + a_lo) = cos(a_hi)(1 - a_lo^2/2) - sin(a_hi) a_lo. cos and sin then carry only the error of
+    tl.cos/tl.sin at an exact argument, instead of float32(t)'s 2e-7 rad.
+    """
     t = pos.to(tl.int64) * turns + offset  # wraps mod 2**64: only the fractional turn matters
-    angle = t.to(tl.float32) * 3.4061215800865545e-19  # 2 pi / 2**64
-    return tl.cos(angle), tl.sin(angle)
+    t_hi = t & -4503599627370496  # clears the low 52 bits (-(2**52) is ~(2**52 - 1))
+    t_lo = t - t_hi  # in [0, 2**52), exact
+    a_hi = t_hi.to(tl.float32) * 3.406131239146355e-19  # ANGLE_HI: 2pi/2**64 to 12 significant bits
+    a_lo = t_hi.to(tl.float32) * -9.65905944255895e-25 + t_lo.to(tl.float32) * 3.4061216748705226e-19
+    c = tl.cos(a_hi)
+    s = tl.sin(a_hi)
+    c_lo = 1.0 - 0.5 * a_lo * a_lo
+    return c * c_lo - s * a_lo, s * c_lo + c * a_lo
 
 
 @triton.jit
