@@ -47,11 +47,22 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t leading, u
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Orders the accumulator registers after a wgmma wait (the asm statements are volatile, so they keep their order).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins registers read or written by an asynchronous wgmma at a wait: later code sees the finished accumulators, and
+// A-fragment registers stay live (unreused) until the product that reads them is known to be done.
 __device__ __forceinline__ void fence_regs(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
 }
 // cp.async writes (generic proxy) made visible to wgmma operand reads (async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -172,7 +183,7 @@ struct Visit {
   bool split;  // straddling tile: this visit keeps only keys on its side of the ReRoPE window
 };
 
-template <typename T>
+template <typename T, bool PIPELINED>
 __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const FlashFwdParams p, int num_q_tiles) {
 #ifdef SCALED_ROPE_SM90A
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -180,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   const bool rerope = p.rerope_window > 0;
   const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;  // the launch adds 1024 bytes of slack
   const uint32_t sQf = sQ + kQBytes;                           // ReRoPE only
-  const uint32_t sStages = sQ + (rerope ? 2 : 1) * kQBytes;    // stage s: K at + s * 2 * kKVBytes, V after it
+  const uint32_t sStages = sQ + (rerope ? 2 : 1) * kQBytes;    // K stages, then V stages
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
@@ -300,32 +311,41 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const int64_t k_off = b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  auto load_visit = [&](const Visit& v, int stage) {
-    const uint32_t sK = sStages + stage * 2 * kKVBytes;
+  auto sK = [&](int stage) { return sStages + stage * kKVBytes; };
+  auto sV = [&](int stage) { return sStages + (kStages + stage) * kKVBytes; };
+  auto load_k = [&](const Visit& v, int stage) {
     const int64_t n0 = static_cast<int64_t>(v.j) * kBlockN;
-    const int rows = seqlen_k - v.j * kBlockN;
     const T* k_base = static_cast<const T*>(v.far ? p.k_far : p.k) + k_off;
-    load_tile<T, kBlockN>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, rows);
-    load_tile<T, kBlockN>(sK + kKVBytes, v_base + n0 * p.v_row_stride, p.v_row_stride, rows);
+    load_tile<T, kBlockN>(sK(stage), k_base + n0 * p.k_row_stride, p.k_row_stride, seqlen_k - v.j * kBlockN);
+  };
+  auto load_v = [&](const Visit& v, int stage) {
+    const int64_t n0 = static_cast<int64_t>(v.j) * kBlockN;
+    load_tile<T, kBlockN>(sV(stage), v_base + n0 * p.v_row_stride, p.v_row_stride, seqlen_k - v.j * kBlockN);
   };
   auto key_position = [&](int col) -> int {
     if (!k_pos) return col;
     return col < seqlen_k ? k_pos[col] : 0;
   };
 
-  // Prologue: Q (and far Q) with the first visit in group 0, the second visit in group 1.
-  Visit cur = first_visit(j_begin);
-  const int q_rows = seqlen_q - m0;
-  load_tile<T, kBlockM>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
-  if (rerope) {
-    const T* qf_base = static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride;
-    load_tile<T, kBlockM>(sQf, qf_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
-  }
-  if (cur.j < j_end) load_visit(cur, 0);
-  cp_async_commit();
-  Visit nxt = advance(cur);
-  if (nxt.j < j_end) load_visit(nxt, 1);
-  cp_async_commit();
+  // S = Q K^T into s (issued, not waited): 8 k16 steps; step kk reads 32 bytes at (kk % 4) * 32 of the rows of
+  // column block kk / 4 of Q (this warpgroup's 64 rows) and of K.
+  auto issue_qk = [&](float (&s)[64], const Visit& v, int stage) {
+    const uint32_t q_addr = (v.far ? sQf : sQ) + wg * 64 * 128;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t da = smem_desc(q_addr + (kk >> 2) * kBlockM * 128 + (kk & 3) * 32, 16, 1024);
+      const uint64_t db = smem_desc(sK(stage) + (kk >> 2) * kBlockN * 128 + (kk & 3) * 32, 16, 1024);
+      wgmma_ss<T>(s, da, db, kk > 0 ? 1 : 0);
+    }
+  };
+  // O += P V (issued, not waited): 8 k16 steps over the keys; V is an N-major operand whose 64-column blocks are
+  // kBlockN * 128 bytes apart and whose 8-key groups are 1024 bytes apart.
+  auto issue_pv = [&](float (&o)[64], const uint32_t (&pa)[kBlockN / 16][4], int stage) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      wgmma_rs<T>(o, pa[kk], smem_desc(sV(stage) + kk * 16 * 128, kBlockN * 128, 1024), 1);
+    }
+  };
 
   float o[64];
 #pragma unroll
@@ -333,33 +353,14 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
   float row_sum[2] = {0.0f, 0.0f};            // this thread's partial sums
 
-  int stage = 0;
-  while (cur.j < j_end) {
-    const int n0 = cur.j * kBlockN;
-    const uint32_t sK = sStages + stage * 2 * kKVBytes;
-    const uint32_t sV = sK + kKVBytes;
-    cp_async_wait_one();  // this visit's group has landed (the next visit's may still be in flight)
-    fence_proxy_async();
-    __syncthreads();
-
-    // S = Q K^T: 8 k16 steps; step kk reads 32 bytes at (kk % 4) * 32 of the rows of column block kk / 4.
-    float s[64];
-    const uint32_t q_tile_addr = (cur.far ? sQf : sQ) + wg * 64 * 128;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = smem_desc(q_tile_addr + (kk >> 2) * kBlockM * 128 + (kk & 3) * 32, 16, 1024);
-      const uint64_t db = smem_desc(sK + (kk >> 2) * kBlockN * 128 + (kk & 3) * 32, 16, 1024);
-      wgmma_ss<T>(s, da, db, kk > 0 ? 1 : 0);
-    }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(s);
-
+  // Scales, masks and exponentiates the finished scores s of visit v in place (probabilities, this row's max as
+  // reference) and updates the row statistics; alpha[r] = the factor O's row r must be multiplied by.
+  auto softmax = [&](float (&s)[64], const Visit& v, float (&alpha)[2]) {
+    const int n0 = v.j * kBlockN;
     // Scale to log2 units, then mask (after scaling, so that a negative softmax_scale cannot flip -inf).
 #pragma unroll
     for (int i = 0; i < 64; ++i) s[i] *= row_scale[(i >> 1) & 1];
-    if (cur.masked) {
+    if (v.masked) {
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
@@ -370,14 +371,13 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
           for (int r = 0; r < 2; ++r) {
             const int delta = pos[r] - key;
             const bool allowed = col < seqlen_k && (!p.causal || delta >= 0) && (!window || delta < window) &&
-                                 (!cur.split || (delta >= rerope_w) == cur.far);
+                                 (!v.split || (delta >= rerope_w) == v.far);
             if (!allowed) s[4 * nb + 2 * r + e] = -INFINITY;
           }
         }
       }
     }
-
-    // Online softmax; a row with nothing allowed so far keeps max -inf and uses 0 as its reference.
+    // A row with nothing allowed so far keeps max -inf and uses 0 as its reference.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float ref = mx == -INFINITY ? 0.0f : mx;
-      const float alpha = ex2(row_max[r] - ref);
+      alpha[r] = ex2(row_max[r] - ref);
       row_max[r] = mx;
       float sum = 0.0f;
 #pragma unroll
@@ -398,40 +398,129 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
           sum += pr;
         }
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int db = 0; db < kD / 8; ++db) {
-        o[4 * db + 2 * r] *= alpha;
-        o[4 * db + 2 * r + 1] *= alpha;
-      }
+      row_sum[r] = row_sum[r] * alpha[r] + sum;
     }
-
-    // O += P V: 8 k16 steps over the keys; P's A fragment for keys 16kk.. is n8 blocks 2kk and 2kk + 1 of S.
-    uint32_t pa[kBlockN / 16][4];
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    wgmma_fence();
+    for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
+  };
+  // P's A fragment for keys 16kk.. is n8 blocks 2kk and 2kk + 1 of S (the accumulator layout is the A layout).
+  auto pack_p = [&](const float (&s)[64], uint32_t (&pa)[kBlockN / 16][4]) {
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      // V tile as an N-major operand: 64-column blocks kBlockN * 128 bytes apart, 8-key groups 1024 bytes apart.
-      wgmma_rs<T>(o, pa[kk], smem_desc(sV + kk * 16 * 128, kBlockN * 128, 1024), 1);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
     }
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_regs(o);
+  };
 
-    __syncthreads();  // every warpgroup is done with this stage
-    const Visit after = advance(nxt);
-    if (after.j < j_end) load_visit(after, stage);
+  Visit cur = first_visit(j_begin);
+  Visit nxt = advance(cur);
+  const int q_rows = seqlen_q - m0;
+  load_tile<T, kBlockM>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
+  if (rerope) {
+    const T* qf_base = static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride;
+    load_tile<T, kBlockM>(sQf, qf_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
+  }
+
+  if constexpr (PIPELINED) {
+    // Visit i: S(i) and O += P(i-1) V(i-1) are issued together, and the softmax of S(i) runs while the tensor cores
+    // work on P(i-1) V(i-1). K and V have rings of their own: K(i+1) and V(i) are copied during visit i (into the
+    // stages of K(i-1), free once S(i-1) was waited for, and of V(i-2), free once P(i-2) V(i-2) was).
+    if (cur.j < j_end) load_k(cur, 0);
     cp_async_commit();
-    cur = nxt;
-    nxt = after;
-    stage ^= 1;
+    uint32_t pa[kBlockN / 16][4];
+    bool has_prev = false;
+    int i = 0;
+    while (cur.j < j_end) {
+      cp_async_wait_all();  // K(i) and V(i-1)
+      fence_proxy_async();
+      __syncthreads();
+      if (nxt.j < j_end) load_k(nxt, (i + 1) & 1);
+      load_v(cur, i & 1);
+      cp_async_commit();
+
+      float s[64];
+      wgmma_fence();
+      issue_qk(s, cur, i & 1);
+      wgmma_commit();
+      if (has_prev) {
+        wgmma_fence();  // a new block for the register operands (the compiler would inject it)
+        issue_pv(o, pa, (i + 1) & 1);
+        wgmma_commit();
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      fence_regs(s);
+      float alpha[2];
+      softmax(s, cur, alpha);
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(pa);  // P(i-1) stays untouched until its product is done
+      rescale_o(alpha);
+      pack_p(s, pa);
+      has_prev = true;
+      cur = nxt;
+      nxt = advance(nxt);
+      ++i;
+    }
+    if (has_prev) {
+      cp_async_wait_all();  // V(i-1)
+      fence_proxy_async();
+      __syncthreads();
+      wgmma_fence();
+      issue_pv(o, pa, (i + 1) & 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(pa);
+    }
+  } else {
+    // Visit i waits for its K and V, computes S(i), the softmax and O += P(i) V(i) in turn; K(i+2) and V(i+2) are
+    // copied into the stage of visit i as soon as it is consumed.
+    if (cur.j < j_end) {
+      load_k(cur, 0);
+      load_v(cur, 0);
+    }
+    cp_async_commit();
+    if (nxt.j < j_end) {
+      load_k(nxt, 1);
+      load_v(nxt, 1);
+    }
+    cp_async_commit();
+    int stage = 0;
+    while (cur.j < j_end) {
+      cp_async_wait_one();  // this visit's group has landed (the next visit's may still be in flight)
+      fence_proxy_async();
+      __syncthreads();
+      float s[64];
+      wgmma_fence();
+      issue_qk(s, cur, stage);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+      float alpha[2];
+      softmax(s, cur, alpha);
+      rescale_o(alpha);
+      uint32_t pa[kBlockN / 16][4];
+      pack_p(s, pa);
+      wgmma_fence();
+      issue_pv(o, pa, stage);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      __syncthreads();  // every warpgroup is done with this stage
+      const Visit after = advance(nxt);
+      if (after.j < j_end) {
+        load_k(after, stage);
+        load_v(after, stage);
+      }
+      cp_async_commit();
+      cur = nxt;
+      nxt = after;
+      stage ^= 1;
+    }
   }
   cp_async_wait_all();
 
@@ -474,7 +563,7 @@ bool sm90_available() {
       return false;
     }
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T, true>) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
@@ -483,11 +572,18 @@ bool sm90_available() {
   return available;
 }
 
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && value[0] != '0';
+}
+
 template <typename T>
 std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
   const bool rerope = p.rerope_window > 0;
   const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + kStages * 2 * kKVBytes + 1024);
-  auto kernel = flash_fwd_sm90_kernel<T>;
+  // SCALED_ROPE_FLASH_SM90_SIMPLE=1: the unpipelined loop (S, softmax, P V in turn), kept for comparison.
+  auto kernel = env_flag("SCALED_ROPE_FLASH_SM90_SIMPLE") ? flash_fwd_sm90_kernel<T, false>
+                                                          : flash_fwd_sm90_kernel<T, true>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) {
@@ -506,8 +602,7 @@ std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
 std::string flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream, bool* launched) {
   *launched = false;
   if (p.head_dim != kD) return "";
-  const char* force_sm80 = std::getenv("SCALED_ROPE_FLASH_SM80");
-  if (force_sm80 != nullptr && force_sm80[0] != '\0' && force_sm80[0] != '0') return "";
+  if (env_flag("SCALED_ROPE_FLASH_SM80")) return "";
   if (p.dtype == kFloat16) {
     if (!sm90_available<__half>()) return "";
     *launched = true;
