@@ -4,9 +4,9 @@
 
 Prints TFLOP/s (4*B*H*N*N*D, half for causal; rope not counted) from triton.testing.do_bench medians for
 LongRoPE and ReRoPE (w = 512) causal bf16, end to end (tables, rotation prepass, kernel), and the share of the
-CUDA time spent in the rotation prepass. On compute capability 9.x the CUDA rows are the sm_90a kernel (head_dim
-128) and `cuda-sm80` the sm_80 kernel on the same device (SCALED_ROPE_FLASH_SM80=1). Not the project benchmark
-(bench/), a probe for kernel work.
+CUDA time spent in the rotation prepass. On compute capability 9.x the `cuda` rows are the sm_90a kernel (head_dim
+128), `cuda-sm90-simple` its unpipelined loop (SCALED_ROPE_FLASH_SM90_SIMPLE=1) and `cuda-sm80` the sm_80 kernel on
+the same device (SCALED_ROPE_FLASH_SM80=1). Not the project benchmark (bench/), a probe for kernel work.
 """
 import argparse
 import os
@@ -34,23 +34,31 @@ def main():
                                     [1.5 + 0.1 * i for i in range(d // 2)])
     cases = {"longrope": (longrope, {}), "rerope": (RopeScaling.default(d), dict(rerope_window=512))}
     variants = [("cuda", "cuda", None), ("triton", "triton", None)]
-    if torch.cuda.get_device_capability()[0] == 9:
-        variants.insert(1, ("cuda-sm80", "cuda", "1"))
+    if torch.cuda.get_device_capability()[0] == 9:  # kernel switches, read by the extension on every call
+        variants[1:1] = [("cuda-sm90-simple", "cuda", "SCALED_ROPE_FLASH_SM90_SIMPLE"),
+                         ("cuda-sm80", "cuda", "SCALED_ROPE_FLASH_SM80")]
     rows = []
     for name, (rope, extra) in cases.items():
-        for label, backend, force_sm80 in variants:
-            if force_sm80:
-                os.environ["SCALED_ROPE_FLASH_SM80"] = force_sm80  # read by the extension on every call
+        reference_out = None
+        for label, backend, switch in variants:
+            if switch:
+                os.environ[switch] = "1"
             try:
+                out = scaled_rope_attention(q, k, v, rope, causal=True, backend=backend, **extra)
+                if reference_out is None:
+                    reference_out = scaled_rope_attention(q, k, v, rope, causal=True, backend="triton", **extra)
+                diff = (out.float() - reference_out.float()).abs().max().item()
+                print(f"{name:9s} {label:16s} max |out - triton out| = {diff:.3e}", flush=True)
                 ms = triton.testing.do_bench(
                     lambda: scaled_rope_attention(q, k, v, rope, causal=True, backend=backend, **extra))
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"{name} {label}: {type(exc).__name__}: {exc}", flush=True)
                 continue
             finally:
-                os.environ.pop("SCALED_ROPE_FLASH_SM80", None)
+                if switch:
+                    os.environ.pop(switch, None)
             rows.append((name, label, ms, flops / ms * 1e-9))
-            print(f"{name:9s} {label:9s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s", flush=True)
+            print(f"{name:9s} {label:16s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s", flush=True)
         tables = kernel_tables(rope, q, k, q_positions=None, k_positions=None,
                                rerope_window=extra.get("rerope_window"), rerope_leak=None)
         pos = torch.arange(n, device="cuda", dtype=torch.int32).expand(b, n)
