@@ -1,7 +1,8 @@
 """CUDA attention (csrc/flash_fwd.cu forward, Triton backward) against the reference, DESIGN.md section 5 rule.
 
-GPU tier only. The kernel works on tiles of 64 queries x 64 keys, so the lengths below put partial tiles, diagonal
-tiles and (for ReRoPE windows of 100-200) near, far and straddling tiles in every test.
+GPU tier only. The kernels work on tiles of 128 queries x 64 keys (sm_80) or 128 x 128 (sm_90a, head_dim 128 on
+compute capability 9.x), so the lengths below put partial tiles, diagonal tiles and (for ReRoPE windows of 64-200)
+near, far and straddling tiles in every test. test_kernel_paths_head_dim_128 runs every kernel path on one device.
 """
 import pytest
 import torch
@@ -13,6 +14,9 @@ from scaled_rope import _cuda
 pytestmark = pytest.mark.gpu
 
 SHORT = [1.0 + 0.05 * i for i in range(64)]
+# Switches read by the extension on every call (no-ops where the sm_90a kernel does not apply).
+KERNEL_PATHS = {"default": {}, "sm90-simple": {"SCALED_ROPE_FLASH_SM90_SIMPLE": "1"},
+                "sm80": {"SCALED_ROPE_FLASH_SM80": "1"}}
 LONG = [1.5 + 0.3 * i for i in range(64)]
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -133,6 +137,23 @@ def test_strided_and_misaligned_inputs():
     base = reference.attention(q, k, v, rope, compute_dtype=torch.bfloat16)
     for name, x, gx, bx in (("out", out, gold[0], base[0]), ("lse", lse, gold[1], base[1])):
         assert_close_to_gold(name, x, gx, bx, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_kernel_paths_head_dim_128(path, monkeypatch):
+    """Explicit unsorted positions with straddling Leaky ReRoPE tiles, GQA + window + log-n, non-causal with a
+    partial last key tile, and Nq > Nk with empty rows, on the default path and each switched path."""
+    for name, value in KERNEL_PATHS[path].items():
+        monkeypatch.setenv(name, value)
+    nq, nk = 300, 700
+    g = torch.Generator().manual_seed(50)
+    k_positions = torch.randperm(nk, generator=g)[None, :] * 2
+    q_positions = torch.randint(-3, 2 * nk, (1, nq), generator=g)
+    check(1, nq, nk, 2, 1, 128, torch.bfloat16, RopeScaling.default(128), seed=51, q_positions=q_positions.cuda(),
+          k_positions=k_positions.cuda(), rerope_window=150, rerope_leak=4.0)
+    check(2, 257, 385, 4, 2, 128, torch.float16, longrope(128), seed=52, window=200, logn_base=64.0)
+    check(1, 97, 1025, 2, 2, 128, torch.bfloat16, longrope(128), seed=53, causal=False)
+    check(1, 500, 300, 2, 2, 128, torch.bfloat16, RopeScaling.default(128), seed=54, rerope_window=64)
 
 
 def test_16k_causal_longrope():
