@@ -436,20 +436,27 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
       cp_async_wait_all();  // K(i) and V(i-1)
       fence_proxy_async();
       __syncthreads();
-      if (nxt.j < j_end) load_k(nxt, (i + 1) & 1);
-      load_v(cur, i & 1);
-      cp_async_commit();
 
+      // The copies are issued behind the products (neither target stage is read by them).
+      auto prefetch = [&] {
+        if (nxt.j < j_end) load_k(nxt, (i + 1) & 1);
+        load_v(cur, i & 1);
+        cp_async_commit();
+      };
       float s[64];
-      wgmma_fence();
-      issue_qk(s, cur, i & 1);
-      wgmma_commit();
       if (has_prev) {
-        wgmma_fence();  // a new block for the register operands (the compiler would inject it)
+        wgmma_fence();
+        issue_qk(s, cur, i & 1);
+        wgmma_commit();
         issue_pv(o, pa, (i + 1) & 1);
         wgmma_commit();
+        prefetch();
         wgmma_wait<1>();
       } else {
+        wgmma_fence();
+        issue_qk(s, cur, i & 1);
+        wgmma_commit();
+        prefetch();
         wgmma_wait<0>();
       }
       fence_regs(s);
