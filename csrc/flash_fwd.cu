@@ -235,8 +235,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   const int32_t* k_pos = p.k_positions ? p.k_positions + b * p.k_positions_batch_stride : nullptr;
 
   // This thread's rows: r = 2 * mt + i is tile row 32 * warp + 16 * mt + g + 8 * i, which holds the accumulator
-  // elements [2i] and [2i + 1] of every n8 block of m16 tile mt. Only this thread's own entries of row_pos and
-  // row_scale are read by it, and every thread that writes one writes the same value: no barrier is needed.
+  // elements [2i] and [2i + 1] of every n8 block of m16 tile mt. The t == 0 thread of each row writes row_pos and
+  // row_scale; the barrier at the top of the key loop publishes them before any read.
   auto tile_row = [&](int r) { return warp * 16 * kMT + (r >> 1) * 16 + g + 8 * (r & 1); };
   int pos[kRows];
 #pragma unroll
@@ -250,8 +250,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
     }
     float scale = p.softmax_scale * kLog2e;
     if (p.logn_base > 0.0f) scale *= fmaxf(1.0f, logf(static_cast<float>(pos[r]) + 1.0f) / logf(p.logn_base));
-    row_pos[tile_row(r)] = pos[r];
-    row_scale[tile_row(r)] = scale;
+    if (t == 0) {
+      row_pos[tile_row(r)] = pos[r];
+      row_scale[tile_row(r)] = scale;
+    }
   }
 
   // Query positions of the tile's valid rows: [q_min, q_max].
