@@ -26,7 +26,7 @@ for step in "${steps[@]}"; do
         env_args=()
         [ "$path" = sm90-simple ] && env_args=(SCALED_ROPE_FLASH_SM90_SIMPLE=1)
         [ "$path" = sm80 ] && env_args=(SCALED_ROPE_FLASH_SM80=1)
-        env "${env_args[@]}" timeout 300 python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider \
+        env "${env_args[@]}" timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider \
           --rootdir="$REPO" "$REPO/tests/test_cuda_attention.py" > "$OUT/tests_$path.log" 2>&1
         echo "tests ($path): $(grep -E 'passed|failed|error' "$OUT/tests_$path.log" | tail -1)"
         grep -E "^(FAILED|ERROR)" "$OUT/tests_$path.log" | head -8
@@ -36,13 +36,13 @@ for step in "${steps[@]}"; do
       for path in sm90 sm80; do
         env_args=()
         [ "$path" = sm80 ] && env_args=(SCALED_ROPE_FLASH_SM80=1)
-        env "${env_args[@]}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 compute-sanitizer --tool memcheck \
+        env "${env_args[@]}" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool memcheck \
           --print-limit 40 python3 tools/sanitize_flash.py > "$OUT/sanitize_$path.log" 2>&1
         echo "memcheck ($path): $(grep -E 'ERROR SUMMARY|all ok|MISMATCH' "$OUT/sanitize_$path.log" | tr '\n' ' ')"
         head -60 "$OUT/sanitize_$path.log" > "$OUT/sanitize_${path}_head60.log"
       done ;;
     time)
-      timeout 300 python3 tools/time_flash.py > "$OUT/time_flash.log" 2>&1
+      timeout 240 python3 tools/time_flash.py > "$OUT/time_flash.log" 2>&1
       tail -16 "$OUT/time_flash.log" ;;
     *) echo "unknown step $step" ;;
   esac
