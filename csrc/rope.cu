@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) rotate_kernel(const RotateParams p, 
     const int64_t at = b * p.stride_pb + (n0 + r) * p.stride_pn;
     const int64_t pos = p.positions_int32 ? static_cast<const int32_t*>(p.positions)[at]
                                           : static_cast<const int64_t*>(p.positions)[at];
-    const bool unscaled = pos < p.n_hat;
+    const bool unscaled = p.n_hat > 0 && pos < p.n_hat;  // turns_unscaled is null without n_hat
     const uint64_t turns = static_cast<uint64_t>(unscaled ? p.turns_unscaled[i] : p.turns[b * p.stride_tb + i]);
     uint64_t t = static_cast<uint64_t>(pos) * turns;  // wraps mod 2^64 by design
     if (p.offset != nullptr) t += static_cast<uint64_t>(p.offset[b * p.stride_offb + i]);

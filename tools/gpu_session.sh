@@ -15,9 +15,9 @@ REPO="$OLDPWD"
 for step in "$@"; do
   t0=$(date +%s)
   case "$step" in
-    tests) timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -m gpu -rfE --tb=short --durations=15 --rootdir="$REPO" -p no:cacheprovider ${TEST_FILES:-"$REPO/tests"} > "$OUT/tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40 ;;
+    tests) timeout -s INT "${TESTS_TIMEOUT:-420}" python3 -m pytest -v -m gpu -rfE --tb=short --durations=15 --rootdir="$REPO" -p no:cacheprovider ${TEST_FILES:-"$REPO/tests"} > "$OUT/tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40 ;;
     bench-quick) python3 "$REPO/bench/bench_attention.py" --quick --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 40 ;;
-    bench) python3 "$REPO/bench/bench_attention.py" --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 60 ;;
+    bench) python3 "$REPO/bench/bench_attention.py" --out "$OUT" --budget "${BENCH_BUDGET:-330}" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 60 ;;
     decode) python3 "$REPO/bench/bench_decode.py" --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30 ;;
     model) python3 "$REPO/bench/bench_model.py" --out "$OUT" 2>&1 | tee "$OUT/bench_model.log" | tail -n 30 ;;
     probe) python3 "$REPO/tools/probe_attention.py" 2>&1 | tee "$OUT/probe.log" | tail -n 20 ;;
