@@ -1,0 +1,98 @@
+"""Regenerate the README's results section from the JSON files in bench/results/.
+
+    python bench/results_table.py          # rewrites the block between the README's results markers
+    python bench/results_table.py --print  # prints it instead
+
+For each benchmark family (attention, decode, model, rope) the newest file is used; each table names its file,
+GPU and versions, so every number in the README traces back to one measured run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def newest(prefix: str) -> Path | None:
+    files = sorted(RESULTS.glob(f"{prefix}-*.json"), key=lambda p: (json.loads(p.read_text()).get("date", ""),
+                                                                     "quick" not in p.name, p.name))
+    return files[-1] if files else None
+
+
+def env_line(path: Path, data: dict) -> str:
+    env = data.get("env", {})
+    parts = [env.get("device") or env.get("gpu"), f"torch {env.get('torch')}", f"triton {env.get('triton')}",
+             f"CUDA {env.get('cuda') or env.get('cuda_torch')}"]
+    return f"`{path.relative_to(ROOT)}` ({data.get('date')}; " + ", ".join(str(p) for p in parts if p) + ")"
+
+
+def attention_table(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    rows = data["results"]
+    lines = [f"Attention, causal bf16, TFLOP/s (rope FLOPs not counted) — {env_line(path, data)}:", "",
+             "| case | pass | ours ms | ours TFLOP/s | peer | peer ms | ours vs peer |", "|---|---|---:|---:|---|---:|---:|"]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        for direction in ("fwd", "fwd+bwd"):
+            group = [r for r in rows if r["case"] == case and r["direction"] == direction and r.get("ms")]
+            ours = next((r for r in group if r["impl"] == "ours"), None)
+            if ours is None:
+                continue
+            for peer in group:
+                if peer is ours:
+                    continue
+                lines.append(f"| {case} | {direction} | {ours['ms']:.3f} | {ours['tflops']:.0f} | {peer['impl']} | "
+                             f"{peer['ms']:.3f} | {peer['ms'] / ours['ms']:.2f}x |")
+    return lines
+
+
+def generic_table(path: Path, title: str) -> list[str]:
+    data = json.loads(path.read_text())
+    rows = data.get("results", [])
+    if not rows:
+        return []
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
+    lines = [f"{title} — {env_line(path, data)}:", "", "| " + " | ".join(keys) + " |",
+             "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{row.get(k):.3g}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def build() -> str:
+    blocks = []
+    if (path := newest("attention")) is not None:
+        blocks.append(attention_table(path))
+    for prefix, title in (("decode", "Decode over an unrotated KV cache"), ("model", "End-to-end model"),
+                          ("rope", "Standalone rotation")):
+        if (path := newest(prefix)) is not None:
+            blocks.append(generic_table(path, title))
+    return "\n\n".join("\n".join(b) for b in blocks if b)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--print", action="store_true")
+    args = parser.parse_args()
+    text = build()
+    if args.print:
+        print(text)
+        return 0
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    if START not in content or END not in content:
+        print(f"README.md has no {START} ... {END} block", file=sys.stderr)
+        return 1
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
