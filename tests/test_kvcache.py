@@ -179,20 +179,23 @@ def test_reference_backend_matches():
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_split_counts_agree(num_splits):
+def test_split_counts_agree(num_splits, dtype):
+    # 600 keys: with one split, 19 tiles of 32 walk through exact tile bases (every 8th for half types) and the
+    # stepped ones in between
     from scaled_rope.tables import build_tables
     from scaled_rope.triton_kernels.decode import decode_attention
 
-    case = Case([45, 200], seed=29)
+    case = Case([45, 600], seed=29, dtype=dtype)
     rope = longrope(64)
     seqlens = case.cache_seqlens
     tables = build_tables(rope, 2, case.q.device, seq_lens=seqlens)
     out, lse = decode_attention(case.q, case.k_cache, case.v_cache, seqlens, tables, num_splits=num_splits)
-    gold = case.expected(rope, torch.float64)
-    base = case.expected(rope, torch.float32)
-    assert_close_to_gold("out", out, gold[0], base[0], torch.float32)
-    assert_close_to_gold("lse", lse, gold[1], base[1], torch.float32)
+    gold = case.expected(rope, GOLD_DTYPE[dtype])
+    base = case.expected(rope, dtype)
+    assert_close_to_gold("out", out, gold[0], base[0], dtype)
+    assert_close_to_gold("lse", lse, gold[1], base[1], dtype)
 
 
 @needs_triton

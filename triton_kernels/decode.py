@@ -63,10 +63,23 @@ def _load_pass(rows, row_mask, stride_d, START: tl.constexpr, PASS: tl.constexpr
 
 
 @triton.jit
-def _shift_q(q1, q2, p0, turns, HALF_PAD: tl.constexpr, DTYPE: tl.constexpr):
-    """Rotate the (rotated) query pairs by -p0 * w: the tile's keys can then be rotated by j * w only."""
-    c0, s0 = rope_cos_sin(p0.to(tl.int64), turns, tl.zeros([HALF_PAD], dtype=tl.int64))
+def _shift_q(q1, q2, c0, s0, DTYPE: tl.constexpr):
+    """Rotate the (rotated) query pairs by -p0 * w, given cos/sin(p0 * w): the tile's keys then rotate by j * w."""
     return (q1 * c0[None, :] + q2 * s0[None, :]).to(DTYPE), (q2 * c0[None, :] - q1 * s0[None, :]).to(DTYPE)
+
+
+@triton.jit
+def _tile_base(tile, lo, c, s, c_step, s_step, turns, BLOCK_N: tl.constexpr, HALF_PAD: tl.constexpr,
+               ANCHOR: tl.constexpr):
+    """cos/sin(p0 * w) at tile base p0 = tile * BLOCK_N: exact every ANCHOR tiles, else the previous tile's
+    rotated by BLOCK_N * w (a few FMAs instead of a sin and a cos per pair; the drift over 7 steps stays well
+    below 1e-6, and far below half-precision rounding)."""
+    if (tile - lo) % ANCHOR == 0:
+        zero = tl.zeros([HALF_PAD], dtype=tl.int64)
+        c, s = rope_cos_sin(zero + tile * BLOCK_N, turns, zero)
+    else:
+        c, s = c * c_step - s * s_step, s * c_step + c * s_step
+    return c, s
 
 
 @triton.jit
@@ -104,8 +117,15 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                   PASS: tl.constexpr, PASS_PAD: tl.constexpr, HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                   PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  LEAKY: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  LEAKY: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ANCHOR: tl.constexpr):
     """Online softmax over key tiles lo..hi-1 of one kind (MODE)."""
+    zero_pairs = tl.zeros([HALF_PAD], dtype=tl.int64)
+    c_step, s_step = rope_cos_sin(zero_pairs + BLOCK_N, turns, zero_pairs)
+    c_step_f, s_step_f = rope_cos_sin(zero_pairs + BLOCK_N, turns_kf, zero_pairs)
+    c_n = tl.zeros([HALF_PAD], dtype=tl.float32)
+    s_n = c_n
+    c_f = c_n
+    s_f = c_n
     for tile in range(lo, hi):
         p0 = tile * BLOCK_N
         offs_n = p0 + offs_j
@@ -138,12 +158,14 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                 qk = _score(qr1.to(DTYPE), qr2.to(DTYPE), qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0,
                             DOT_PRECISION)
             if MODE == NEAR or MODE == BOTH:
-                a1, a2 = _shift_q(qr1, qr2, p0, turns, HALF_PAD, DTYPE)
+                c_n, s_n = _tile_base(tile, lo, c_n, s_n, c_step, s_step, turns, BLOCK_N, HALF_PAD, ANCHOR)
+                a1, a2 = _shift_q(qr1, qr2, c_n, s_n, DTYPE)
                 ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_j, sin_j)
                 qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
             if MODE == FAR or MODE == BOTH:
                 if LEAKY:
-                    a1, a2 = _shift_q(qf1, qf2, p0, turns_kf, HALF_PAD, DTYPE)
+                    c_f, s_f = _tile_base(tile, lo, c_f, s_f, c_step_f, s_step_f, turns_kf, BLOCK_N, HALF_PAD, ANCHOR)
+                    a1, a2 = _shift_q(qf1, qf2, c_f, s_f, DTYPE)
                     ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_jf, sin_jf)
                     s_far = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
                 else:
@@ -193,6 +215,7 @@ def _decode_kernel(
     HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, LEAKY: tl.constexpr,
     HAS_NHAT: tl.constexpr, HAS_LOGN: tl.constexpr, SPLIT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ANCHOR: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -303,21 +326,21 @@ def _decode_kernel(
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, FAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_far), tl.minimum(tile_hi, t_near),
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, BOTH, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_near), tile_hi,
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
     elif HAS_NHAT:  # tiles reaching below n_hat rotate exactly per element
         t_exact = tl.cdiv(n_hat, BLOCK_N)
         acc, l_i, m_i = _attend_tiles(
@@ -326,14 +349,14 @@ def _decode_kernel(
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, EXACT, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_exact), tile_hi,
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
     else:
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tile_lo, tile_hi,
@@ -341,7 +364,7 @@ def _decode_kernel(
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION)
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
 
     no_key = l_i == 0.0
     out = acc / tl.where(no_key, 1.0, l_i)[:, None]
@@ -520,6 +543,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
         REROPE=rerope and has_rot, LEAKY=rerope and has_rot and rerope_leak is not None,
         HAS_NHAT=n_hat > 0, HAS_LOGN=logn_base is not None, SPLIT_OUT=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ANCHOR=1 if q.dtype == torch.float32 else 8,  # float32: every tile base exact
         **{k: v for k, v in cfg.items() if k != "BLOCK_N"},
     )
     if num_splits > 1:
