@@ -7,9 +7,11 @@ per head group. It walks one chunk of that row's cache in tiles of BLOCK_N keys,
 Rotation cost per key element is a few FMAs: a rotation R(a) of a pair is orthogonal, so for a tile starting at
 p0, <R(P w) q, R((p0 + j) w) k> = <R((P - p0) w) q, R(j w) k>. The key side uses a per-program table
 cos/sin(j w), j < BLOCK_N (exact, from the fixed-point turns, held in registers); the query side is shifted by
--p0 once per tile (exact cos/sin of p0 per pair, BLOCK_M x R/2 work). The frequencies are the row's own (LongRoPE
-short/long set or dynamic NTK base picked from the row's length by `build_tables`), so nothing in the cache
-depends on them. Scores are sums of partial dots: the two halves of the pairs plus the pass-through dims. Each
+-p0 once per tile (BLOCK_M x R/2 work) with cos/sin(p0 w) exact every 8th tile and stepped by BLOCK_N w in
+between (every tile exact for float32). Tiles are walked in segments of one kind (ReRoPE all-far / mixed /
+all-near, exact per-element rotation below LongRoPE's n_hat), each a compile-time specialisation. The frequencies
+are the row's own (LongRoPE short/long set or dynamic NTK base picked from the row's length by `build_tables`), so
+nothing in the cache depends on them. Scores are sums of partial dots: the two halves of the pairs plus the pass-through dims. Each
 program writes its partial output with its running max and sum; `_merge_kernel` combines the splits (skipped when
 there is one split).
 """
