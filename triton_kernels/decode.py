@@ -11,9 +11,9 @@ cos/sin(j w), j < BLOCK_N (exact, from the fixed-point turns, held in registers)
 between (every tile exact for float32). Tiles are walked in segments of one kind (ReRoPE all-far / mixed /
 all-near, exact per-element rotation below LongRoPE's n_hat), each a compile-time specialisation. The frequencies
 are the row's own (LongRoPE short/long set or dynamic NTK base picked from the row's length by `build_tables`), so
-nothing in the cache depends on them. Scores are sums of partial dots: the two halves of the pairs plus the pass-through dims. Each
-program writes its partial output with its running max and sum; `_merge_kernel` combines the splits (skipped when
-there is one split).
+nothing in the cache depends on them. Scores are sums of partial dots: the two halves of the pairs plus the
+pass-through dims. Each program writes its partial output with its running max and sum; `_merge_kernel` combines
+the splits (skipped when there is one split).
 """
 from __future__ import annotations
 
