@@ -206,10 +206,10 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const FlashFwdParams p, int num_q_tiles) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int q_range[2][kWarps];
-  // Position and logit scale (log2 units) of every query row of the tile: read back per key tile rather than held
-  // in registers, which the 32 x 128 accumulator needs.
+  // Position of every query row of the tile: read back per key tile rather than held in registers, which the
+  // 32 x 128 accumulator needs (and only 544 bytes of static shared memory, so that two ReRoPE CTAs of 112 KB
+  // still fit an H100 SM).
   __shared__ int row_pos[kBlockM];
-  __shared__ float row_scale[kBlockM];
   // tiles at 256-byte aligned shared addresses (the launch adds 256 bytes of slack)
   const uint32_t sQ = (smem_u32(smem_raw) + 255u) & ~255u;
   const uint32_t sK = sQ + kBlockM * kRowBytes<D>;
@@ -235,8 +235,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   const int32_t* k_pos = p.k_positions ? p.k_positions + b * p.k_positions_batch_stride : nullptr;
 
   // This thread's rows: r = 2 * mt + i is tile row 32 * warp + 16 * mt + g + 8 * i, which holds the accumulator
-  // elements [2i] and [2i + 1] of every n8 block of m16 tile mt. The t == 0 thread of each row writes row_pos and
-  // row_scale; the barrier at the top of the key loop publishes them before any read.
+  // elements [2i] and [2i + 1] of every n8 block of m16 tile mt. The t == 0 thread of each row writes row_pos; the
+  // barrier at the top of the key loop publishes it before any read.
   auto tile_row = [&](int r) { return warp * 16 * kMT + (r >> 1) * 16 + g + 8 * (r & 1); };
   int pos[kRows];
 #pragma unroll
@@ -248,13 +248,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
     } else {
       pos[r] = seqlen_k - seqlen_q + row;
     }
-    float scale = p.softmax_scale * kLog2e;
-    if (p.logn_base > 0.0f) scale *= fmaxf(1.0f, logf(static_cast<float>(pos[r]) + 1.0f) / logf(p.logn_base));
-    if (t == 0) {
-      row_pos[tile_row(r)] = pos[r];
-      row_scale[tile_row(r)] = scale;
-    }
+    if (t == 0) row_pos[tile_row(r)] = pos[r];
   }
+  // Logit scale of a row in log2 units: softmax_scale * log2(e), times the log-n factor of its position.
+  const float base_scale = p.softmax_scale * kLog2e;
+  auto row_scale = [&](int r) -> float {
+    if (p.logn_base <= 0.0f) return base_scale;
+    const float position = static_cast<float>(row_pos[tile_row(r)]);
+    return base_scale * fmaxf(1.0f, logf(position + 1.0f) / logf(p.logn_base));
+  };
 
   // Query positions of the tile's valid rows: [q_min, q_max].
   int q_min, q_max;
@@ -400,12 +402,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
       gemm_qk<T, D>(s, (far ? sQf : sQ) + a_frag, (far ? sKf : sK) + k_frag);
 
       // Scale to log2 units, then mask (after scaling, so that a negative softmax_scale cannot flip -inf).
+      float scale[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) scale[r] = row_scale(r);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
         for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) s[mt][nb][i] *= row_scale[tile_row(2 * mt + (i >> 1))];
+          for (int i = 0; i < 4; ++i) s[mt][nb][i] *= scale[2 * mt + (i >> 1)];
         }
       }
       if (cur.elementwise || straddle) {
@@ -504,8 +509,12 @@ std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(T) * D * (kBlockM + 2 * kBlockN + (rerope ? kBlockM + kBlockN : 0)) + 256;
   auto kernel = flash_fwd_kernel<T, D>;
   if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    // Shared-memory carveout at its maximum, so that the occupancy the sizes allow (2 CTAs) is what runs.
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           static_cast<int>(cudaSharedmemCarveoutMaxShared));
+    if (err == cudaSuccess) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    }
     if (err != cudaSuccess) {
       cudaGetLastError();
       return std::string("flash_fwd: cannot reserve shared memory: ") + cudaGetErrorString(err);
