@@ -6,8 +6,10 @@
 // memory, and O += P V takes P from registers (the S accumulator layout is the A-fragment layout) and V from shared
 // memory as an N-major operand, so no tile is ever transposed. Every tile is stored as 64-column blocks of 128-byte
 // rows with 16-byte chunks XOR-swizzled by (row & 7), the hardware's 128-byte swizzle (bases 1024-byte aligned).
-// K and V go through a two-stage cp.async ring: the copy of tile i + 2 is issued as soon as tile i is consumed, so
-// one full tile of copying overlaps each tile of compute. Query tiles are numbered heaviest first over all heads.
+// The loop is software-pipelined: S(i) = Q K(i)^T and O += P(i-1) V(i-1) are issued together and the softmax of
+// S(i) runs on the CUDA cores while the tensor cores finish P(i-1) V(i-1). K and V come through cp.async rings of
+// three stages (two with ReRoPE, whose far q takes the room), each copy issued two visits (one) ahead of its use.
+// Query tiles are numbered heaviest first over all heads.
 //
 // Tile classification is that of the sm_80 kernel: skipped, unmasked or masked tiles; for ReRoPE the near pair, the
 // far pair, or (straddling the window) two visits of the tile, near keys with (q, k) then far keys with
@@ -36,7 +38,6 @@ static_assert(kNB * 8 == kBlockN && kBlockN % kFlashBlockN == 0, "key tiles of w
 constexpr int kPrepassTiles = kBlockN / kFlashBlockN;  // key tiles of the (min, max) prepass per key tile
 constexpr int kQBytes = kBlockM * kD * 2;
 constexpr int kKVBytes = kBlockN * kD * 2;
-constexpr int kStages = 2;
 
 // ---- wgmma wrappers ----------------------------------------------------------------------------------------------
 // Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte offsets (>> 4 each).
@@ -66,7 +67,10 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[8][4]) {
 }
 // cp.async writes (generic proxy) made visible to wgmma operand reads (async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // d (m64 x n128, fp32) = (scale_d ? d : 0) + A (m64 x k16, shared, K-major) * B (k16 x n128, shared, K-major).
 template <typename T>
@@ -183,7 +187,7 @@ struct Visit {
   bool split;  // straddling tile: this visit keeps only keys on its side of the ReRoPE window
 };
 
-template <typename T, bool PIPELINED>
+template <typename T, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const FlashFwdParams p, int num_q_tiles) {
 #ifdef SCALED_ROPE_SM90A
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -312,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   const int64_t k_off = b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   auto sK = [&](int stage) { return sStages + stage * kKVBytes; };
-  auto sV = [&](int stage) { return sStages + (kStages + stage) * kKVBytes; };
+  auto sV = [&](int stage) { return sStages + (STAGES + stage) * kKVBytes; };
   auto load_k = [&](const Visit& v, int stage) {
     const int64_t n0 = static_cast<int64_t>(v.j) * kBlockN;
     const T* k_base = static_cast<const T*>(v.far ? p.k_far : p.k) + k_off;
@@ -414,120 +418,86 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     }
   };
 
-  Visit cur = first_visit(j_begin);
-  Visit nxt = advance(cur);
+  // Visit i: S(i) and O += P(i-1) V(i-1) are issued together, and the softmax of S(i) runs while the tensor cores
+  // work on P(i-1) V(i-1). K and V have rings of STAGES stages each; with lookahead L = STAGES - 1, K(i+L) and
+  // V(i+L-1) are copied during visit i, into the stages of K(i-1) (free once S(i-1) was waited for) and of V(i-2)
+  // (free once P(i-2) V(i-2) was), so every copy has L visits to land.
+  constexpr int L = STAGES - 1;
+  Visit ahead[L + 1];  // visits i .. i + L
+  ahead[0] = first_visit(j_begin);
+#pragma unroll
+  for (int m = 1; m <= L; ++m) ahead[m] = advance(ahead[m - 1]);
+
   const int q_rows = seqlen_q - m0;
   load_tile<T, kBlockM>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
   if (rerope) {
     const T* qf_base = static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride;
     load_tile<T, kBlockM>(sQf, qf_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
   }
+  if (ahead[0].j < j_end) load_k(ahead[0], 0);
+  cp_async_commit();
+#pragma unroll
+  for (int m = 1; m < L; ++m) {  // group m: K(m), V(m - 1)
+    if (ahead[m].j < j_end) load_k(ahead[m], m);
+    if (ahead[m - 1].j < j_end) load_v(ahead[m - 1], m - 1);
+    cp_async_commit();
+  }
 
-  if constexpr (PIPELINED) {
-    // Visit i: S(i) and O += P(i-1) V(i-1) are issued together, and the softmax of S(i) runs while the tensor cores
-    // work on P(i-1) V(i-1). K and V have rings of their own: K(i+1) and V(i) are copied during visit i (into the
-    // stages of K(i-1), free once S(i-1) was waited for, and of V(i-2), free once P(i-2) V(i-2) was).
-    if (cur.j < j_end) load_k(cur, 0);
-    cp_async_commit();
-    uint32_t pa[kBlockN / 16][4];
-    bool has_prev = false;
-    int i = 0;
-    while (cur.j < j_end) {
-      cp_async_wait_all();  // K(i) and V(i-1)
-      fence_proxy_async();
-      __syncthreads();
+  uint32_t pa[kBlockN / 16][4];
+  bool has_prev = false;
+  int stage = 0;  // i % STAGES: the stage of K(i) and V(i)
+  auto stage_plus = [&](int k) { return (stage + k) % STAGES; };
+  while (ahead[0].j < j_end) {
+    cp_async_wait<L - 1>();  // K(i) and V(i-1) (copied L visits ago)
+    fence_proxy_async();
+    __syncthreads();
 
-      // The copies are issued behind the products (neither target stage is read by them).
-      auto prefetch = [&] {
-        if (nxt.j < j_end) load_k(nxt, (i + 1) & 1);
-        load_v(cur, i & 1);
-        cp_async_commit();
-      };
-      float s[64];
-      if (has_prev) {
-        wgmma_fence();
-        issue_qk(s, cur, i & 1);
-        wgmma_commit();
-        issue_pv(o, pa, (i + 1) & 1);
-        wgmma_commit();
-        prefetch();
-        wgmma_wait<1>();
-      } else {
-        wgmma_fence();
-        issue_qk(s, cur, i & 1);
-        wgmma_commit();
-        prefetch();
-        wgmma_wait<0>();
-      }
-      fence_regs(s);
-      float alpha[2];
-      softmax(s, cur, alpha);
-      wgmma_wait<0>();
-      fence_regs(o);
-      fence_regs(pa);  // P(i-1) stays untouched until its product is done
-      rescale_o(alpha);
-      pack_p(s, pa);
-      has_prev = true;
-      cur = nxt;
-      nxt = advance(nxt);
-      ++i;
-    }
-    if (has_prev) {
-      cp_async_wait_all();  // V(i-1)
-      fence_proxy_async();
-      __syncthreads();
-      wgmma_fence();
-      issue_pv(o, pa, (i + 1) & 1);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(o);
-      fence_regs(pa);
-    }
-  } else {
-    // Visit i waits for its K and V, computes S(i), the softmax and O += P(i) V(i) in turn; K(i+2) and V(i+2) are
-    // copied into the stage of visit i as soon as it is consumed.
-    if (cur.j < j_end) {
-      load_k(cur, 0);
-      load_v(cur, 0);
-    }
-    cp_async_commit();
-    if (nxt.j < j_end) {
-      load_k(nxt, 1);
-      load_v(nxt, 1);
-    }
-    cp_async_commit();
-    int stage = 0;
-    while (cur.j < j_end) {
-      cp_async_wait_one();  // this visit's group has landed (the next visit's may still be in flight)
-      fence_proxy_async();
-      __syncthreads();
-      float s[64];
-      wgmma_fence();
-      issue_qk(s, cur, stage);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(s);
-      float alpha[2];
-      softmax(s, cur, alpha);
-      rescale_o(alpha);
-      uint32_t pa[kBlockN / 16][4];
-      pack_p(s, pa);
-      wgmma_fence();
-      issue_pv(o, pa, stage);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(o);
-      __syncthreads();  // every warpgroup is done with this stage
-      const Visit after = advance(nxt);
-      if (after.j < j_end) {
-        load_k(after, stage);
-        load_v(after, stage);
-      }
+    // The copies are issued behind the products (no target stage is read by them).
+    auto prefetch = [&] {
+      if (ahead[L].j < j_end) load_k(ahead[L], stage_plus(L));
+      if (ahead[L - 1].j < j_end) load_v(ahead[L - 1], stage_plus(L - 1));
       cp_async_commit();
-      cur = nxt;
-      nxt = after;
-      stage ^= 1;
+    };
+    float s[64];
+    if (has_prev) {
+      wgmma_fence();
+      issue_qk(s, ahead[0], stage);
+      wgmma_commit();
+      issue_pv(o, pa, stage_plus(STAGES - 1));
+      wgmma_commit();
+      prefetch();
+      wgmma_wait<1>();
+    } else {
+      wgmma_fence();
+      issue_qk(s, ahead[0], stage);
+      wgmma_commit();
+      prefetch();
+      wgmma_wait<0>();
     }
+    fence_regs(s);
+    float alpha[2];
+    softmax(s, ahead[0], alpha);
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(pa);  // P(i-1) stays untouched until its product is done
+    rescale_o(alpha);
+    pack_p(s, pa);
+    has_prev = true;
+#pragma unroll
+    for (int m = 0; m < L; ++m) ahead[m] = ahead[m + 1];
+    ahead[L] = advance(ahead[L]);
+    stage = stage_plus(1);
+  }
+  if (has_prev) {
+    cp_async_wait_all();  // V of the last visit
+    fence_proxy_async();
+    __syncthreads();
+    wgmma_fence();
+    issue_pv(o, pa, stage_plus(STAGES - 1));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(o);
+    fence_regs(pa);
   }
   cp_async_wait_all();
 
@@ -570,7 +540,7 @@ bool sm90_available() {
       return false;
     }
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T, true>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T, 2>) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
@@ -587,10 +557,12 @@ bool env_flag(const char* name) {
 template <typename T>
 std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
   const bool rerope = p.rerope_window > 0;
-  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + kStages * 2 * kKVBytes + 1024);
-  // SCALED_ROPE_FLASH_SM90_SIMPLE=1: the unpipelined loop (S, softmax, P V in turn), kept for comparison.
-  auto kernel = env_flag("SCALED_ROPE_FLASH_SM90_SIMPLE") ? flash_fwd_sm90_kernel<T, false>
-                                                          : flash_fwd_sm90_kernel<T, true>;
+  // Three K and V stages where shared memory allows (224 KB); ReRoPE's far q leaves room for two.
+  // SCALED_ROPE_FLASH_SM90_STAGES_2=1 forces two stages, for comparison.
+  const bool three = !rerope && !env_flag("SCALED_ROPE_FLASH_SM90_STAGES_2");
+  const int stages = three ? 3 : 2;
+  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + stages * 2 * kKVBytes + 1024);
+  auto kernel = three ? flash_fwd_sm90_kernel<T, 3> : flash_fwd_sm90_kernel<T, 2>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) {

@@ -2,8 +2,8 @@
 # One device-machine call for the CUDA flash forward: build, GPU tests of every kernel path, compute-sanitizer,
 # timings. Logs go to $OUT (default ./gpu-out); a summary is printed.
 # Usage: bash tools/flash_gpu_check.sh [build] [tests] [sanitize] [time]   (default: all four)
-# Kernel paths on an H100/H200 (head_dim 128): default = sm_90a pipelined; SCALED_ROPE_FLASH_SM90_SIMPLE=1 = sm_90a
-# unpipelined; SCALED_ROPE_FLASH_SM80=1 = the sm_80 kernel. head_dim 64 always runs the sm_80 kernel.
+# Kernel paths on an H100/H200 (head_dim 128): default = sm_90a with 3 K/V stages (2 for ReRoPE);
+# SCALED_ROPE_FLASH_SM90_STAGES_2=1 = 2 stages; SCALED_ROPE_FLASH_SM80=1 = the sm_80 kernel. head_dim 64 runs sm_80.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -22,9 +22,9 @@ for step in "${steps[@]}"; do
       python3 -c "import scaled_rope._C as c; print('built', c.compiled_archs(), 'cuda', c.cuda_version())" ;;
     tests)
       cd /tmp || exit 1
-      for path in sm90 sm90-simple sm80; do
+      for path in sm90 sm90-2stage sm80; do
         env_args=()
-        [ "$path" = sm90-simple ] && env_args=(SCALED_ROPE_FLASH_SM90_SIMPLE=1)
+        [ "$path" = sm90-2stage ] && env_args=(SCALED_ROPE_FLASH_SM90_STAGES_2=1)
         [ "$path" = sm80 ] && env_args=(SCALED_ROPE_FLASH_SM80=1)
         env "${env_args[@]}" timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -m gpu -rfE --tb=short -p no:cacheprovider \
           --rootdir="$REPO" "$REPO/tests/test_cuda_attention.py" > "$OUT/tests_$path.log" 2>&1
