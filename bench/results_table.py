@@ -50,16 +50,22 @@ def attention_table(path: Path) -> list[str]:
     return lines
 
 
-def generic_table(path: Path, title: str) -> list[str]:
+COLUMNS = {
+    "decode": ("shape", "method", "ms", "tbps"),
+    "model": ("prompt", "impl", "prefill_tokens_per_s", "decode_tokens_per_s", "same_next_token",
+              "max_abs_logit_diff"),
+    "rope": ("shape", "method", "ms", "gbps"),
+}
+
+
+def generic_table(path: Path, title: str, columns: tuple[str, ...]) -> list[str]:
     data = json.loads(path.read_text())
-    rows = data.get("results", [])
+    rows = [r for r in data.get("results", []) if all(r.get(c) is not None for c in columns)]
     if not rows:
         return []
-    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
-    lines = [f"{title} — {env_line(path, data)}:", "", "| " + " | ".join(keys) + " |",
-             "|" + "---|" * len(keys)]
+    lines = [f"{title} — {env_line(path, data)}:", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{row.get(k):.3g}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys]
+        cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -71,7 +77,7 @@ def build() -> str:
     for prefix, title in (("decode", "Decode over an unrotated KV cache"), ("model", "End-to-end model"),
                           ("rope", "Standalone rotation")):
         if (path := newest(prefix)) is not None:
-            blocks.append(generic_table(path, title))
+            blocks.append(generic_table(path, title, COLUMNS[prefix]))
     return "\n\n".join("\n".join(b) for b in blocks if b)
 
 
