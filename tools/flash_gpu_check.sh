@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call for the CUDA flash forward: build, GPU tests of every kernel path, compute-sanitizer,
 # timings. Logs go to $OUT (default ./gpu-out); a summary is printed.
-# Usage: bash tools/flash_gpu_check.sh [build] [tests] [sanitize] [time]   (default: all four)
+# Usage: bash tools/flash_gpu_check.sh [build] [tests] [sanitize] [time] [profile]   (default: the first four)
 # Kernel paths on an H100/H200 (head_dim 128): default = sm_90a with 3 K/V stages (2 for ReRoPE);
 # SCALED_ROPE_FLASH_SM90_STAGES_2=1 = 2 stages; SCALED_ROPE_FLASH_SM80=1 = the sm_80 kernel. head_dim 64 runs sm_80.
 set -uo pipefail
@@ -44,6 +44,16 @@ for step in "${steps[@]}"; do
     time)
       timeout 240 python3 tools/time_flash.py > "$OUT/time_flash.log" 2>&1
       tail -16 "$OUT/time_flash.log" ;;
+    profile)
+      for case in longrope rerope; do
+        flag=(); [ "$case" = rerope ] && flag=(--rerope)
+        timeout 240 ncu --clock-control none -k regex:flash_fwd --launch-skip 1 --launch-count 1 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+          --section SchedulerStats --section LaunchStats python3 tools/profile_flash.py "${flag[@]}" \
+          > "$OUT/ncu_$case.txt" 2>&1
+        echo "ncu ($case): $(grep -E 'Duration|Compute \(SM\) Throughput|L2 Cache Throughput' "$OUT/ncu_$case.txt" \
+          | tr -s ' ' | tr '\n' ';')"
+      done ;;
     *) echo "unknown step $step" ;;
   esac
   echo "step $step: $(( $(date +%s) - t0 )) s"
