@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -37,6 +37,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NEAR: tl.constexpr = tl.constexpr(0)
 FAR: tl.constexpr = tl.constexpr(1)
 BOTH: tl.constexpr = tl.constexpr(2)
+NEAR_PART: tl.constexpr = tl.constexpr(3)
+FAR_PART: tl.constexpr = tl.constexpr(4)
 INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
 INT32_MIN: tl.constexpr = tl.constexpr(-2147483647)
 # windows beyond this are clamped (positions and their differences are int32 inside the kernels)
@@ -137,27 +139,38 @@ def _allowed(delta, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn, stride_vn, window,
-              rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
+def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn, stride_kfn, stride_vn,
+              window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
               MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One key tile of the online softmax. K/K_far/V point at (batch, kv head); start_n is the tile's first key."""
+    """One key tile of the online softmax. K/K_far/V point at (batch, kv head); start_n is the tile's first key.
+    NEAR/FAR: one product; BOTH: both, selected per element; NEAR_PART/FAR_PART: one product, keys on the other
+    side of the ReRoPE window masked out (a straddling tile visited once per side)."""
     cols = start_n + offs_n
-    k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-    v_offs = start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
-    if MASK or (MODE == BOTH):
+    if MASK or (MODE >= BOTH):
         delta = qpos[:, None] - kpos[None, :]
-    if MODE != FAR:
+    if (MODE == NEAR) or (MODE == BOTH) or (MODE == NEAR_PART):
+        k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
         k = _load_tile(K + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if MODE != NEAR:
-        k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
+    if (MODE == FAR) or (MODE == BOTH) or (MODE == FAR_PART):
+        kf_offs = start_n.to(tl.int64) * stride_kfn + (offs_n[:, None] * stride_kfn + offs_d[None, :])
+        k_far = _load_tile(K_far + kf_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
         qk_far = tl.dot(q_far, tl.trans(k_far), input_precision=DOT_PREC)
-        if MODE == FAR:
-            qk = qk_far
-        else:
+        if MODE == BOTH:
             qk = tl.where(delta < rerope_w, qk, qk_far)
-    if MASK:
-        ok = _allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk)
+        else:
+            qk = qk_far
+    if MASK or (MODE >= NEAR_PART):
+        if MASK:
+            ok = _allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk)
+            if MODE == NEAR_PART:
+                ok = ok & (delta < rerope_w)
+            if MODE == FAR_PART:
+                ok = ok & (delta >= rerope_w)
+        elif MODE == NEAR_PART:
+            ok = delta < rerope_w
+        else:
+            ok = delta >= rerope_w
         qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed so far
@@ -170,46 +183,42 @@ def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_sca
     alpha = tl.math.exp2(m_i * row_scale - m_scaled)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    v_offs = start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
     v = _load_tile(V + v_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn, stride_vn, window,
-                 rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
+def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn, stride_kfn, stride_vn,
+                 window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
                  MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  DOT_PREC: tl.constexpr):
     """Key tiles lo..hi-1 of one kind, default positions (key Q = its index)."""
     for t in range(lo, hi):
         start_n = t * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, start_n + offs_n, row_scale, Nk,
-                                  stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, MODE,
-                                  MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                  stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                  HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale, Nk, stride_kn,
-                  stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  RERORE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Tiles lo..hi-1 split by ReRoPE kind: far below t_far, straddling up to t_near, near from t_near."""
-    if RERORE:
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, tl.minimum(hi, t_far), qpos, row_scale,
-                                     Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
-                                     FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, tl.maximum(lo, t_far),
-                                     tl.minimum(hi, t_near), qpos, row_scale, Nk, stride_kn, stride_vn, window,
-                                     rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D,
-                                     BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, tl.maximum(lo, t_near), hi, qpos, row_scale,
-                                     Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
-                                     NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-    else:
-        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn,
-                                     stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR, MASK,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+def _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, first, last, qpos, row_scale, Nk, stride_kn, stride_vn, window,
+              rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The tiles first..last-1 of one product kind (q, K: its operands), in the segments of the limits:
+    [t_lo, a) masked (window edge), [a, b) unmasked, [b, t_hi) masked (causal diagonal, sequence tail)."""
+    if HAS_WINDOW:
+        acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(t_lo, first), tl.minimum(a, last), qpos,
+                                     row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                     CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(a, first), tl.minimum(b, last), qpos,
+                                 row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                 CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(b, first), tl.minimum(t_hi, last), qpos,
+                                 row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                 CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -515,15 +524,17 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="fwd")})
 @triton.jit
 def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
-              stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_qpb, stride_qpn,
-              stride_kpb, stride_kpn, Nq, Nk, H, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w,
-              N_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # the longest rows first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+              stride_kn, stride_kfb, stride_kfh, stride_kfn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
+              stride_om, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP, sm_scale, sm_scale_log2,
+              inv_ln_logn, window, rerope_w, N_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, EXPLICIT: tl.constexpr,
+              LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (batch * heads, query tiles): the query tile is the slow axis so that, causal, the longest rows of every
+    # head start first and the short ones fill the tail
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    pid_bh = tl.program_id(0)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_hk = (off_h // GROUP).to(tl.int64)
@@ -536,13 +547,8 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
-    q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
-    if RERORE:
-        q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
-    else:
-        q_far = q
     K += off_b * stride_kb + off_hk * stride_kh
-    K_far += off_b * stride_kb + off_hk * stride_kh
+    K_far += off_b * stride_kfb + off_hk * stride_kfh
     V += off_b * stride_vb + off_hk * stride_vh
     if EXPLICIT:
         qpos = tl.load(QPos + off_b * stride_qpb + rows * stride_qpn, mask=rows < Nq, other=0).to(tl.int32)
@@ -554,6 +560,11 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if EXPLICIT:
+        q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+        if RERORE:
+            q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+        else:
+            q_far = q
         p_min = tl.min(tl.where(rows < Nq, qpos, INT32_MAX), 0)
         p_max = tl.max(tl.where(rows < Nq, qpos, INT32_MIN), 0)
         KPos += off_b * stride_kpb
@@ -573,34 +584,50 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
                     kind = _tile_kind(d_min, d_max, rerope_w)
                     if kind == 0:
                         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
-                                                  Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                                  HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                  Nk, stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n,
+                                                  offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                     elif kind == 1:
                         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
-                                                  Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                                  HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                  Nk, stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n,
+                                                  offs_d, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                     else:
                         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
-                                                  Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                                  HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                  Nk, stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n,
+                                                  offs_d, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
                 else:
                     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
-                                              stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                              HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                              stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                              CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
         t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, RERORE,
                                                            BLOCK_N)
-        if HAS_WINDOW:
-            acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, t_lo, a, t_far, t_near, qpos, row_scale,
-                                          Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                          HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, a, b, t_far, t_near, qpos, row_scale, Nk,
-                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
-                                      RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        acc, l_i, m_i = _fwd_segments(acc, l_i, m_i, q, q_far, K, K_far, V, b, t_hi, t_far, t_near, qpos, row_scale, Nk,
-                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
-                                      RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        if RERORE:
+            # Far side first, with only the far q tile live: the fully far tiles, then the straddling tiles
+            # [t_far, t_near) with their near keys masked. Then the near q tile: the straddling tiles again with
+            # their far keys masked, then the fully near tiles. One q operand at a time keeps the registers and
+            # shared memory of plain attention (a straddling tile costs one more P V product instead).
+            s_lo = tl.maximum(t_lo, t_far)
+            s_hi = tl.minimum(t_hi, t_near)
+            q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+            acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q_far, K_far, V, t_lo, a, b, t_hi, t_lo, t_far, qpos, row_scale,
+                                      Nk, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
+                                      FAR, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q_far, q_far, K_far, K_far, V, s_lo, s_hi, qpos, row_scale, Nk,
+                                         stride_kfn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                         HAS_WINDOW, FAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+            acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, s_lo, s_hi, qpos, row_scale, Nk, stride_kn,
+                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
+                                         NEAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, t_near, t_hi, qpos, row_scale, Nk,
+                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        else:
+            q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+            acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, t_lo, t_hi, qpos, row_scale, Nk,
+                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
@@ -885,6 +912,7 @@ class _Plan:
     window: int
     rerope: bool
     rerope_w: int
+    k_far_unrotated: bool  # the far k tables rotate by 0 (plain ReRoPE): far k = k * attention factor
     explicit: bool
     q_sign: float  # 1, -1 or 0: the sign of softmax_scale, folded into the rotated q (the kernels take |scale|)
     logn: bool
@@ -931,6 +959,18 @@ def _rotate_inputs(q, k, q_pos, k_pos, plan: _Plan):
     return q_near, k_near, q_far, _rotated(k, k_pos, plan.k_far_tables)
 
 
+def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
+    """The forward's operands (q near, k near, q far, k far). For plain ReRoPE the far k is the caller's k itself:
+    <m rot(q, w), m k> = <m^2 rot(q, w), k>, so the far q takes both attention factors and no far k is written."""
+    if not (plan.rerope and plan.k_far_unrotated):
+        return _rotate_inputs(q, k, q_pos, k_pos, plan)
+    q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
+    k_near = _rotated(k, k_pos, plan.k_tables)
+    far = plan.q_far_tables
+    far = replace(far, attention_factor=far.attention_factor * plan.k_far_tables.attention_factor)
+    return q_near, k_near, _signed(_rotated(q, q_pos, far), q, plan.q_sign), k
+
+
 def _signed(x, source, sign: float):
     """x times sign (1, -1, 0); in place when x is our scratch, a copy when it is the caller's tensor."""
     if sign == 1.0:
@@ -954,18 +994,18 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
         return out, lse, lse2
     if nk == 0:
         return out.zero_(), lse.fill_(float("-inf")), lse2
-    q_r, k_r, q_f, k_f = _rotate_inputs(q, k, q_pos, k_pos, plan)
+    q_r, k_r, q_f, k_f = _forward_operands(q, k, q_pos, k_pos, plan)
     qp, stride_qpb, stride_qpn = _pos_args(q_pos, plan.explicit, q_r)
     kp, stride_kpb, stride_kpn = _pos_args(k_pos, plan.explicit, q_r)
     n_bucket = _length_bucket(nq, nk)
 
     def grid(meta):
-        return triton.cdiv(nq, meta["BLOCK_M"]), batch * heads
+        return batch * heads, triton.cdiv(nq, meta["BLOCK_M"])
 
     _attn_fwd[grid](
         q_r, k_r, v, q_f, k_f, out, lse, lse2, qp, kp,
         q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
-        v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
+        k_f.stride(0), k_f.stride(2), k_f.stride(1), v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
         nq, nk, heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
         plan.rerope_w, **plan.constexprs(dim, n_bucket, q.dtype))
@@ -1079,12 +1119,14 @@ def _check_positions(name: str, positions, batch: int, n: int, device):
 
 
 def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None, q_positions=None,
-                     k_positions=None, causal, window, softmax_scale, rerope_window, logn_base):
+                     k_positions=None, causal, window, softmax_scale, rerope_window, logn_base,
+                     k_far_unrotated=False):
     """Scaled-RoPE attention (DESIGN.md section 3) with the Triton kernels; differentiable in q, k, v.
 
     q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D) unrotated, any strides with a contiguous last dim, Hq a multiple of
     Hkv, D <= 256. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the far tables are
-    required with `rerope_window`. Positions: int (B, N) tensors that fit in int32, or None for the default
+    required with `rerope_window`; k_far_unrotated=True says that k_far_tables rotate by angle 0 (plain ReRoPE),
+    which lets the forward read k itself as the far k. Positions: int (B, N) tensors that fit in int32, or None for the default
     (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32);
     a row with no allowed key gives out 0, lse -inf and zero gradients.
     """
@@ -1131,6 +1173,7 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
     plan = _Plan(q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables, k_far_tables=k_far_tables,
                  causal=bool(causal), has_window=has_window, window=min(int(window), _MAX_WINDOW) if has_window else 0,
                  rerope=rerope, rerope_w=max(min(int(rerope_window), _MAX_WINDOW), -_MAX_WINDOW) if rerope else 0,
+                 k_far_unrotated=bool(k_far_unrotated),
                  explicit=explicit, q_sign=math.copysign(1.0, softmax_scale) if softmax_scale else 0.0,
                  logn=logn_base is not None, inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
                  sm_scale=abs(float(softmax_scale)) or 1.0,

@@ -221,7 +221,8 @@ def scaled_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
         if chosen == "triton":
             from .triton_kernels.attention import triton_attention
 
-            out, lse = triton_attention(q, k, v, **tables, **options)
+            out, lse = triton_attention(q, k, v, **tables, **options,
+                                        k_far_unrotated=rerope_window is not None and rerope_leak is None)
         else:
             from ._cuda import cuda_attention
 
