@@ -462,12 +462,15 @@ def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo,
 # ----------------------------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------------------------
-_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "RERORE", "EXPLICIT", "LOGN"]
+_KEY = ["N_BUCKET", "BH_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "RERORE", "EXPLICIT", "LOGN"]
 
 
-def _configs(block_pairs):
-    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); a single small one under the interpreter."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in block_pairs]
+def _configs(block_pairs, head_dims=None):
+    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); head_dims (lo, hi) limits them to those head dims."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in block_pairs]
+    for config in configs:
+        config.head_dims = head_dims
+    return configs
 
 
 if _INTERPRET:  # one config, deliberately rectangular so that tile-range arithmetic is exercised
@@ -475,22 +478,25 @@ if _INTERPRET:  # one config, deliberately rectangular so that tile-range arithm
     _DKDV_CONFIGS = _configs([(32, 16, 4, 1)])
     _DQ_CONFIGS = _configs([(16, 32, 4, 1)])
 else:  # the first config that fits is the one SCALED_ROPE_AUTOTUNE=0 uses: keep the safest first
-    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)])
+    # forward: head dims above 64 (8 warps = two warpgroups of 64 rows), then head dims up to 64 (FA2's choice
+    # there is 128 x 128 or 128 x 64 tiles with 4 warps: the products are short, so more keys per softmax step)
+    _FWD_CONFIGS = (_configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)], (65, 256))
+                    + _configs([(128, 64, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 64, 8, 3),
+                                (64, 64, 4, 3)], (1, 64)))
     _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3)])
     _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 2)])
 # used only when no config above fits the estimate (head dim 256 with ReRoPE or fp32)
-_FALLBACK = { "fwd": _configs([(64, 32, 4, 2)])[0], "dkdv": _configs([(32, 64, 4, 2)])[0],
+_FALLBACK = {"fwd": _configs([(64, 32, 4, 2)])[0], "dkdv": _configs([(32, 64, 4, 2)])[0],
              "dq": _configs([(64, 32, 4, 2)])[0]}
 
 _MAX_FP32_PER_THREAD = 192  # accumulators + score tiles held in registers
 _MAX_SHARED_BYTES = 180 * 1024  # H100 has 227 KB per block; leave room for layout conversions
 
 
-def _fits(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int, rerope: bool,
+def _fits(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int, sets: int,
           elem: int) -> bool:
-    """Rough register and shared-memory estimate of one program (ReRoPE holds two operand sets; the pipeliner keeps
-    num_stages - 1 tiles in flight)."""
-    sets = 2 if rerope else 1
+    """Rough register and shared-memory estimate of one program (sets: operand sets live at once, 2 where ReRoPE
+    needs the near and far pair together; the pipeliner keeps num_stages - 1 tiles in flight)."""
     staged = max(num_stages - 1, 1)
     if kind == "fwd":  # acc (m x d), scores (m x n) per set; q tiles resident, k (per set) and v staged
         regs = block_m * block_d + sets * block_m * block_n
@@ -504,14 +510,36 @@ def _fits(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int
     return regs <= _MAX_FP32_PER_THREAD * 32 * num_warps and smem * elem <= _MAX_SHARED_BYTES
 
 
+def _forced_config(kind: str):
+    """SCALED_ROPE_FWD_CONFIG / _DKDV_ / _DQ_CONFIG = "BLOCK_M,BLOCK_N,num_warps,num_stages": that config alone
+    (for measurements; tools/probe_rerope.py sets it)."""
+    text = os.environ.get(f"SCALED_ROPE_{kind.upper()}_CONFIG", "")
+    if not text:
+        return None
+    try:
+        bm, bn, w, st = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"SCALED_ROPE_{kind.upper()}_CONFIG must be 'BLOCK_M,BLOCK_N,num_warps,num_stages', "
+                         f"got {text!r}") from None
+    return _configs([(bm, bn, w, st)])[0]
+
+
 def _prune(configs, named_args, kind="fwd", **kwargs):
     """Configs that fit the head dim and dtype; SCALED_ROPE_AUTOTUNE=0 keeps only the first (the GPU feature
     tests use it so that each feature compiles one config)."""
+    forced = _forced_config(kind)
+    if forced is not None:
+        return [forced]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", block_d))
     rerope = bool(kwargs.get("RERORE", named_args.get("RERORE")))
+    explicit = bool(kwargs.get("EXPLICIT", named_args.get("EXPLICIT")))
+    # the forward with default positions holds one q operand at a time (far side, then near side)
+    sets = 2 if rerope and (kind != "fwd" or explicit) else 1
     elem = named_args["Q"].element_size() if "Q" in named_args else 2
-    kept = [c for c in configs if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                                        block_d, rerope, elem)]
+    kept = [c for c in configs
+            if (getattr(c, "head_dims", None) is None or c.head_dims[0] <= head_dim <= c.head_dims[1])
+            and _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, block_d, sets, elem)]
     kept = kept or [_FALLBACK[kind]]
     if os.environ.get("SCALED_ROPE_AUTOTUNE", "1") == "0":
         kept = kept[:1]
@@ -526,7 +554,7 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
 def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
               stride_kn, stride_kfb, stride_kfh, stride_kfn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
               stride_om, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP, sm_scale, sm_scale_log2,
-              inv_ln_logn, window, rerope_w, N_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              inv_ln_logn, window, rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, EXPLICIT: tl.constexpr,
               LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid (batch * heads, query tiles): the query tile is the slow axis so that, causal, the longest rows of every
@@ -673,7 +701,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_qpb, stride_qpn,
                    stride_kpb, stride_kpn, Nq, Nk, H, HKV, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window,
-                   rerope_w, N_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr,
                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of one kv head: dk (near and far, w.r.t. the rotated k) and dv, summed over the q heads of the
@@ -791,7 +819,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
 def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, stride_qb, stride_qh, stride_qm,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP,
-                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET, HEAD_DIM: tl.constexpr,
+                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr,
                  EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
@@ -920,8 +948,8 @@ class _Plan:
     sm_scale: float  # |softmax_scale| (1 when it is 0: q is zeroed instead)
     sm_scale_log2: float
 
-    def constexprs(self, head_dim: int, n_bucket: int, dtype: torch.dtype) -> dict:
-        return dict(N_BUCKET=n_bucket, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    def constexprs(self, head_dim: int, n_bucket: int, bh_bucket: int, dtype: torch.dtype) -> dict:
+        return dict(N_BUCKET=n_bucket, BH_BUCKET=bh_bucket, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                     CAUSAL=self.causal, HAS_WINDOW=self.has_window, RERORE=self.rerope, EXPLICIT=self.explicit,
                     LOGN=self.logn, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
@@ -931,16 +959,38 @@ def _length_bucket(nq: int, nk: int) -> int:
     return min(triton.next_power_of_2(max(nq, nk)), 16384)
 
 
+def _grid_bucket(batch: int, heads: int) -> int:
+    """Autotune key for batch * heads (powers of two up to 256): a small grid may prefer smaller query tiles."""
+    return min(triton.next_power_of_2(max(batch * heads, 1)), 256)
+
+
 def _scratch_like(x: torch.Tensor) -> torch.Tensor:
     """A (B, N, H, D) view of a fresh (B, H, N, D) buffer: each head's rows are one contiguous block."""
     batch, n, heads, dim = x.shape
     return _alloc.empty((batch, heads, n, dim), x.dtype, x.device).transpose(1, 2)
 
 
+_CACHE: dict = {}  # small derived tensors reused between calls (default positions, far q tables with m^2)
+
+
+def _cached(key, device, make):
+    """_CACHE[key], made on a miss; nothing is kept from a CUDA-graph capture (it records the kernels that fill
+    a tensor without running them)."""
+    found = _CACHE.get(key)
+    if found is None:
+        found = make()
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_CACHE) >= 256:
+                _CACHE.clear()
+            _CACHE[key] = found
+    return found
+
+
 def _positions(positions, batch: int, start: int, n: int, device) -> torch.Tensor:
     if positions is not None:
         return positions
-    return torch.arange(start, start + n, dtype=torch.int32, device=device).expand(batch, n)
+    return _cached(("positions", str(device), start, n), device,
+                   lambda: torch.arange(start, start + n, dtype=torch.int32, device=device)).expand(batch, n)
 
 
 def _rotated(x, positions, tables):
@@ -966,9 +1016,12 @@ def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
         return _rotate_inputs(q, k, q_pos, k_pos, plan)
     q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
     k_near = _rotated(k, k_pos, plan.k_tables)
-    far = plan.q_far_tables
-    far = replace(far, attention_factor=far.attention_factor * plan.k_far_tables.attention_factor)
-    return q_near, k_near, _signed(_rotated(q, q_pos, far), q, plan.q_sign), k
+    far, k_far = plan.q_far_tables, plan.k_far_tables
+    # keyed by the tables' identity (cached by the caller for default positions); the entry holds both tables,
+    # so their ids cannot be reused while it lives
+    entry = _cached(("far q m^2", id(far), id(k_far)), q.device,
+                    lambda: (far, k_far, replace(far, attention_factor=far.attention_factor * k_far.attention_factor)))
+    return q_near, k_near, _signed(_rotated(q, q_pos, entry[2]), q, plan.q_sign), k
 
 
 def _signed(x, source, sign: float):
@@ -1008,7 +1061,7 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
         k_f.stride(0), k_f.stride(2), k_f.stride(1), v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
         nq, nk, heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
-        plan.rerope_w, **plan.constexprs(dim, n_bucket, q.dtype))
+        plan.rerope_w, **plan.constexprs(dim, n_bucket, _grid_bucket(batch, heads), q.dtype))
     return out, lse, lse2
 
 
@@ -1020,7 +1073,7 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if do.stride(-1) != 1:
         do = do.contiguous()
-    consts = plan.constexprs(dim, _length_bucket(nq, nk), q.dtype)
+    consts = plan.constexprs(dim, _length_bucket(nq, nk), _grid_bucket(batch, heads), q.dtype)
     delta = _alloc.empty((batch, heads, nq), torch.float32, q.device)
     has_dlse = dlse is not None
     dlse = dlse.contiguous() if has_dlse else delta

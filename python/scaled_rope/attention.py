@@ -154,12 +154,32 @@ def _resolve(backend: str, q: torch.Tensor, rerope_window) -> str:
     return backend
 
 
-def kernel_tables(rope, q, k, *, q_positions, k_positions, rerope_window, rerope_leak):
-    """Rotation tables for q and k (and the far pair for ReRoPE), each row at its own length."""
-    from .tables import build_tables
+_KERNEL_TABLES: dict = {}
 
+
+def kernel_tables(rope, q, k, *, q_positions, k_positions, rerope_window, rerope_leak):
+    """Rotation tables for q and k (and the far pair for ReRoPE), each row at its own length. With default
+    positions they depend on the arguments alone and are built once (a few dozen small launches saved per
+    call); they are shared between calls and read-only."""
     if rope is None:
         return None, None, None, None
+    if k_positions is not None:
+        return _kernel_tables(rope, q, k, k_positions, rerope_window, rerope_leak)
+    key = (rope, q.shape[0], str(q.device), k.shape[1], rerope_window, rerope_leak)
+    found = _KERNEL_TABLES.get(key)
+    if found is None:
+        found = _kernel_tables(rope, q, k, None, rerope_window, rerope_leak)
+        # nothing is kept from a CUDA-graph capture (it records the kernels that fill a tensor without running them)
+        if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if len(_KERNEL_TABLES) >= 256:
+                _KERNEL_TABLES.clear()
+            _KERNEL_TABLES[key] = found
+    return found
+
+
+def _kernel_tables(rope, q, k, k_positions, rerope_window, rerope_leak):
+    from .tables import build_tables
+
     batch = q.shape[0]
     # a row's length is its largest key position + 1; default positions give Nk for every row
     seq_lens = k.shape[1] if k_positions is None else (k_positions.max(dim=1).values + 1 if k.shape[1] else 0)
