@@ -8,12 +8,13 @@
 // rows with 16-byte chunks XOR-swizzled by (row & 7), the hardware's 128-byte swizzle (bases 1024-byte aligned).
 // The loop is software-pipelined: S(i) = Q K(i)^T and O += P(i-1) V(i-1) are issued together and the softmax of
 // S(i) runs on the CUDA cores while the tensor cores finish P(i-1) V(i-1). K and V come through cp.async rings of
-// three stages (two with ReRoPE, whose far q takes the room), each copy issued two visits (one) ahead of its use.
+// three stages, each copy issued two visits ahead of its use.
 // Query tiles are numbered heaviest first over all heads.
 //
 // Tile classification is that of the sm_80 kernel: skipped, unmasked or masked tiles; for ReRoPE the near pair, the
-// far pair, or (straddling the window) two visits of the tile, near keys with (q, k) then far keys with
-// (q_far, k_far), each masked to its keys. A visit loads its own K (near or far) and V, so a stage holds one K.
+// far pair, or (straddling the window) two visits of the tile, far keys with (q_far, k_far) and near keys with
+// (q, k), each masked to its keys. A visit loads its own K (near or far) and V, so a stage holds one K; all far
+// visits come first, so that one buffer holds q_far and then q.
 #include "flash_common.cuh"
 
 #include <climits>
@@ -194,8 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   __shared__ int q_range[2][kThreads / 32];
   const bool rerope = p.rerope_window > 0;
   const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;  // the launch adds 1024 bytes of slack
-  const uint32_t sQf = sQ + kQBytes;                           // ReRoPE only
-  const uint32_t sStages = sQ + (rerope ? 2 : 1) * kQBytes;    // K stages, then V stages
+  const uint32_t sStages = sQ + kQBytes;                       // K stages, then V stages
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
@@ -298,18 +298,27 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     }
     return c;
   };
-  auto first_visit = [&](int j) -> Visit {
+  // Visits come in two phases so that one shared-memory buffer holds the query tile: with ReRoPE first every visit
+  // with the far pair (far tiles and the far halves of straddling tiles, q_far in the buffer), then every visit
+  // with the near pair (q in the buffer). The online softmax does not depend on the order of the visits.
+  auto find_visit = [&](int j, bool far) -> Visit {
     for (; j < j_end; ++j) {
       const TileClass c = classify(j);
-      if (c.mode == (kNear | kFar)) return Visit{j, false, true, true};
-      if (c.mode) return Visit{j, c.mode == kFar, c.elementwise, false};
+      if (c.mode & (far ? kFar : kNear)) {
+        const bool straddle = c.mode == (kNear | kFar);
+        return Visit{j, far, c.elementwise || straddle, straddle};
+      }
     }
     return Visit{j_end, false, false, false};
   };
+  auto first_visit = [&]() -> Visit {
+    const Visit v = rerope ? find_visit(j_begin, true) : Visit{j_end, false, false, false};
+    return v.j < j_end ? v : find_visit(j_begin, false);
+  };
   auto advance = [&](const Visit& v) -> Visit {
     if (v.j >= j_end) return v;
-    if (v.split && !v.far) return Visit{v.j, true, true, true};
-    return first_visit(v.j + 1);
+    const Visit w = find_visit(v.j + 1, v.far);
+    return (w.j < j_end || !v.far) ? w : find_visit(j_begin, false);
   };
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -334,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   // S = Q K^T into s (issued, not waited): 8 k16 steps; step kk reads 32 bytes at (kk % 4) * 32 of the rows of
   // column block kk / 4 of Q (this warpgroup's 64 rows) and of K.
   auto issue_qk = [&](float (&s)[64], const Visit& v, int stage) {
-    const uint32_t q_addr = (v.far ? sQf : sQ) + wg * 64 * 128;
+    const uint32_t q_addr = sQ + wg * 64 * 128;  // q or q_far, whichever the phase of v loaded
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint64_t da = smem_desc(q_addr + (kk >> 2) * kBlockM * 128 + (kk & 3) * 32, 16, 1024);
@@ -424,16 +433,17 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   // (free once P(i-2) V(i-2) was), so every copy has L visits to land.
   constexpr int L = STAGES - 1;
   Visit ahead[L + 1];  // visits i .. i + L
-  ahead[0] = first_visit(j_begin);
+  ahead[0] = first_visit();
 #pragma unroll
   for (int m = 1; m <= L; ++m) ahead[m] = advance(ahead[m - 1]);
 
   const int q_rows = seqlen_q - m0;
-  load_tile<T, kBlockM>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
-  if (rerope) {
-    const T* qf_base = static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride;
-    load_tile<T, kBlockM>(sQf, qf_base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
-  }
+  auto load_q = [&](bool far) {
+    const T* base = far ? static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride : q_base;
+    load_tile<T, kBlockM>(sQ, base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
+  };
+  bool q_far_loaded = ahead[0].far;
+  load_q(q_far_loaded);
   if (ahead[0].j < j_end) load_k(ahead[0], 0);
   cp_async_commit();
 #pragma unroll
@@ -451,6 +461,14 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     cp_async_wait<L - 1>();  // K(i) and V(i-1) (copied L visits ago)
     fence_proxy_async();
     __syncthreads();
+    if (q_far_loaded && !ahead[0].far) {  // first near visit: q replaces q_far (once per CTA, not hidden)
+      load_q(false);
+      cp_async_commit();
+      cp_async_wait_all();
+      fence_proxy_async();
+      __syncthreads();
+      q_far_loaded = false;
+    }
 
     // The copies are issued behind the products (no target stage is read by them).
     auto prefetch = [&] {
@@ -556,12 +574,10 @@ bool env_flag(const char* name) {
 
 template <typename T>
 std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
-  const bool rerope = p.rerope_window > 0;
-  // Three K and V stages where shared memory allows (224 KB); ReRoPE's far q leaves room for two.
-  // SCALED_ROPE_FLASH_SM90_STAGES_2=1 forces two stages, for comparison.
-  const bool three = !rerope && !env_flag("SCALED_ROPE_FLASH_SM90_STAGES_2");
+  // Three K and V stages (225 KB of shared memory); SCALED_ROPE_FLASH_SM90_STAGES_2=1 forces two, for comparison.
+  const bool three = !env_flag("SCALED_ROPE_FLASH_SM90_STAGES_2");
   const int stages = three ? 3 : 2;
-  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + stages * 2 * kKVBytes + 1024);
+  const size_t smem = static_cast<size_t>(kQBytes + stages * 2 * kKVBytes + 1024);
   auto kernel = three ? flash_fwd_sm90_kernel<T, 3> : flash_fwd_sm90_kernel<T, 2>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

@@ -2,7 +2,7 @@
 # One device-machine call for the CUDA flash forward: build, GPU tests of every kernel path, compute-sanitizer,
 # timings. Logs go to $OUT (default ./gpu-out); a summary is printed.
 # Usage: bash tools/flash_gpu_check.sh [build] [tests] [sanitize] [time] [profile]   (default: the first four)
-# Kernel paths on an H100/H200 (head_dim 128): default = sm_90a with 3 K/V stages (2 for ReRoPE);
+# Kernel paths on an H100/H200 (head_dim 128): default = sm_90a with 3 K/V stages;
 # SCALED_ROPE_FLASH_SM90_STAGES_2=1 = 2 stages; SCALED_ROPE_FLASH_SM80=1 = the sm_80 kernel. head_dim 64 runs sm_80.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"

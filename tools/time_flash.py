@@ -5,8 +5,8 @@
 Prints TFLOP/s (4*B*H*N*N*D, half for causal; rope not counted) from triton.testing.do_bench medians for
 LongRoPE and ReRoPE (w = 512) causal bf16, end to end (tables, rotation prepass, kernel), and the share of the
 CUDA time spent in the rotation prepass. On compute capability 9.x the `cuda` rows are the sm_90a kernel (head_dim
-128), `cuda-sm90-2stage` it with two K/V stages instead of three (SCALED_ROPE_FLASH_SM90_STAGES_2=1; ReRoPE always
-uses two) and `cuda-sm80` the sm_80 kernel on the same device (SCALED_ROPE_FLASH_SM80=1). Not the project benchmark (bench/), a probe for kernel work.
+128), `cuda-sm90-2stage` it with two K/V stages instead of three (SCALED_ROPE_FLASH_SM90_STAGES_2=1) and `cuda-sm80`
+the sm_80 kernel on the same device (SCALED_ROPE_FLASH_SM80=1). Not the project benchmark (bench/), a probe for kernel work.
 """
 import argparse
 import os
