@@ -17,6 +17,7 @@ the splits (skipped when there is one split).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -202,7 +203,7 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
 def _decode_kernel(
     Q, K, V, SEQLENS, BLOCK_TABLE,
     TURNS, TURNS_UNSCALED, FACTOR, TURNS_QF, OFFSET_QF, TURNS_KF,
-    OUT, LSE,
+    OUT, LSE, STATUS,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -210,7 +211,7 @@ def _decode_kernel(
     stride_tb, stride_tqb, stride_oqb, stride_tkb,
     stride_ob, stride_om, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_lm, stride_ls, stride_lx,
-    n_q, n_m_blocks, num_splits, sm_scale_log2, inv_ln_logn_base, window, rerope_window, n_hat,
+    n_q, n_new, capacity, n_m_blocks, num_splits, sm_scale_log2, inv_ln_logn_base, window, rerope_window, n_hat,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, PASS: tl.constexpr, PASS_PAD: tl.constexpr,
@@ -225,7 +226,11 @@ def _decode_kernel(
     b = pid_bm // n_m_blocks
     m_block = pid_bm % n_m_blocks
     b64 = b.to(tl.int64)
-    seqlen = tl.load(SEQLENS + b)
+    # the row's length; a row outside 0..capacity reads nothing, outputs NaN and clears STATUS (no host check)
+    cached = tl.load(SEQLENS + b).to(tl.int64)
+    length_ok = (cached >= 0) & (cached + n_new <= capacity)
+    seqlen = tl.where(length_ok, cached + n_new, 0).to(tl.int32)
+    tl.store(STATUS, 0, mask=~length_ok)
     DTYPE: tl.constexpr = K.dtype.element_ty
 
     # ---- the M rows: query token t, head h_kv * GROUP + g ---------------------------------------------------
@@ -370,6 +375,9 @@ def _decode_kernel(
 
     no_key = l_i == 0.0
     out = acc / tl.where(no_key, 1.0, l_i)[:, None]
+    out = tl.where(length_ok, out, float("nan"))
+    m_i = tl.where(length_ok, m_i, float("nan"))
+    l_i = tl.where(length_ok, l_i, float("nan"))  # NaN survives the merge of the splits
     o_ptrs = (OUT + b64 * stride_ob + tok.to(tl.int64)[:, None] * stride_om + head.to(tl.int64)[:, None] * stride_oh
               + pid_s.to(tl.int64) * stride_os + dcol[None, :] * stride_od)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
@@ -416,6 +424,45 @@ def _merge_kernel(
     tl.store(LSE + b * stride_lb + head * stride_lh + tok * stride_lm, _lse(m_ref, total))
 
 
+@triton.jit
+def _append_kernel(
+    K_NEW, V_NEW, K, V, SEQLENS, BLOCK_TABLE, STATUS,
+    stride_knb, stride_knn, stride_knh, stride_knd,
+    stride_vnb, stride_vnn, stride_vnh, stride_vnd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_btb, stride_btp,
+    n_new, capacity, num_pages,
+    N_KV: tl.constexpr, HKV_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    """One program per (new token t, row b): K[b, seqlens[b] + t] = K_NEW[b, t], and V alike. A row outside
+    0..capacity after the append writes nothing, nor does a token whose page id is outside 0..num_pages-1; either
+    clears STATUS."""
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cached = tl.load(SEQLENS + b).to(tl.int64)
+    ok = (cached >= 0) & (cached + n_new <= capacity)
+    pos = cached + t
+    if PAGED:
+        page = tl.load(BLOCK_TABLE + b * stride_btb + (pos // PAGE_SIZE) * stride_btp, mask=ok, other=0)
+        page = page.to(tl.int64)
+        ok = ok & (page >= 0) & (page < num_pages)
+        k_row = K + page * stride_kb + (pos % PAGE_SIZE) * stride_kn
+        v_row = V + page * stride_vb + (pos % PAGE_SIZE) * stride_vn
+    else:
+        k_row = K + b * stride_kb + pos * stride_kn
+        v_row = V + b * stride_vb + pos * stride_vn
+    tl.store(STATUS, 0, mask=~ok)
+    h = tl.arange(0, HKV_PAD)[:, None].to(tl.int64)
+    d = tl.arange(0, D_PAD)[None, :]
+    mask = (h < N_KV) & (d < HEAD_DIM) & ok
+    k = tl.load(K_NEW + b * stride_knb + t * stride_knn + h * stride_knh + d * stride_knd, mask=mask)
+    v = tl.load(V_NEW + b * stride_vnb + t * stride_vnn + h * stride_vnh + d * stride_vnd, mask=mask)
+    tl.store(k_row + h * stride_kh + d * stride_kd, k, mask=mask)
+    tl.store(v_row + h * stride_vh + d * stride_vd, v, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launcher
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,10 +477,27 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-device placeholders for pointer arguments a specialisation never reads (int64, float32) and for a
+    status nobody checks (int32); made once, outside any CUDA-graph capture (a capture would only record their
+    fill)."""
+    found = _SCRATCH.get(device)
+    if found is None:
+        found = (torch.zeros(1, dtype=torch.int64, device=device), torch.ones(1, dtype=torch.float32, device=device),
+                 torch.ones(1, dtype=torch.int32, device=device))
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _SCRATCH[device] = found
+    return found
 
 
 def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
@@ -467,13 +531,43 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else 0
 
 
-def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, q_far_tables=None,
-                     k_far_tables=None, causal=True, window=None, softmax_scale=None, rerope_window=None,
-                     rerope_leak=None, logn_base=None, max_seqlen=None, num_splits=None, config=None):
-    """Attention of q (B, Nq, Hq, D) over the first seqlens[b] keys of an unrotated cache.
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def append_to_cache(k_cache, v_cache, k_new, v_new, seqlens, block_table=None, status=None) -> None:
+    """Write k_new, v_new (B, Nnew, Hkv, D) into the caches at seqlens (int32 (B,)), in place: one launch, no host
+    synchronisation. A row whose seqlens[b] + Nnew falls outside 0..capacity writes nothing, nor does a token whose
+    page id lies outside the cache; either sets status (int32 (1,), if given) to 0."""
+    B, n_new, n_kv, head_dim = k_new.shape
+    if B == 0 or n_new == 0:
+        return
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    status = _scratch(k_cache.device)[2] if status is None else status
+    _append_kernel[(n_new, B)](
+        k_new, v_new, k_cache, v_cache, seqlens, block_table if paged else seqlens, status,
+        *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
+        block_table.stride(0) if paged else 0, block_table.stride(1) if paged else 0,
+        n_new, capacity, k_cache.shape[0],
+        N_KV=n_kv, HKV_PAD=triton.next_power_of_2(n_kv), HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+        PAGED=paged, PAGE_SIZE=page_size,
+        num_warps=min(16, max(4, triton.next_power_of_2(n_kv) * triton.next_power_of_2(head_dim) // 1024)),
+    )
+
+
+def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=None, block_table=None,
+                     q_far_tables=None, k_far_tables=None, causal=True, window=None, softmax_scale=None,
+                     rerope_window=None, rerope_leak=None, logn_base=None, max_seqlen=None, num_splits=None,
+                     config=None):
+    """Attention of q (B, Nq, Hq, D) over the first seqlens[b] + n_new keys of an unrotated cache.
 
     k_cache, v_cache: (B, N, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int32.
-    seqlens: int32 (B,) on the device, each row's length (keys 0..len-1); queries sit at len - Nq + 0..Nq-1.
+    seqlens: int32 (B,) on the device; row b has len = seqlens[b] + n_new keys (0..len-1) and its queries sit at
+    len - Nq + 0..Nq-1. A row with seqlens[b] < 0 or len > capacity (N, or max_pages * page_size) reads no key,
+    gets NaN in out and lse, and sets status (int32 (1,), if given) to 0: nothing is checked on the host.
+    Entries of block_table below a row's length must be page ids of the cache (not checked here).
     tables: `RotaryTables` of the rows at their lengths (None: no rotation); q_far_tables / k_far_tables: ReRoPE's
     far sides (with rerope_window; rerope_leak only says whether far k rotates). max_seqlen: the longest row if
     known (else the capacity stands in), for the split count. num_splits (default: by SM count and length)
@@ -495,8 +589,9 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
     cfg = dict(default_config(head_dim, q.element_size(), block_m, page_size, heavy), **(config or {}))
     if paged:  # a tile must lie in one page
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], page_size)
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     if max_seqlen is None:
-        max_seqlen = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+        max_seqlen = capacity
     if num_splits is None:
         num_splits = choose_num_splits(B * n_kv * n_m_blocks, max_seqlen, _num_sms(q.device))
     out = empty(q.shape, q.dtype, q.device)
@@ -514,14 +609,15 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
 
     has_rot = tables is not None
     rerope = rerope_window is not None
-    dummy_i64 = torch.zeros(1, dtype=torch.int64, device=q.device)
-    turns = tables.turns.contiguous() if has_rot else dummy_i64
+    dummy_i64, dummy_f32, dummy_status = _scratch(q.device)
+    status = dummy_status if status is None else status
+    turns = _last_dim_contiguous(tables.turns) if has_rot else dummy_i64  # rows may be stride-0 views
     turns_un = tables.turns_unscaled if has_rot and tables.turns_unscaled is not None else dummy_i64
-    factor = tables.attention_factor if has_rot else torch.ones(1, dtype=torch.float32, device=q.device)
+    factor = tables.attention_factor.contiguous() if has_rot else dummy_f32
     if rerope and has_rot:
-        turns_qf = q_far_tables.turns.contiguous()
-        offset_qf = q_far_tables.offset.contiguous()
-        turns_kf = k_far_tables.turns.contiguous()
+        turns_qf = _last_dim_contiguous(q_far_tables.turns)
+        offset_qf = _last_dim_contiguous(q_far_tables.offset)
+        turns_kf = _last_dim_contiguous(k_far_tables.turns)
     else:
         turns_qf = offset_qf = turns_kf = dummy_i64
     n_hat = tables.n_hat if has_rot else 0
@@ -531,12 +627,13 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, block_table=None, 
     _decode_kernel[grid](
         q, k_cache, v_cache, seqlens, block_table_arg,
         turns, turns_un, factor, turns_qf, offset_qf, turns_kf,
-        o_dst, l_dst,
+        o_dst, l_dst, status,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         block_table.stride(0) if paged else 0, block_table.stride(1) if paged else 0,
         _row_stride(turns), _row_stride(turns_qf), _row_stride(offset_qf), _row_stride(turns_kf),
         *o_strides, *l_strides,
-        n_q, n_m_blocks, num_splits, scale * LOG2E, 1.0 / math.log(logn_base) if logn_base is not None else 0.0,
+        n_q, n_new, capacity, n_m_blocks, num_splits, scale * LOG2E,
+        1.0 / math.log(logn_base) if logn_base is not None else 0.0,
         window if window is not None else 0, rerope_window if rerope else 0, n_hat,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
         HALF=half, HALF_PAD=_pow2(half), PASS=head_dim - rotary_dim, PASS_PAD=_pow2(head_dim - rotary_dim),
