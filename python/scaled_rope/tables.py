@@ -124,3 +124,63 @@ def build_tables(rope: RopeScaling, batch: int, device: torch.device | str, *,
 @lru_cache(maxsize=64)
 def _cached_frequencies_unscaled(rope: RopeScaling, device: str) -> torch.Tensor:
     return rope.unscaled_frequencies().to(device)
+
+
+# ---- cached tables for the decode path: no per-call rebuild of what only depends on the rope ------------------
+_TABLE_CACHE: dict = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _remember(key, device: torch.device, make):
+    """_TABLE_CACHE[key], made by make() on a miss; nothing is stored during a CUDA-graph capture (the capture
+    records the kernels that fill a tensor without running them)."""
+    found = _TABLE_CACHE.get(key)
+    if found is None:
+        found = make()
+        if not _capturing(device):
+            if len(_TABLE_CACHE) >= 1024:
+                _TABLE_CACHE.clear()
+            _TABLE_CACHE[key] = found
+    return found
+
+
+def cached_tables(rope: RopeScaling, batch: int, device: torch.device | str, *,
+                  seq_lens: torch.Tensor | None = None, added: int = 0, far: str | None = None,
+                  rerope_window: int | None = None, rerope_leak: float | None = None) -> RotaryTables:
+    """`build_tables(rope, batch, device, seq_lens=seq_lens + added, far=..., ...)` with the same values, in at
+    most two small launches: the tables of a fixed length are built once per (rope, device, far side) and kept;
+    LongRoPE picks each row's short or long set from them with one torch.where. The tensors returned may be
+    shared between calls and rows may be stride-0 views: read them, never write them. Dynamic NTK with per-row
+    lengths (its base is a function of the length) takes `build_tables`.
+    """
+    device = torch.device(device)
+    length_dependent = rope.length_dependent and seq_lens is not None
+    if rope.kind == "dynamic_ntk" and length_dependent:
+        lens = seq_lens + added if added else seq_lens
+        return build_tables(rope, batch, device, seq_lens=lens, far=far, rerope_window=rerope_window,
+                            rerope_leak=rerope_leak)
+    options = dict(far=far, rerope_window=rerope_window, rerope_leak=rerope_leak)
+
+    def fixed(seq_len):  # one row's tables at a length; LongRoPE's short set for <= original, long set above
+        key = ("fixed", rope, str(device), seq_len, far, rerope_window, rerope_leak)
+        return _remember(key, device, lambda: build_tables(rope, 1, device, seq_lens=seq_len, **options))
+
+    attention_factor = _remember(("factor", rope, str(device), batch), device,
+                                 lambda: torch.full((batch,), rope.frequencies(None)[1], dtype=torch.float32,
+                                                    device=device))
+    if length_dependent:  # LongRoPE: a row is long when seq_lens + added > original
+        original = rope.param("original_max_position")
+        short, long_ = fixed(original), fixed(original + 1)
+        is_long = (seq_lens > original - added)[:, None]
+        turns = torch.where(is_long, long_.turns, short.turns)
+        offset = None if short.offset is None else torch.where(is_long, long_.offset, short.offset)
+        base = short
+    else:
+        base = fixed(None)
+        turns = base.turns.expand(batch, -1)
+        offset = None if base.offset is None else base.offset.expand(batch, -1)
+    return RotaryTables(turns, offset, base.turns_unscaled, base.n_hat, attention_factor, base.rotary_dim,
+                        base.interleaved)
