@@ -293,6 +293,83 @@ def test_positions_near_two_million(n_q):
     assert_close_to_gold("lse", lse, expected[0][1], expected[1][1], torch.float32)
 
 
+# ---- device-side length checks (no host synchronisation on CUDA) and cached tables ----------------------------
+@needs_triton
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_rows_outside_the_cache_read_nothing_and_give_nan(page_size, num_splits):
+    # the kernels alone (as the API runs them on CUDA): rows 1 (too long after the append) and 2 (negative) are
+    # refused on the device; row 0 is still right and the status flag is cleared
+    from scaled_rope.tables import build_tables
+    from scaled_rope.triton_kernels.decode import append_to_cache, decode_attention
+
+    rope = longrope(64)
+    case = Case([40, 60, 30], n_new=2, n_q=2, seed=43, page_size=page_size, capacity=64)
+    case.cache_seqlens[1] = 63  # 63 + 2 > 64
+    case.cache_seqlens[2] = -1
+    before_k, before_v = case.k_cache.clone(), case.v_cache.clone()
+    status = torch.ones(1, dtype=torch.int32, device=case.q.device)
+    append_to_cache(case.k_cache, case.v_cache, case.k_new, case.v_new, case.cache_seqlens, case.block_table,
+                    status=status)
+    tables = build_tables(rope, 3, case.q.device, seq_lens=case.cache_seqlens + 2)
+    out, lse = decode_attention(case.q, case.k_cache, case.v_cache, case.cache_seqlens, tables, n_new=2,
+                                status=status, block_table=case.block_table, num_splits=num_splits)
+    assert int(status) == 0
+    assert torch.isnan(out[1:]).all() and torch.isnan(lse[1:]).all()
+    changed = ~(torch.eq(case.k_cache, before_k) | (torch.isnan(case.k_cache) & torch.isnan(before_k)))
+    rows = changed.flatten(1).any(1).nonzero().flatten().tolist()
+    expect_rows = [0] if page_size is None else sorted({int(case.block_table[0, p // page_size]) for p in (38, 39)})
+    assert rows == expect_rows  # only row 0's two new tokens were written
+    assert torch.equal(torch.isnan(case.v_cache), torch.isnan(before_v) & ~changed)  # V where K was written
+    gold = case.expected(rope, GOLD_DTYPE[case.dtype])
+    base = case.expected(rope, case.dtype)
+    assert_close_to_gold("out", out[:1], gold[0][:1], base[0][:1], case.dtype)
+    assert_close_to_gold("lse", lse[:1], gold[1][:1], base[1][:1], case.dtype)
+
+
+@needs_triton
+def test_append_refuses_pages_outside_the_cache():
+    from scaled_rope.triton_kernels.decode import append_to_cache
+
+    case = Case([20, 20], n_new=1, seed=47, page_size=16, capacity=32)
+    case.block_table[1, 1] = case.k_cache.shape[0]  # one past the last page
+    before = case.k_cache.clone()
+    status = torch.ones(1, dtype=torch.int32, device=case.q.device)
+    append_to_cache(case.k_cache, case.v_cache, case.k_new, case.v_new, case.cache_seqlens, case.block_table,
+                    status=status)
+    assert int(status) == 0
+    page0 = int(case.block_table[0, 1])
+    assert torch.equal(case.k_cache[page0, 19 - 16], case.k_new[0, 0])
+    mask = torch.ones(case.k_cache.shape[:2], dtype=torch.bool)
+    mask[page0, 3] = False
+    assert torch.equal(case.k_cache[mask].isnan(), before[mask].isnan())
+
+
+@pytest.mark.parametrize("name", ["default", "longrope", "dynamic_ntk", "yarn", "llama3", "n_hat", "interleaved"])
+@pytest.mark.parametrize("far, leak", [(None, None), ("q", None), ("k", None), ("q", 4.0), ("k", 4.0)])
+@pytest.mark.parametrize("added", [0, 3])
+def test_cached_tables_equal_build_tables(name, far, leak, added):
+    from scaled_rope.tables import build_tables, cached_tables
+
+    extra = {"n_hat": longrope(64, n_hat=6), "interleaved": longrope(64, layout="interleaved")}
+    rope = {**schedules(64), **extra}[name]
+    if far is not None and rope.n_hat:
+        return
+    window = 24 if far is not None else None
+    lens = torch.tensor([0, 44, 45, 46, 47, 48, 200], dtype=torch.int32)
+    for seq_lens in (lens, None):
+        for _ in range(2):  # the second call comes from the cache
+            got = cached_tables(rope, 7, "cpu", seq_lens=seq_lens, added=added, far=far, rerope_window=window,
+                                rerope_leak=leak)
+            want = build_tables(rope, 7, "cpu", seq_lens=None if seq_lens is None else seq_lens + added, far=far,
+                                rerope_window=window, rerope_leak=leak)
+            for field in ("turns", "offset", "turns_unscaled", "attention_factor"):
+                a, b = getattr(got, field), getattr(want, field)
+                assert (a is None) == (b is None), field
+                assert a is None or (a.shape == b.shape and torch.equal(a, b)), field
+            assert (got.n_hat, got.rotary_dim, got.interleaved) == (want.n_hat, want.rotary_dim, want.interleaved)
+
+
 # ---- argument checks ----------------------------------------------------------------------------------------
 def _args(**over):
     q = torch.randn(2, 1, 4, 64)
@@ -387,3 +464,37 @@ def test_gpu_chunked_prefill(causal):
 def test_gpu_partial_rotary_interleaved_odd_dim():
     case = Case([777, 1500], hq=8, hkv=8, dim=96, dtype=torch.float16, n_new=1, device="cuda", seed=109)
     case.check(longrope(96, rotary_dim=64, layout="interleaved", original=1024), logn_base=512.0)
+
+
+@gpu
+def test_gpu_api_has_no_host_sync_and_captures_in_a_cuda_graph():
+    rope = longrope(128, original=1024)
+    case = Case([900, 1030, 2000], hq=16, hkv=4, dim=128, dtype=torch.bfloat16, page_size=64, n_new=1,
+                device="cuda", seed=113)
+    before_k, before_v = case.k_cache.clone(), case.v_cache.clone()
+    expected = case.check(rope)[0]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call below raises
+    try:
+        out = case.run(rope)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out, expected)
+    # capture one step (append + attention) and replay it on a fresh copy of the cache
+    case.k_cache.copy_(before_k)
+    case.v_cache.copy_(before_v)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        case.run(rope)  # warm-up outside the capture (caches, compilation)
+    torch.cuda.current_stream().wait_stream(stream)
+    case.k_cache.copy_(before_k)
+    case.v_cache.copy_(before_v)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = case.run(rope)[0]
+    case.k_cache.copy_(before_k)
+    case.v_cache.copy_(before_v)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)

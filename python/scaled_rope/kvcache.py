@@ -111,8 +111,9 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
 
 
 def _check_lengths(cache_seqlens: torch.Tensor, n_new: int, capacity: int) -> int | None:
-    """The one host synchronisation: a write past the end would corrupt other rows' pages. Skipped while a CUDA
-    graph is being captured (the caller owns the bounds there). Returns the longest new length (None if skipped)."""
+    """Host check of 0 <= cache_seqlens and cache_seqlens + Nnew <= capacity, for tensors on the CPU (free there)
+    and the reference backend; the Triton path on CUDA checks on the device instead (no synchronisation).
+    Returns the longest new length (None when skipped)."""
     if _capturing(cache_seqlens.device) or cache_seqlens.numel() == 0:
         return None
     lo, hi = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
@@ -122,6 +123,20 @@ def _check_lengths(cache_seqlens: torch.Tensor, n_new: int, capacity: int) -> in
         raise ValueError(f"cache_seqlens + Nnew ({hi} + {n_new}) exceeds the cache capacity of {capacity} tokens "
                          f"per row")
     return hi + n_new
+
+
+_STATUS: dict = {}
+
+
+def _status_flag(device: torch.device) -> torch.Tensor:
+    """Per-device int32 flag, 1 until a kernel meets a row outside the cache (then 0 for good: the assertion on
+    it has failed and CUDA's context with it). Made outside CUDA-graph capture, where its fill would not run."""
+    flag = _STATUS.get(device)
+    if flag is None:
+        flag = torch.ones(1, dtype=torch.int32, device=device)
+        if not _capturing(device):
+            _STATUS[device] = flag
+    return flag
 
 
 def _resolve(backend: str, q: torch.Tensor) -> str:
@@ -149,7 +164,8 @@ def _token_index(cache_seqlens: torch.Tensor, n: int, block_table: torch.Tensor 
 
 
 def append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None) -> None:
-    """Write k_new, v_new (B, Nnew, Hkv, D) into the caches at cache_seqlens, in place."""
+    """Write k_new, v_new (B, Nnew, Hkv, D) into the caches at cache_seqlens, in place (reference backend; the
+    Triton path uses one append kernel)."""
     where, slot = _token_index(cache_seqlens, k_new.shape[1], block_table, k_cache.shape[1])
     k_cache[where, slot] = k_new
     v_cache[where, slot] = v_new
@@ -211,37 +227,53 @@ def scaled_rope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v
     causal, window, softmax_scale, rerope_window, rerope_leak and logn_base mean what they mean in
     `scaled_rope_attention`. backend: "auto" (triton -> reference), "triton", "reference"; "cuda" is not
     implemented for the cache yet.
+
+    Lengths are checked without a host synchronisation on CUDA: every row must satisfy
+    0 <= cache_seqlens[b] and cache_seqlens[b] + Nnew <= capacity (N, or max_pages * page_size). On CPU tensors,
+    and with backend="reference", a violation raises ValueError before anything is written. With the Triton
+    backend on CUDA (and inside CUDA-graph capture) the kernels check each row on the device: a violating row
+    writes nothing to the cache, reads no key, gets NaN in out and lse, and a device-side assertion
+    (`torch._assert_async` on a per-device flag) fails, so the error surfaces as a CUDA "device-side assert
+    triggered" at the next synchronisation, as an out-of-range index does in PyTorch; no memory outside the
+    cache is touched and no wrong value is returned silently. The append kernel also refuses page ids outside
+    the cache; block_table entries the kernel reads below a row's length must be page ids of the cache.
     """
     capacity = _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_table, causal, window,
                          softmax_scale, rerope_window, rerope_leak, logn_base, backend)
     chosen = _resolve(backend, q)
     n_new = 0 if k_new is None else k_new.shape[1]
-    seqlens = cache_seqlens + n_new  # int32, on the device
     options = dict(causal=causal, window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
                    logn_base=logn_base)
     if chosen == "reference":
         _check_lengths(cache_seqlens, n_new, capacity)
         if k_new is not None:
             append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-        out, lse = reference_with_kvcache(q, k_cache, v_cache, rope, seqlens=seqlens, block_table=block_table,
-                                          rerope_leak=rerope_leak, **options)
+        out, lse = reference_with_kvcache(q, k_cache, v_cache, rope, seqlens=cache_seqlens + n_new,
+                                          block_table=block_table, rerope_leak=rerope_leak, **options)
         return (out, lse) if return_lse else out
 
-    from .tables import build_tables
+    from .tables import cached_tables
+    from .triton_kernels.decode import append_to_cache as append_kernel
     from .triton_kernels.decode import decode_attention
 
-    # tables first: their launches queue behind the previous step while the length check below waits for it
+    # lengths: checked on the host only where that costs no synchronisation; on CUDA the kernels check each row
+    on_device = q.device.type == "cuda"
+    max_seqlen = None if on_device else _check_lengths(cache_seqlens, n_new, capacity)
+    status = _status_flag(q.device) if on_device else None
     tables = q_far = k_far = None
     if rope is not None:
-        lens = seqlens if rope.length_dependent else None  # per-row lengths matter only to these
-        tables = build_tables(rope, q.shape[0], q.device, seq_lens=lens)
+        lens = cache_seqlens if rope.length_dependent else None  # per-row lengths matter only to these
+        tables = cached_tables(rope, q.shape[0], q.device, seq_lens=lens, added=n_new)
         if rerope_window is not None:
-            far = dict(seq_lens=lens, rerope_window=rerope_window, rerope_leak=rerope_leak)
-            q_far = build_tables(rope, q.shape[0], q.device, far="q", **far)
-            k_far = build_tables(rope, q.shape[0], q.device, far="k", **far)
-    max_seqlen = _check_lengths(cache_seqlens, n_new, capacity)
+            far = dict(seq_lens=lens, added=n_new, rerope_window=rerope_window, rerope_leak=rerope_leak)
+            q_far = cached_tables(rope, q.shape[0], q.device, far="q", **far)
+            k_far = cached_tables(rope, q.shape[0], q.device, far="k", **far)
     if k_new is not None:
-        append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-    out, lse = decode_attention(q, k_cache, v_cache, seqlens, tables, block_table=block_table, q_far_tables=q_far,
-                                k_far_tables=k_far, rerope_leak=rerope_leak, max_seqlen=max_seqlen, **options)
+        append_kernel(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, status=status)
+    out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, tables, n_new=n_new, status=status,
+                                block_table=block_table, q_far_tables=q_far, k_far_tables=k_far,
+                                rerope_leak=rerope_leak, max_seqlen=max_seqlen, **options)
+    if status is not None:
+        torch._assert_async(status, "scaled_rope_attention_with_kvcache: cache_seqlens + Nnew outside "
+                                    "0..capacity (or a page id outside the cache)")
     return (out, lse) if return_lse else out
