@@ -4,8 +4,8 @@ Ours rotates cached keys on-chip (LongRoPE factors per row, plain and Leaky ReRo
   sdpa-prerotated   SDPA (flash) on a cache rotated once at write time: today's ceiling, but its keys are stale
                     once LongRoPE switches sets or the dynamic NTK base moves
   rerotate+sdpa     eager rotation of the whole cache every step, then SDPA: what exactness costs today
-"ours api" is the public call (argument checks with one host sync, tables, append of the new token, kernel,
-merge); "ours kernel" is the launcher on prebuilt tables. Prints versions and a markdown table; writes
+"ours api" is the public call (argument checks, cached tables, append kernel for the new token, decode kernel,
+merge, device-side length assertion; no host sync); "ours kernel" is the launcher on prebuilt tables. Prints versions and a markdown table; writes
 decode-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
 
     python bench/bench_decode.py [--out DIR|PATH] [--quick] [--sweep]
