@@ -86,6 +86,15 @@ def _tile_base(tile, lo, c, s, c_step, s_step, turns, BLOCK_N: tl.constexpr, HAL
 
 
 @triton.jit
+def _row_length(SEQLENS, b, n_new, capacity):
+    """(ok, length) of row b: length = SEQLENS[b] + n_new, ok when SEQLENS[b] >= 0 and length <= capacity (int64
+    arithmetic, so no overflow hides a bad row); length is 0 for a row that is not ok."""
+    cached = tl.load(SEQLENS + b).to(tl.int64)
+    ok = (cached >= 0) & (cached + n_new <= capacity)
+    return ok, tl.where(ok, cached + n_new, 0)
+
+
+@triton.jit
 def _lse(m, total):
     """ln(total * 2^m), -inf where total == 0; in float64 so that the float32 result is rounded once."""
     lse = m.to(tl.float64) * 0.6931471805599453 + tl.log(tl.where(total == 0.0, 1.0, total).to(tl.float64))
@@ -227,9 +236,8 @@ def _decode_kernel(
     m_block = pid_bm % n_m_blocks
     b64 = b.to(tl.int64)
     # the row's length; a row outside 0..capacity reads nothing, outputs NaN and clears STATUS (no host check)
-    cached = tl.load(SEQLENS + b).to(tl.int64)
-    length_ok = (cached >= 0) & (cached + n_new <= capacity)
-    seqlen = tl.where(length_ok, cached + n_new, 0).to(tl.int32)
+    length_ok, seqlen = _row_length(SEQLENS, b, n_new, capacity)
+    seqlen = seqlen.to(tl.int32)
     tl.store(STATUS, 0, mask=~length_ok)
     DTYPE: tl.constexpr = K.dtype.element_ty
 
@@ -375,6 +383,7 @@ def _decode_kernel(
 
     no_key = l_i == 0.0
     out = acc / tl.where(no_key, 1.0, l_i)[:, None]
+    length_ok, _ = _row_length(SEQLENS, b, n_new, capacity)  # again: nothing extra stays live through the loop
     out = tl.where(length_ok, out, float("nan"))
     m_i = tl.where(length_ok, m_i, float("nan"))
     l_i = tl.where(length_ok, l_i, float("nan"))  # NaN survives the merge of the splits
@@ -441,9 +450,8 @@ def _append_kernel(
     clears STATUS."""
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    cached = tl.load(SEQLENS + b).to(tl.int64)
-    ok = (cached >= 0) & (cached + n_new <= capacity)
-    pos = cached + t
+    ok, length = _row_length(SEQLENS, b, n_new, capacity)
+    pos = length - n_new + t
     if PAGED:
         page = tl.load(BLOCK_TABLE + b * stride_btb + (pos // PAGE_SIZE) * stride_btp, mask=ok, other=0)
         page = page.to(tl.int64)
