@@ -126,6 +126,14 @@ def test_rerope_near_far_straddling(leak, w, window):
           window=window)
 
 
+@pytest.mark.parametrize("leak", [None, 3.0])
+def test_rerope_interleaved_partial_rotary_attention_factor(leak):
+    """Near and far copies written in one rotation pass (pass-through dims in both); plain ReRoPE reads k itself
+    as the far k with m^2 on the far q (YaRN: m != 1)."""
+    rope = RopeScaling.yarn(48, 4.0, 16, rotary_dim=32, layout="interleaved")
+    check(2, 65, 65, 2, 1, 48, torch.float32, rope, seed=9, rerope_window=20, rerope_leak=leak)
+
+
 def test_rerope_fp16_gqa_noncausal_logn():
     check(1, 64, 80, 4, 2, 32, torch.float16, schedules(32)["yarn"], seed=6, causal=False, rerope_window=24,
           rerope_leak=8.0, logn_base=16.0)

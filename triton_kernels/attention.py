@@ -999,14 +999,20 @@ def _rotated(x, positions, tables):
     return rotate(x, positions, tables, out=_scratch_like(x))
 
 
+def _rotated_pair(x, positions, tables, far_tables):
+    """x rotated with the near and with the far tables in one pass (x read once) into two scratch buffers."""
+    return rotate(x, positions, tables, out=_scratch_like(x), second_tables=far_tables, second_out=_scratch_like(x))
+
+
 def _rotate_inputs(q, k, q_pos, k_pos, plan: _Plan):
     """Rotated scratch (q near, k near, q far, k far); the far pair is the near pair without ReRoPE."""
-    q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
-    k_near = _rotated(k, k_pos, plan.k_tables)
     if not plan.rerope:
+        q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
+        k_near = _rotated(k, k_pos, plan.k_tables)
         return q_near, k_near, q_near, k_near
-    q_far = _signed(_rotated(q, q_pos, plan.q_far_tables), q, plan.q_sign)
-    return q_near, k_near, q_far, _rotated(k, k_pos, plan.k_far_tables)
+    q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, plan.q_far_tables)
+    k_near, k_far = _rotated_pair(k, k_pos, plan.k_tables, plan.k_far_tables)
+    return _signed(q_near, q, plan.q_sign), k_near, _signed(q_far, q, plan.q_sign), k_far
 
 
 def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
@@ -1014,14 +1020,14 @@ def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
     <m rot(q, w), m k> = <m^2 rot(q, w), k>, so the far q takes both attention factors and no far k is written."""
     if not (plan.rerope and plan.k_far_unrotated):
         return _rotate_inputs(q, k, q_pos, k_pos, plan)
-    q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
-    k_near = _rotated(k, k_pos, plan.k_tables)
     far, k_far = plan.q_far_tables, plan.k_far_tables
     # keyed by the tables' identity (cached by the caller for default positions); the entry holds both tables,
     # so their ids cannot be reused while it lives
     entry = _cached(("far q m^2", id(far), id(k_far)), q.device,
                     lambda: (far, k_far, replace(far, attention_factor=far.attention_factor * k_far.attention_factor)))
-    return q_near, k_near, _signed(_rotated(q, q_pos, entry[2]), q, plan.q_sign), k
+    q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, entry[2])
+    k_near = _rotated(k, k_pos, plan.k_tables)
+    return _signed(q_near, q, plan.q_sign), k_near, _signed(q_far, q, plan.q_sign), k
 
 
 def _signed(x, source, sign: float):

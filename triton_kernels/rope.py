@@ -37,15 +37,19 @@ def rope_cos_sin(pos, turns, offset):
 
 @triton.jit
 def _rotate_kernel(
-    X, Out, Pos, Turns, Offset, TurnsUnscaled, Factor,
+    X, Out, Pos, Turns, Offset, TurnsUnscaled, Factor, Out2, Turns2, Offset2, Factor2,
     seqlen, heads, n_hat,
     stride_xb, stride_xn, stride_xh,
     stride_ob, stride_on, stride_oh,
-    stride_pb, stride_pn, stride_tb, stride_offb, stride_fb,
+    stride_o2b, stride_o2n, stride_o2h,
+    stride_pb, stride_pn, stride_tb, stride_offb, stride_fb, stride_t2b, stride_off2b, stride_f2b,
     ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
     INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_NHAT: tl.constexpr,
+    SECOND: tl.constexpr, HAS_OFFSET2: tl.constexpr,
 ):
+    """Rotates x with the tables into Out; with SECOND also with the second tables (no n_hat) into Out2, reading x
+    once (ReRoPE's near and far copies)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h_start = tl.program_id(2) * HEADS_PER_PROGRAM
@@ -77,6 +81,19 @@ def _rotate_kernel(
     sin = sin * scale
     if INVERSE:
         sin = -sin
+    if SECOND:
+        turns2 = tl.load(Turns2 + b * stride_t2b + offs_i, mask=mask_i, other=0)[None, :]
+        if HAS_OFFSET2:
+            offset2 = tl.load(Offset2 + b * stride_off2b + offs_i, mask=mask_i, other=0)[None, :]
+        else:
+            offset2 = 0
+        cos2, sin2 = rope_cos_sin(pos[:, None], turns2, offset2)
+        m2 = tl.load(Factor2 + b * stride_f2b)
+        cos2 = cos2 * m2
+        sin2 = sin2 * m2
+        if INVERSE:
+            sin2 = -sin2
+        o2_ptrs = Out2 + b * stride_o2b + offs_n[:, None] * stride_o2n + h_start.to(tl.int64) * stride_o2h
 
     x_ptrs = X + b * stride_xb + offs_n[:, None] * stride_xn + h_start.to(tl.int64) * stride_xh
     o_ptrs = Out + b * stride_ob + offs_n[:, None] * stride_on + h_start.to(tl.int64) * stride_oh
@@ -90,18 +107,29 @@ def _rotate_kernel(
             x1, x2 = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_HALF, 2)))
             y = tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (BLOCK_N, 2 * BLOCK_HALF))
             tl.store(o_ptrs + offs_d, y.to(Out.dtype.element_ty), mask=mask_d)
+            if SECOND:
+                y2 = tl.reshape(tl.join(x1 * cos2 - x2 * sin2, x1 * sin2 + x2 * cos2), (BLOCK_N, 2 * BLOCK_HALF))
+                tl.store(o2_ptrs + offs_d, y2.to(Out2.dtype.element_ty), mask=mask_d)
         else:
             offs_d = offs_i[None, :]
             x1 = tl.load(x_ptrs + offs_d, mask=mask_h, other=0.0).to(tl.float32)
             x2 = tl.load(x_ptrs + HALF + offs_d, mask=mask_h, other=0.0).to(tl.float32)
             tl.store(o_ptrs + offs_d, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask_h)
             tl.store(o_ptrs + HALF + offs_d, (x1 * sin + x2 * cos).to(Out.dtype.element_ty), mask=mask_h)
+            if SECOND:
+                tl.store(o2_ptrs + offs_d, (x1 * cos2 - x2 * sin2).to(Out2.dtype.element_ty), mask=mask_h)
+                tl.store(o2_ptrs + HALF + offs_d, (x1 * sin2 + x2 * cos2).to(Out2.dtype.element_ty), mask=mask_h)
         if BLOCK_PASS > 0:
             offs_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
             mask_p = mask_n[:, None] & (offs_p < HEAD_DIM) & head_ok
-            tl.store(o_ptrs + offs_p, tl.load(x_ptrs + offs_p, mask=mask_p, other=0.0), mask=mask_p)
+            x_pass = tl.load(x_ptrs + offs_p, mask=mask_p, other=0.0)
+            tl.store(o_ptrs + offs_p, x_pass, mask=mask_p)
+            if SECOND:
+                tl.store(o2_ptrs + offs_p, x_pass, mask=mask_p)
         x_ptrs += stride_xh
         o_ptrs += stride_oh
+        if SECOND:
+            o2_ptrs += stride_o2h
 
 
 def _interpreting() -> bool:
@@ -109,16 +137,26 @@ def _interpreting() -> bool:
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = False,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, second_tables=None, second_out: torch.Tensor | None = None):
     """Rotate x (B, N, H, D) at integer positions (B, N) with `tables` (scaled_rope.tables.RotaryTables).
 
     inverse=True applies the transpose (gradient map). Output has x's dtype (fp32 math, one rounding); `out`
     may be given, x itself included (in place). Strides of x and out are free except for the last dim.
+    second_tables (same rotary dim and layout, n_hat 0): also rotate x with them into second_out (allocated when
+    None) in the same pass, reading x once; returns (out, second_out) then.
     """
     a = check_rotation_args(x, positions, tables, out)
+    second = None
+    if second_tables is not None:
+        if second_tables.n_hat or second_tables.rotary_dim != a.rotary_dim \
+                or bool(second_tables.interleaved) != a.interleaved:
+            raise ValueError("second_tables must have n_hat 0 and the rotary dim and layout of tables")
+        if second_out is x or out is x:
+            raise ValueError("rotate with second_tables cannot write in place")
+        second = check_rotation_args(x, positions, second_tables, second_out)
     batch, seqlen, heads, head_dim = x.shape
     if x.numel() == 0:
-        return a.out
+        return a.out if second is None else (a.out, second.out)
     half = a.rotary_dim // 2
     block_half = triton.next_power_of_2(half)
     block_pass = triton.next_power_of_2(head_dim - a.rotary_dim) if head_dim > a.rotary_dim else 0
@@ -135,16 +173,21 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = 
         heads_per_program = min(heads, triton.next_power_of_2(triton.cdiv(heads * programs, min_programs)))
     grid = (triton.cdiv(seqlen, block_n), batch, triton.cdiv(heads, heads_per_program))
     o = a.out
+    s = second if second is not None else a  # without second tables its arguments are unused placeholders
+    o2 = s.out
     _rotate_kernel[grid](
         x, o, a.positions, a.turns, a.offset if a.offset is not None else a.turns,
         a.turns_unscaled if a.turns_unscaled is not None else a.turns, a.factor,
+        o2, s.turns, s.offset if s.offset is not None else s.turns, s.factor,
         seqlen, heads, a.n_hat,
         x.stride(0), x.stride(1), x.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        a.stride_pb, a.positions.stride(1), a.stride_tb, a.stride_offb, a.stride_fb,
+        o2.stride(0), o2.stride(1), o2.stride(2),
+        a.stride_pb, a.positions.stride(1), a.stride_tb, a.stride_offb, a.stride_fb, s.stride_tb, s.stride_offb,
+        s.stride_fb,
         ROTARY_DIM=a.rotary_dim, HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_HALF=block_half, BLOCK_PASS=block_pass, HEADS_PER_PROGRAM=heads_per_program,
         INTERLEAVED=a.interleaved, INVERSE=bool(inverse), HAS_OFFSET=a.offset is not None,
-        HAS_NHAT=a.n_hat > 0, num_warps=num_warps,
+        HAS_NHAT=a.n_hat > 0, SECOND=second is not None, HAS_OFFSET2=s.offset is not None, num_warps=num_warps,
     )
-    return o
+    return o if second is None else (o, o2)
