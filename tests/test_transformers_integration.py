@@ -25,7 +25,7 @@ from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-from scaled_rope import RopeScaling, reference  # noqa: E402
+from scaled_rope import RopeScaling  # noqa: E402
 from scaled_rope.integrations.transformers import is_patched, patch_model, unpatch_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()

@@ -60,15 +60,27 @@ def validate(q, k, v, rope, *, causal, q_positions, k_positions, window, softmax
         raise ValueError(f"k must be (B={batch}, Nk, Hkv, D={dim}), got {tuple(k.shape)}")
     if k.shape[2] == 0 or hq % k.shape[2]:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[2]})")
-    if rope is not None:
-        if not isinstance(rope, RopeScaling):
-            raise TypeError(f"rope must be a RopeScaling or None, got {type(rope).__name__}")
-        if rope.head_dim != dim:
-            raise ValueError(f"rope.head_dim ({rope.head_dim}) does not match the head dim of q ({dim})")
+    _check_rope(rope, dim)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     _check_positions("q_positions", q_positions, batch, nq, q.device)
     _check_positions("k_positions", k_positions, batch, k.shape[1], q.device)
+    validate_options(rope, window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
+                     rerope_leak=rerope_leak, logn_base=logn_base, backend=backend, backends=BACKENDS)
+
+
+def _check_rope(rope, dim: int) -> None:
+    if rope is None:
+        return
+    if not isinstance(rope, RopeScaling):
+        raise TypeError(f"rope must be a RopeScaling or None, got {type(rope).__name__}")
+    if rope.head_dim != dim:
+        raise ValueError(f"rope.head_dim ({rope.head_dim}) does not match the head dim of q ({dim})")
+
+
+def validate_options(rope, *, window, softmax_scale, rerope_window, rerope_leak, logn_base, backend,
+                     backends) -> None:
+    """Checks shared by every entry point for the scalar options of DESIGN.md section 3."""
     _optional_positive_int("window", window)
     _optional_positive_int("rerope_window", rerope_window)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
@@ -86,8 +98,8 @@ def validate(q, k, v, rope, *, causal, q_positions, k_positions, window, softmax
     if logn_base is not None and not (isinstance(logn_base, (int, float)) and math.isfinite(logn_base)
                                       and logn_base > 1):
         raise ValueError(f"logn_base must be a finite number > 1 or None, got {logn_base!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
 
 
 # ---- backend choice -----------------------------------------------------------------------------------------

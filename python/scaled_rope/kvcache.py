@@ -6,12 +6,11 @@ keys and the kernel rotates them as it reads them, each batch row with the frequ
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from . import reference
-from .attention import BACKENDS, _check_tensor, _optional_positive_int, _triton_reason
+from .attention import BACKENDS, _check_rope, _check_tensor, _triton_reason, validate_options
 from .scaling import RopeScaling
 
 _CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,11 +43,7 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
         raise ValueError(f"k_cache head dim ({k_cache.shape[3]}) does not match q's ({dim})")
     if n_kv == 0 or n_heads % n_kv:
         raise ValueError(f"q heads ({n_heads}) must be a multiple of k_cache heads ({n_kv})")
-    if rope is not None:
-        if not isinstance(rope, RopeScaling):
-            raise TypeError(f"rope must be a RopeScaling or None, got {type(rope).__name__}")
-        if rope.head_dim != dim:
-            raise ValueError(f"rope.head_dim ({rope.head_dim}) does not match the head dim of q ({dim})")
+    _check_rope(rope, dim)
     _check_tensor("cache_seqlens", cache_seqlens, 1)
     if cache_seqlens.dtype != torch.int32:
         raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
@@ -88,25 +83,8 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
         capacity = block_table.shape[1] * page_size
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    _optional_positive_int("window", window)
-    _optional_positive_int("rerope_window", rerope_window)
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
-    if rerope_leak is not None:
-        if rerope_window is None:
-            raise ValueError("rerope_leak needs rerope_window")
-        if not (isinstance(rerope_leak, (int, float)) and math.isfinite(rerope_leak) and rerope_leak >= 1):
-            raise ValueError(f"rerope_leak must be a finite number >= 1 or None, got {rerope_leak!r}")
-    if rerope_window is not None:
-        if rope is None:
-            raise ValueError("rerope_window needs a rope (rope=None means no rotation at all)")
-        if rope.n_hat:
-            raise ValueError("rerope_window cannot be combined with n_hat > 0 (rope.n_hat)")
-    if logn_base is not None and not (isinstance(logn_base, (int, float)) and math.isfinite(logn_base)
-                                      and logn_base > 1):
-        raise ValueError(f"logn_base must be a finite number > 1 or None, got {logn_base!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    validate_options(rope, window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
+                     rerope_leak=rerope_leak, logn_base=logn_base, backend=backend, backends=BACKENDS)
     return capacity
 
 
