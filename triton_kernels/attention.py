@@ -139,9 +139,9 @@ def _allowed(delta, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn, stride_kfn, stride_vn,
-              window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
-              MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn, stride_kfn,
+              stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key tile of the online softmax. K/K_far/V point at (batch, kv head); start_n is the tile's first key.
     NEAR/FAR: one product; BOTH: both, selected per element; NEAR_PART/FAR_PART: one product, keys on the other
     side of the ReRoPE window masked out (a straddling tile visited once per side)."""
@@ -677,8 +677,8 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta, stride_ob, stride_oh, stride_om, 
                          H, HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr):
     """Delta = rowsum(dO * O) - dLse (an lse gradient enters the softmax backward as a shift of Delta)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    start_m = tl.program_id(1) * BLOCK_M
+    pid_bh = tl.program_id(0)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -706,8 +706,8 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of one kv head: dk (near and far, w.r.t. the rotated k) and dv, summed over the q heads of the
     group and every query tile."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n = tl.program_id(1)  # grid (batch * kv heads, key tiles): causal, the longest first
+    pid_bh = tl.program_id(0)
     off_b = (pid_bh // HKV).to(tl.int64)
     off_hk = (pid_bh % HKV).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -824,10 +824,10 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
                  EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """One query tile of one q head: dq near and far (w.r.t. the rotated q), over every key tile."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)  # grid (batch * heads, query tiles), as in the forward
     if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    pid_bh = tl.program_id(0)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_hk = (off_h // GROUP).to(tl.int64)
@@ -949,7 +949,8 @@ class _Plan:
     sm_scale_log2: float
 
     def constexprs(self, head_dim: int, n_bucket: int, bh_bucket: int, dtype: torch.dtype) -> dict:
-        return dict(N_BUCKET=n_bucket, BH_BUCKET=bh_bucket, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        return dict(N_BUCKET=n_bucket, BH_BUCKET=bh_bucket, HEAD_DIM=head_dim,
+                    BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                     CAUSAL=self.causal, HAS_WINDOW=self.has_window, RERORE=self.rerope, EXPLICIT=self.explicit,
                     LOGN=self.logn, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
@@ -1064,7 +1065,8 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
     _attn_fwd[grid](
         q_r, k_r, v, q_f, k_f, out, lse, lse2, qp, kp,
         q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
-        k_f.stride(0), k_f.stride(2), k_f.stride(1), v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1),
+        k_f.stride(0), k_f.stride(2), k_f.stride(1), v.stride(0), v.stride(2), v.stride(1),
+        out.stride(0), out.stride(2), out.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
         nq, nk, heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
         plan.rerope_w, **plan.constexprs(dim, n_bucket, _grid_bucket(batch, heads), q.dtype))
@@ -1084,7 +1086,7 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
     has_dlse = dlse is not None
     dlse = dlse.contiguous() if has_dlse else delta
     block_m = 16 if _INTERPRET else 64
-    _attn_bwd_preprocess[(triton.cdiv(nq, block_m), batch * heads)](
+    _attn_bwd_preprocess[(batch * heads, triton.cdiv(nq, block_m))](
         out, do, dlse, delta, out.stride(0), out.stride(2), out.stride(1), do.stride(0), do.stride(2), do.stride(1),
         nq, heads, HAS_DLSE=has_dlse, HEAD_DIM=dim, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block_m)
 
@@ -1097,7 +1099,7 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
     dv = _alloc.empty(v.shape, v.dtype, v.device)
 
     def grid_kv(meta):
-        return triton.cdiv(nk, meta["BLOCK_N"]), batch * kv_heads
+        return batch * kv_heads, triton.cdiv(nk, meta["BLOCK_N"])
 
     _attn_bwd_dkdv[grid_kv](
         q_r, k_r, v, q_f, k_f, do, lse2, delta, dk_r, dk_f, dv, qp, kp,
@@ -1112,7 +1114,7 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
     dq_f = _scratch_like(q) if plan.rerope else dq_r
 
     def grid_q(meta):
-        return triton.cdiv(nq, meta["BLOCK_M"]), batch * heads
+        return batch * heads, triton.cdiv(nq, meta["BLOCK_M"])
 
     _attn_bwd_dq[grid_q](
         q_r, k_r, v, q_f, k_f, do, lse2, delta, dq_r, dq_f, qp, kp,
@@ -1183,10 +1185,11 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
     """Scaled-RoPE attention (DESIGN.md section 3) with the Triton kernels; differentiable in q, k, v.
 
     q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D) unrotated, any strides with a contiguous last dim, Hq a multiple of
-    Hkv, D <= 256. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the far tables are
-    required with `rerope_window`; k_far_unrotated=True says that k_far_tables rotate by angle 0 (plain ReRoPE),
-    which lets the forward read k itself as the far k. Positions: int (B, N) tensors that fit in int32, or None for the default
-    (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32);
+    Hkv, D <= 256, lengths <= 4194240. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the
+    far tables are required with `rerope_window`; k_far_unrotated=True says that k_far_tables rotate by angle 0
+    (plain ReRoPE), which lets the forward read k itself as the far k. Positions: int (B, N) tensors that fit in
+    int32, or None for the default (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D) in q's
+    dtype, lse (B, Hq, Nq) float32);
     a row with no allowed key gives out 0, lse -inf and zero gradients.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -1209,8 +1212,9 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
         raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
     if dim > 256:
         raise ValueError(f"head_dim must be <= 256 for the triton backend, got {dim}")
-    if batch * heads > 65535:
-        raise ValueError(f"batch * q heads must be <= 65535 for the triton backend, got {batch * heads}")
+    max_len = 65535 * (16 if _INTERPRET else 64)  # tiles run along the grid's second axis (at most 65535)
+    if max(nq, nk) > max_len:
+        raise ValueError(f"q and k lengths must be <= {max_len} for the triton backend, got {nq} and {nk}")
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     if logn_base is not None and not (math.isfinite(logn_base) and logn_base > 1):
