@@ -141,7 +141,8 @@ def _allowed(delta, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window):
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn, stride_kfn,
               stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+              MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     """One key tile of the online softmax. K/K_far/V point at (batch, kv head); start_n is the tile's first key.
     NEAR/FAR: one product; BOTH: both, selected per element; NEAR_PART/FAR_PART: one product, keys on the other
     side of the ReRoPE window masked out (a straddling tile visited once per side)."""
