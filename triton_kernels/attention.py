@@ -161,17 +161,13 @@ def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_sca
             qk = tl.where(delta < rerope_w, qk, qk_far)
         else:
             qk = qk_far
-    if MASK or (MODE >= NEAR_PART):
-        if MASK:
-            ok = _allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk)
-            if MODE == NEAR_PART:
-                ok = ok & (delta < rerope_w)
-            if MODE == FAR_PART:
-                ok = ok & (delta >= rerope_w)
-        elif MODE == NEAR_PART:
-            ok = delta < rerope_w
-        else:
-            ok = delta >= rerope_w
+    tl.static_assert(MASK or (MODE < NEAR_PART), "a straddling tile is visited with masks")
+    if MASK:
+        ok = _allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk)
+        if MODE == NEAR_PART:
+            ok = ok & (delta < rerope_w)
+        if MODE == FAR_PART:
+            ok = ok & (delta >= rerope_w)
         qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed so far
