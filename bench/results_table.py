@@ -58,6 +58,10 @@ COLUMNS = {
 }
 
 
+def _number(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def generic_table(path: Path, title: str, columns: tuple[str, ...]) -> list[str]:
     data = json.loads(path.read_text())
     rows = [r for r in data.get("results", []) if all(r.get(c) is not None for c in columns)]
@@ -65,7 +69,7 @@ def generic_table(path: Path, title: str, columns: tuple[str, ...]) -> list[str]
         return []
     lines = [f"{title} — {env_line(path, data)}:", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        cells = [_number(row[c]) if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
