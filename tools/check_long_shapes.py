@@ -34,12 +34,16 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from scaled_rope.integrations.transformers import patch_model  # noqa: E402
 
-config = LlamaConfig(attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=0,
-                     **dict(LLAMA_1B, num_hidden_layers=2))
+def make_config():  # one config per model: patch_model marks its model's config
+    return LlamaConfig(attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                       **dict(LLAMA_1B, num_hidden_layers=2))
+
+
+config = make_config()
 torch.manual_seed(0)
 with torch.device("cuda"):
     stock = LlamaForCausalLM(config).float().eval()
-    patched = LlamaForCausalLM(config).float().eval()
+    patched = LlamaForCausalLM(make_config()).float().eval()
 patched.load_state_dict(stock.state_dict())
 patch_model(patched, backend="triton")
 ids = torch.randint(1, config.vocab_size, (1, 4096), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
