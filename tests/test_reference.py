@@ -299,3 +299,22 @@ def test_bad_tensors_are_named():
         scaled_rope_attention(q, k, v, RopeScaling.from_factors(16, [1.0] * 8, n_hat=2), rerope_window=2)
     with pytest.raises(ValueError, match="rerope_window needs a rope"):
         scaled_rope_attention(q, k, v, None, rerope_window=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rule_catches_one_wrong_row(dtype):
+    """The RMS rule has teeth: one query row computed as if at the wrong position fails it."""
+    from helpers import GOLD_DTYPE, assert_close_to_gold, random_inputs
+
+    rope = RopeScaling.default(32)
+    q, k, v = random_inputs(1, 64, 64, 2, 2, 32, dtype, seed=3)
+    gold, _ = reference.attention(q.to(GOLD_DTYPE[dtype]), k.to(GOLD_DTYPE[dtype]), v.to(GOLD_DTYPE[dtype]), rope)
+    baseline, _ = reference.attention(q, k, v, rope, compute_dtype=dtype)
+    assert_close_to_gold("out", baseline, gold, baseline, dtype)
+    shifted = torch.arange(64)[None].clone()
+    shifted[0, 40] = 39  # row 40 rotated one position off
+    wrong, _ = reference.attention(q, k, v, rope, compute_dtype=dtype, q_positions=shifted,
+                                   k_positions=torch.arange(64)[None])
+    assert (wrong[0, 40] != baseline[0, 40]).any()
+    with pytest.raises(AssertionError, match="out: err"):
+        assert_close_to_gold("out", wrong, gold, baseline, dtype)
