@@ -45,26 +45,6 @@ INT32_MIN: tl.constexpr = tl.constexpr(-2147483647)
 _MAX_WINDOW = 1 << 30
 
 
-def _fix_interpreter_loop_bounds():
-    """Triton 3.6's interpreter turns a scalar loop bound into an int with int(array of shape (1,)), which numpy
-    >= 2.4 rejects (triton-lang/triton#9171, fixed upstream by #9172). Squeeze first; a no-op elsewhere."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_scaled_rope_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patched._scaled_rope_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if _INTERPRET:
-    _fix_interpreter_loop_bounds()
-
 
 # ----------------------------------------------------------------------------------------------------------
 # jitted helpers

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from .attention import _fix_interpreter_loop_bounds
 from .rope import rope_cos_sin
 
 LOG2E = 1.4426950408889634
@@ -475,8 +474,6 @@ def _append_kernel(
 # launcher
 # ---------------------------------------------------------------------------------------------------------------
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if _INTERPRET:
-    _fix_interpreter_loop_bounds()  # idempotent; loop bounds here are loaded scalars
 _CTAS_PER_SM = 2  # what the default configs fit (registers, shared memory) on an H100
 _MIN_KEYS_PER_SPLIT = 32 if _INTERPRET else 512  # small under the interpreter: tests cover the merge
 
