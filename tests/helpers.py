@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from scaled_rope import reference, scaled_rope_attention
+from scaled_rope import RopeScaling, reference, scaled_rope_attention
 
 UNIT_ROUNDOFF = {
     torch.float16: 2.0 ** -11,
@@ -53,6 +53,28 @@ def assert_close_to_gold(name: str, kernel: torch.Tensor, gold: torch.Tensor, ba
         f"{name}: err (rms) {rms_k:.3e} > 2 * baseline {rms_b:.3e} + floor {rms_floor:.3e} ({dtype})")
     assert max_k <= 4 * max_b + max_floor, (
         f"{name}: err (max) {max_k:.3e} > 4 * baseline {max_b:.3e} + floor {max_floor:.3e} ({dtype})")
+
+
+SHORT = [1.0 + 0.05 * i for i in range(64)]  # LongRoPE factor sets for tests (up to 64 pairs)
+LONG = [1.5 + 0.3 * i for i in range(64)]
+
+
+def schedules(head_dim: int, rotary_dim: int | None = None, layout: str = "half") -> dict[str, RopeScaling]:
+    """One RopeScaling of every kind, with lengths small enough that short tests cross the original length."""
+    pairs = (rotary_dim or head_dim) // 2
+    common = dict(rotary_dim=rotary_dim, layout=layout)
+    return {
+        "default": RopeScaling.default(head_dim, **common),
+        "linear": RopeScaling.linear(head_dim, 4.0, **common),
+        "ntk": RopeScaling.ntk(head_dim, 8.0, **common),
+        "dynamic_ntk": RopeScaling.dynamic_ntk(head_dim, 2.0, 16, **common),
+        "yarn": RopeScaling.yarn(head_dim, 16.0, 24, **common),
+        "llama3": RopeScaling.llama3(head_dim, 8.0, 16, 1.0, 4.0, base=500000.0, **common),
+        "longrope": RopeScaling.longrope(head_dim, 16, 256, SHORT[:pairs], LONG[:pairs], n_hat=4, **common),
+        "factors": RopeScaling.from_factors(head_dim, LONG[:pairs], attention_factor=1.1, n_hat=3, **common),
+        "power_basis": RopeScaling.power_basis(head_dim, 0.5, **common),
+        "truncated_basis": RopeScaling.truncated_basis(head_dim, 200.0, **common),
+    }
 
 
 def random_inputs(batch, nq, nk, hq, hkv, dim, dtype, device="cpu", seed=0):

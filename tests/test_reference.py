@@ -7,25 +7,9 @@ import torch
 from scaled_rope import RopeScaling, reference, scaled_rope_attention
 from scaled_rope.tables import build_tables, turns_to_angle
 
-SHORT = [1.0 + 0.05 * i for i in range(32)]
-LONG = [1.5 + 0.3 * i for i in range(32)]
+from helpers import GOLD_DTYPE, LONG as LONG64, SHORT as SHORT64, assert_close_to_gold, random_inputs, schedules
 
-
-def all_schedules(head_dim=64, rotary_dim=None, layout="half"):
-    pairs = (rotary_dim or head_dim) // 2
-    common = dict(rotary_dim=rotary_dim, layout=layout)
-    return {
-        "default": RopeScaling.default(head_dim, **common),
-        "linear": RopeScaling.linear(head_dim, 4.0, **common),
-        "ntk": RopeScaling.ntk(head_dim, 8.0, **common),
-        "dynamic_ntk": RopeScaling.dynamic_ntk(head_dim, 2.0, 16, **common),
-        "yarn": RopeScaling.yarn(head_dim, 16.0, 64, **common),
-        "llama3": RopeScaling.llama3(head_dim, 8.0, 32, 1.0, 4.0, base=500000.0, **common),
-        "longrope": RopeScaling.longrope(head_dim, 16, 256, SHORT[:pairs], LONG[:pairs], n_hat=4, **common),
-        "factors": RopeScaling.from_factors(head_dim, LONG[:pairs], attention_factor=1.1, **common),
-        "power_basis": RopeScaling.power_basis(head_dim, 0.5, **common),
-        "truncated_basis": RopeScaling.truncated_basis(head_dim, 200.0, **common),
-    }
+SHORT, LONG = SHORT64[:32], LONG64[:32]  # 32 pairs: head_dim 64
 
 
 # ---- schedules ----------------------------------------------------------------------------------------------
@@ -242,9 +226,9 @@ def test_longrope_rows_switch_independently():
         assert torch.allclose(out[row:row + 1], expected)
 
 
-@pytest.mark.parametrize("kind", list(all_schedules()))
+@pytest.mark.parametrize("kind", list(schedules(64)))
 def test_gradcheck_float64(kind):
-    rope = all_schedules(16, rotary_dim=12)[kind] if kind != "longrope" else \
+    rope = schedules(16, rotary_dim=12)[kind] if kind != "longrope" else \
         RopeScaling.longrope(16, 16, 256, SHORT[:6], LONG[:6], n_hat=2, rotary_dim=12)
     if kind in ("factors",):
         rope = RopeScaling.from_factors(16, LONG[:6], attention_factor=1.1, rotary_dim=12)
@@ -304,8 +288,6 @@ def test_bad_tensors_are_named():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rule_catches_one_wrong_row(dtype):
     """The RMS rule has teeth: one query row computed as if at the wrong position fails it."""
-    from helpers import GOLD_DTYPE, assert_close_to_gold, random_inputs
-
     rope = RopeScaling.default(32)
     q, k, v = random_inputs(1, 64, 64, 2, 2, 32, dtype, seed=3)
     gold, _ = reference.attention(q.to(GOLD_DTYPE[dtype]), k.to(GOLD_DTYPE[dtype]), v.to(GOLD_DTYPE[dtype]), rope)

@@ -12,32 +12,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import assert_close_to_gold, compare_attention, random_inputs  # noqa: E402
+from helpers import LONG, SHORT, assert_close_to_gold, compare_attention, random_inputs, schedules  # noqa: E402
 from scaled_rope import RopeScaling, reference, scaled_rope_attention  # noqa: E402
 from scaled_rope.triton_kernels import attention as tattn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHORT = [1.0 + 0.05 * i for i in range(64)]
-LONG = [1.5 + 0.3 * i for i in range(64)]
-
-
-def schedules(head_dim, rotary_dim=None, layout="half"):
-    pairs = (rotary_dim or head_dim) // 2
-    common = dict(rotary_dim=rotary_dim, layout=layout)
-    return {
-        "default": RopeScaling.default(head_dim, **common),
-        "linear": RopeScaling.linear(head_dim, 4.0, **common),
-        "ntk": RopeScaling.ntk(head_dim, 8.0, **common),
-        "dynamic_ntk": RopeScaling.dynamic_ntk(head_dim, 2.0, 16, **common),
-        "yarn": RopeScaling.yarn(head_dim, 16.0, 24, **common),
-        "llama3": RopeScaling.llama3(head_dim, 8.0, 16, 1.0, 4.0, base=500000.0, **common),
-        "longrope": RopeScaling.longrope(head_dim, 16, 256, SHORT[:pairs], LONG[:pairs], n_hat=4, **common),
-        "factors": RopeScaling.from_factors(head_dim, LONG[:pairs], attention_factor=1.1, n_hat=3, **common),
-        "power_basis": RopeScaling.power_basis(head_dim, 0.5, **common),
-        "truncated_basis": RopeScaling.truncated_basis(head_dim, 200.0, **common),
-    }
-
-
 def check(batch, nq, nk, hq, hkv, dim, dtype, rope, seed=0, device=DEVICE, **kwargs):
     q, k, v = random_inputs(batch, nq, nk, hq, hkv, dim, dtype, device=device, seed=seed)
     compare_attention(q, k, v, rope, backend="triton", seed=seed, **kwargs)
