@@ -34,7 +34,8 @@ def env_line(path: Path, data: dict) -> str:
 def attention_table(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     rows = data["results"]
-    lines = [f"Attention, causal bf16, TFLOP/s (rope FLOPs not counted) — {env_line(path, data)}:", "",
+    version = f"{data['kernel_version']}, " if data.get("kernel_version") else ""
+    lines = [f"Attention, causal bf16, TFLOP/s (rope FLOPs not counted) — {version}{env_line(path, data)}:", "",
              "| case | pass | ours ms | ours TFLOP/s | peer | peer ms | ours vs peer |", "|---|---|---:|---:|---|---:|---:|"]
     for case in dict.fromkeys(r["case"] for r in rows):
         for direction in ("fwd", "fwd+bwd"):
@@ -55,6 +56,7 @@ COLUMNS = {
     "model": ("prompt", "impl", "prefill_tokens_per_s", "decode_tokens_per_s", "same_next_token",
               "max_abs_logit_diff"),
     "rope": ("shape", "method", "ms", "gbps"),
+    "cuda-forward": ("case", "backend", "ms", "tflops"),
 }
 
 
@@ -76,9 +78,12 @@ def generic_table(path: Path, title: str, columns: tuple[str, ...]) -> list[str]
 
 def build() -> str:
     blocks = []
-    if (path := newest("attention")) is not None:
+    attention = sorted(RESULTS.glob("attention-*.json"), key=lambda p: (json.loads(p.read_text()).get("date", ""),
+                                                                         p.name), reverse=True)
+    for path in attention:  # every attention run, newest first: each kernel version with the peers it met
         blocks.append(attention_table(path))
-    for prefix, title in (("decode", "Decode over an unrotated KV cache"), ("model", "End-to-end model"),
+    for prefix, title in (("cuda-forward", "CUDA forward kernels vs Triton, B1 H32 N16k D128 causal bf16"),
+                          ("decode", "Decode over an unrotated KV cache"), ("model", "End-to-end model"),
                           ("rope", "Standalone rotation")):
         if (path := newest(prefix)) is not None:
             blocks.append(generic_table(path, title, COLUMNS[prefix]))
