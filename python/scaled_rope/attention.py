@@ -135,8 +135,9 @@ def _cuda_reason(q: torch.Tensor, rerope_window) -> str | None:
     return support(q, rerope_window)
 
 
-# Fastest first, by measurement (bench/NOTES.md): on an H100 the Triton forward runs LongRoPE at B1 H32 N16k
-# D128 causal bf16 at 500 TFLOP/s against 277 for the CUDA kernel, so "auto" prefers Triton until that changes.
+# Fastest first, by measurement (bench/results/cuda-forward-*.json): on an H100 the Triton forward runs LongRoPE at
+# B1 H32 N16k D128 causal bf16 at 462 TFLOP/s against 381 for the CUDA kernel, so "auto" prefers Triton until that
+# changes.
 AUTO_ORDER = ("triton", "cuda")
 
 
