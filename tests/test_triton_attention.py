@@ -282,7 +282,7 @@ def test_gpu_every_config(feature):
     saved = [kernel.configs for kernel in kernels]
     kwargs = dict(GPU_FEATURES[feature])
     rope = kwargs.pop("rope", LONGROPE_128)
-    fitting = [tattn._prune(configs, {}, kind=kind, BLOCK_D=128, HEAD_DIM=128, RERORE="rerope_window" in kwargs)
+    fitting = [tattn._prune(configs, {}, kind=kind, BLOCK_D=128, HEAD_DIM=128, REROPE="rerope_window" in kwargs)
                for configs, kind in zip(saved, ("fwd", "dkdv", "dq"))]
     try:
         for i in range(max(len(c) for c in fitting)):

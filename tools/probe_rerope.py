@@ -89,7 +89,7 @@ def compiled_info():
                          for k, v in consts.items()}
                 md = kernel.metadata
                 tag = (named.get("BLOCK_M"), named.get("BLOCK_N"), md.num_warps, md.num_stages,
-                       named.get("RERORE"), named.get("HEAD_DIM"), named.get("EXPLICIT"))
+                       named.get("REROPE"), named.get("HEAD_DIM"), named.get("EXPLICIT"))
                 try:
                     info[tag] = f"regs {kernel.n_regs} spills {kernel.n_spills} smem {md.shared // 1024} KB"
                 except AttributeError:  # never launched (handles are loaded on the first launch)
@@ -159,7 +159,7 @@ def main():
             except Exception as exc:  # one failing case (a config that does not fit) must not end the probe
                 print(f"{label} {forced}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 torch.cuda.empty_cache()
-    print("compiled forward kernels (BLOCK_M, BLOCK_N, warps, stages, RERORE, HEAD_DIM, EXPLICIT):")
+    print("compiled forward kernels (BLOCK_M, BLOCK_N, warps, stages, REROPE, HEAD_DIM, EXPLICIT):")
     for tag, text in sorted(compiled_info().items(), key=str):
         print(f"  {tag}: {text}")
     print(f"total {time.time() - t0:.0f}s", flush=True)

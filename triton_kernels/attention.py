@@ -207,7 +207,7 @@ def _row_bounds(start, n_rows, BLOCK: tl.constexpr, off):
 
 @triton.jit
 def _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     RERORE: tl.constexpr, BLOCK_N: tl.constexpr):
+                     REROPE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Default positions, query rows at positions p_lo..p_hi, key Q = index. Returns tile bounds
     (t_lo, a, b, t_hi, t_far, t_near): tiles < t_lo and >= t_hi are fully masked; [a, b) need no mask;
     [t_lo, a) and [b, t_hi) are masked; tiles < t_far are fully far, tiles >= t_near fully near."""
@@ -223,7 +223,7 @@ def _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL: tl.constexpr, HAS
         t_full_lo = _cdiv_pos(p_hi - window + 1, BLOCK_N)
     a = tl.maximum(t_lo, tl.minimum(t_full_lo, t_hi))
     b = tl.maximum(a, tl.minimum(t_full_hi, t_hi))
-    if RERORE:  # near iff Q > P - w
+    if REROPE:  # near iff Q > P - w
         t_far = _fdiv_pos(p_lo - rerope_w + 1, BLOCK_N)
         t_near = _cdiv_pos(p_hi - rerope_w + 1, BLOCK_N)
     else:
@@ -234,7 +234,7 @@ def _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL: tl.constexpr, HAS
 
 @triton.jit
 def _query_tile_ranges(q_lo, q_hi, Nq, off, window, rerope_w, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       RERORE: tl.constexpr, BLOCK_M: tl.constexpr):
+                       REROPE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Default positions, keys q_lo..q_hi, query row m at P = off + m. Returns (i_lo, a, b, i_hi, i_near, i_far):
     tiles outside [i_lo, i_hi) fully masked; [a, b) need no mask (and are full tiles); tiles < i_near are fully
     near, tiles >= i_far fully far."""
@@ -250,7 +250,7 @@ def _query_tile_ranges(q_lo, q_hi, Nq, off, window, rerope_w, CAUSAL: tl.constex
         i_full_hi = tl.minimum(i_full_hi, _fdiv_pos(q_lo + window - off, BLOCK_M))
     a = tl.maximum(i_lo, tl.minimum(i_full_lo, i_hi))
     b = tl.maximum(a, tl.minimum(i_full_hi, i_hi))
-    if RERORE:  # near iff off + m - Q < w
+    if REROPE:  # near iff off + m - Q < w
         i_near = _fdiv_pos(q_lo + rerope_w - off, BLOCK_M)
         i_far = _cdiv_pos(q_hi + rerope_w - off, BLOCK_M)
     else:
@@ -336,11 +336,11 @@ def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, h
 @triton.jit
 def _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, i_near, i_far, kpos, qoff, Nq,
                      stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, MASK: tl.constexpr,
                      LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      DOT_PREC: tl.constexpr):
     """Query tiles lo..hi-1 split by ReRoPE kind: near below i_near, straddling up to i_far, far from i_far."""
-    if RERORE:
+    if REROPE:
         dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo,
                                          tl.minimum(hi, i_near), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
@@ -416,9 +416,9 @@ def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, 
 @triton.jit
 def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale, Nk,
                     stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    if RERORE:
+    if REROPE:
         dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, tl.minimum(hi, t_far),
                                     qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
                                     HAS_WINDOW, FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
@@ -439,7 +439,7 @@ def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo,
 # ----------------------------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------------------------
-_KEY = ["N_BUCKET", "BH_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "RERORE", "EXPLICIT", "LOGN"]
+_KEY = ["N_BUCKET", "BH_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "REROPE", "EXPLICIT", "LOGN"]
 
 
 def _configs(block_pairs, head_dims=None):
@@ -509,7 +509,7 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
         return [forced]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", block_d))
-    rerope = bool(kwargs.get("RERORE", named_args.get("RERORE")))
+    rerope = bool(kwargs.get("REROPE", named_args.get("REROPE")))
     explicit = bool(kwargs.get("EXPLICIT", named_args.get("EXPLICIT")))
     # the forward with default positions holds one q operand at a time (far side, then near side)
     sets = 2 if rerope and (kind != "fwd" or explicit) else 1
@@ -532,7 +532,7 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
               stride_kn, stride_kfb, stride_kfh, stride_kfn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
               stride_om, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP, sm_scale, sm_scale_log2,
               inv_ln_logn, window, rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, EXPLICIT: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, EXPLICIT: tl.constexpr,
               LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid (batch * heads, query tiles): the query tile is the slow axis so that, causal, the longest rows of every
     # head start first and the short ones fill the tail
@@ -566,7 +566,7 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if EXPLICIT:
         q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
-        if RERORE:
+        if REROPE:
             q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
         else:
             q_far = q
@@ -585,7 +585,7 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
             if HAS_WINDOW:
                 live = live & (d_min < window)
             if live:
-                if RERORE:
+                if REROPE:
                     kind = _tile_kind(d_min, d_max, rerope_w)
                     if kind == 0:
                         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
@@ -605,9 +605,9 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
                                               CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
-        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, RERORE,
+        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE,
                                                            BLOCK_N)
-        if RERORE:
+        if REROPE:
             # Far side first, with only the far q tile live: the fully far tiles, then the straddling tiles
             # [t_far, t_near) with their near keys masked. Then the near q tile: the straddling tiles again with
             # their far keys masked, then the fully near tiles. One q operand at a time keeps the registers and
@@ -679,7 +679,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_qpb, stride_qpn,
                    stride_kpb, stride_kpn, Nq, Nk, H, HKV, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window,
                    rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr,
                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of one kv head: dk (near and far, w.r.t. the rotated k) and dv, summed over the q heads of the
     group and every query tile."""
@@ -696,7 +696,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
     k_offs = off_b * stride_kb + off_hk * stride_kh + start_n.to(tl.int64) * stride_kn \
         + (offs_n[:, None] * stride_kn + offs_d[None, :])
     k = _load_tile(K + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
-    if RERORE:
+    if REROPE:
         k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
     else:
         k_far = k
@@ -712,7 +712,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
         q_lo = start_n
         q_hi = tl.minimum(start_n + BLOCK_N, Nk) - 1
         i_lo, a, b, i_hi, i_near, i_far = _query_tile_ranges(q_lo, q_hi, Nq, Nk - Nq, window, rerope_w, CAUSAL,
-                                                             HAS_WINDOW, RERORE, BLOCK_M)
+                                                             HAS_WINDOW, REROPE, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk_far = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -737,7 +737,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                 if HAS_WINDOW:
                     live = live & (d_min < window)
                 if live:
-                    if RERORE:
+                    if REROPE:
                         kind = _tile_kind(d_min, d_max, rerope_w)
                         if kind == 0:
                             dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
@@ -767,15 +767,15 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
             dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, i_lo, a,
                                               i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
                                               sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
-                                              HAS_WINDOW, RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                              HAS_WINDOW, REROPE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
             dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, a, b, i_near,
                                               i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, RERORE,
+                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, REROPE,
                                               False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
             dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, b, i_hi,
                                               i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
                                               sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
-                                              HAS_WINDOW, RERORE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                              HAS_WINDOW, REROPE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
 
     if LOGN:  # the per-row scale is already inside ds
         ds_scale = 1.0
@@ -784,7 +784,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
     dk_offs = off_b * stride_dkb + off_hk * stride_dkh + start_n.to(tl.int64) * stride_dkn \
         + (offs_n[:, None] * stride_dkn + offs_d[None, :])
     _store_tile(DK + dk_offs, (dk * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
-    if RERORE:
+    if REROPE:
         _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
     dv_offs = off_b * stride_dvb + off_hk * stride_dvh + start_n.to(tl.int64) * stride_dvn \
         + (offs_n[:, None] * stride_dvn + offs_d[None, :])
@@ -797,7 +797,7 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP,
                  sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, RERORE: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr,
                  EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """One query tile of one q head: dq near and far (w.r.t. the rotated q), over every key tile."""
@@ -818,7 +818,7 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
     q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
-    if RERORE:
+    if REROPE:
         q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
     else:
         q_far = q
@@ -855,7 +855,7 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
             if HAS_WINDOW:
                 live = live & (d_min < window)
             if live:
-                if RERORE:
+                if REROPE:
                     kind = _tile_kind(d_min, d_max, rerope_w)
                     if kind == 0:
                         dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
@@ -879,25 +879,25 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
                                              CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
-        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, RERORE,
+        t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE,
                                                            BLOCK_N)
         if HAS_WINDOW:
             dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, t_lo, a, t_far,
             t_near,
                                          qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                         CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                         CAUSAL, HAS_WINDOW, REROPE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
         dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, a, b, t_far, t_near, qpos,
                                      row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                     HAS_WINDOW, RERORE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                     HAS_WINDOW, REROPE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
         dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, b, t_hi, t_far, t_near,
                                      qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                     CAUSAL, HAS_WINDOW, RERORE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                     CAUSAL, HAS_WINDOW, REROPE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
     ds_scale = _row_scale(qpos, sm_scale, inv_ln_logn, LOGN)  # softmax_scale * g(P) per row
     dq_offs = off_b * stride_dqb + off_h * stride_dqh + start_m.to(tl.int64) * stride_dqm \
         + (offs_m[:, None] * stride_dqm + offs_d[None, :])
     _store_tile(DQ + dq_offs, (dq * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
-    if RERORE:
+    if REROPE:
         _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM,
                     BLOCK_D)
 
@@ -928,7 +928,7 @@ class _Plan:
     def constexprs(self, head_dim: int, n_bucket: int, bh_bucket: int, dtype: torch.dtype) -> dict:
         return dict(N_BUCKET=n_bucket, BH_BUCKET=bh_bucket, HEAD_DIM=head_dim,
                     BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                    CAUSAL=self.causal, HAS_WINDOW=self.has_window, RERORE=self.rerope, EXPLICIT=self.explicit,
+                    CAUSAL=self.causal, HAS_WINDOW=self.has_window, REROPE=self.rerope, EXPLICIT=self.explicit,
                     LOGN=self.logn, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
