@@ -25,15 +25,14 @@ peers not yet run are skipped (ours always runs).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _results import today, write_results
 
 import torch
 
@@ -426,15 +425,10 @@ def main() -> int:
 
     print()
     print(table(rows, checks))
-    date = datetime.date.today().isoformat()
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
-    path = args.out or Path(__file__).resolve().parent / "results"
-    if path.suffix != ".json":
-        path = path / f"attention-{date}-{slug}{'-quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"date": date, "env": env, "quick": args.quick, "seconds": time.time() - start,
-                                "flops": "4*B*H*N^2*D/2 forward (causal), 3.5x for forward+backward",
-                                "results": rows, "max_rel_diff_vs_ours": checks}, indent=2))
+    path = write_results(args.out, "attention", env["device"],
+                         {"date": today(), "env": env, "quick": args.quick, "seconds": time.time() - start,
+                          "flops": "4*B*H*N^2*D/2 forward (causal), 3.5x for forward+backward",
+                          "results": rows, "max_rel_diff_vs_ours": checks}, suffix="-quick" if args.quick else "")
     print(f"\nwrote {path} ({time.time() - start:.0f} s)")
     return 0
 

@@ -16,12 +16,11 @@ shapes (tuning; about 2 minutes more).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
-import re
 import sys
 from pathlib import Path
+
+from _results import today, write_results
 
 import torch
 
@@ -188,14 +187,8 @@ def main() -> int:
             tbps = f"{row['tbps']:.2f}" if row["tbps"] else row.get("error", "n/a")
             print(f"| {row['shape']} | {row['BLOCK_N']} | {row['num_warps']} | {row['num_stages']} | "
                   f"{row['maxnreg']} | {row['num_splits']} | {tbps} |")
-    date = datetime.date.today().isoformat()
-    name = f"decode-{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
-    path = args.out or Path(__file__).resolve().parent / "results"
-    if path.suffix != ".json":
-        path = path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"date": date, "env": env, "bytes": "K + V bytes of the used cache",
-                                "results": rows, "sweep": sweep}, indent=2))
+    path = write_results(args.out, "decode", gpu, {"date": today(), "env": env, "bytes": "K + V bytes of the used cache",
+                                                   "results": rows, "sweep": sweep})
     print(f"\nwrote {path}")
     return 0
 

@@ -18,14 +18,13 @@ as a smoke test and says so.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _results import today, write_results
 
 import torch
 
@@ -167,16 +166,11 @@ def main() -> int:
             print(f"prompt {row['prompt']}: same next token {row['same_next_token']}, max |logit diff| "
                   f"{row['max_abs_logit_diff']:.3g} (logits up to {row['logit_scale']:.3g})")
 
-    date = datetime.date.today().isoformat()
-    name = f"model-{date}-{re.sub(r'[^A-Za-z0-9]+', '-', env['gpu']).strip('-').lower()}.json"
-    path = args.out or Path(__file__).resolve().parent / "results"
-    if path.suffix != ".json":
-        path = path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"date": date, "env": env, "model": {k: v for k, v in shape.items()},
-                                "method": "median wall time (CUDA-synchronised) of prefill into an empty "
-                                          "DynamicCache and of greedy one-token decode steps, batch 1",
-                                "results": rows}, indent=2))
+    path = write_results(args.out, "model", env["gpu"], {
+        "date": today(), "env": env, "model": dict(shape),
+        "method": "median wall time (CUDA-synchronised) of prefill into an empty DynamicCache and of greedy "
+                  "one-token decode steps, batch 1",
+        "results": rows})
     print(f"\nwrote {path}")
     return 0
 

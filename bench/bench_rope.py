@@ -9,12 +9,11 @@ Prints the GPU, versions and a markdown table; writes bench/results/rope-<date>-
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
-import re
 import sys
 from pathlib import Path
+
+from _results import today, write_results
 
 import torch
 
@@ -115,11 +114,8 @@ def main() -> int:
         eager = next(r for r in rows if r["shape"] == row["shape"] and r["method"] == "eager")
         print(f"| {row['shape']} | {row['method']} | {row['ms'] * 1e3:.1f} | {row['gbps']:.0f} | "
               f"{eager['ms'] / row['ms']:.2f}x | {row['max_abs_diff_vs_eager']:.2e} |")
-    date = datetime.date.today().isoformat()
-    path = args.out / f"rope-{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"date": date, "env": env, "bytes": "read x + write out + read positions",
-                                "results": rows}, indent=2))
+    path = write_results(args.out, "rope", gpu, {"date": today(), "env": env,
+                                                 "bytes": "read x + write out + read positions", "results": rows})
     print(f"\nwrote {path}")
     return 0
 
