@@ -4,7 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "flash_fwd.h"
@@ -46,6 +48,36 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ---- tile order ---------------------------------------------------------------------------------------------------
+// blockIdx.x -> (b * heads_q + h, query tile). Heads are taken in L2 sections of section_heads and, inside a section,
+// tile-major with the heaviest (last) query tiles first: the CTAs running at once then read the K and V of a few
+// heads, which stay in L2, rather than of every head (a whole wave streaming every head's K/V from DRAM).
+struct TileIndex {
+  int64_t bh;
+  int q_tile;
+};
+__device__ __forceinline__ TileIndex tile_order(int64_t block, int num_q_tiles, int64_t bh_count, int section_heads) {
+  const int64_t per_section = static_cast<int64_t>(section_heads) * num_q_tiles;
+  const int64_t first = block / per_section * section_heads;
+  const int64_t r = block % per_section;
+  const int64_t heads_here = min(static_cast<int64_t>(section_heads), bh_count - first);
+  return {first + r % heads_here, num_q_tiles - 1 - static_cast<int>(r / heads_here)};
+}
+
+// Heads per section: as many as keep their K, V (and far K) within 32 MB (H100 L2: 50 MB), a multiple of the GQA
+// group. SCALED_ROPE_L2_SECTION_HEADS overrides it for measurements (1: head by head; large: all heads tile-major).
+inline int l2_section_heads(const FlashFwdParams& p) {
+  const int64_t bh_count = p.batch * p.heads_q;
+  int64_t heads = 0;
+  if (const char* forced = std::getenv("SCALED_ROPE_L2_SECTION_HEADS"); forced != nullptr && forced[0] != '\0') {
+    heads = std::atoll(forced);
+  } else {
+    const int64_t per_kv_head = p.seqlen_k * p.head_dim * 2 * (p.rerope_window > 0 ? 3 : 2);
+    heads = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(per_kv_head, 1)) * (p.heads_q / p.heads_kv);
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min(heads, bh_count)));
 }
 
 struct TileClass {

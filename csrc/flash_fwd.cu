@@ -203,7 +203,8 @@ __global__ void __launch_bounds__(kBlockN) k_tile_minmax_kernel(const int32_t* _
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const FlashFwdParams p, int num_q_tiles) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const FlashFwdParams p, int num_q_tiles,
+                                                                         int section_heads) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int q_range[2][kWarps];
   // Position of every query row of the tile: read back per key tile rather than held in registers, which the
@@ -220,10 +221,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t = lane & 3;  // mma fragment row group and column pair
-  // Heaviest query tiles first over every (batch, head): blockIdx.x = reversed tile * (B * Hq) + (b * Hq + h).
-  const int64_t bh_count = p.batch * p.heads_q;
-  const int64_t bh = blockIdx.x % bh_count;
-  const int q_tile = num_q_tiles - 1 - static_cast<int>(blockIdx.x / bh_count);
+  const TileIndex tile = tile_order(blockIdx.x, num_q_tiles, p.batch * p.heads_q, section_heads);
+  const int64_t bh = tile.bh;
+  const int q_tile = tile.q_tile;
   const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
@@ -523,7 +523,8 @@ std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
   const int64_t num_q_tiles = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int64_t blocks = num_q_tiles * p.batch * p.heads_q;
   if (blocks > INT_MAX) return "flash_fwd: batch * heads_q * ceil(seqlen_q / 128) is too large";
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, static_cast<int>(num_q_tiles));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, static_cast<int>(num_q_tiles),
+                                                             l2_section_heads(p));
   return launch_error("attention kernel launch failed");
 }
 

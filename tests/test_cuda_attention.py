@@ -16,7 +16,9 @@ pytestmark = pytest.mark.gpu
 SHORT = [1.0 + 0.05 * i for i in range(64)]
 # Switches read by the extension on every call (no-ops where the sm_90a kernel does not apply).
 KERNEL_PATHS = {"default": {}, "sm90-2stage": {"SCALED_ROPE_FLASH_SM90_STAGES_2": "1"},
-                "sm80": {"SCALED_ROPE_FLASH_SM80": "1"}}
+                "sm80": {"SCALED_ROPE_FLASH_SM80": "1"},
+                # tile order: L2 sections of 3 heads (a partial last section, sections across batch rows), head by head
+                "sections-3": {"SCALED_ROPE_L2_SECTION_HEADS": "3"}, "sections-1": {"SCALED_ROPE_L2_SECTION_HEADS": "1"}}
 LONG = [1.5 + 0.3 * i for i in range(64)]
 DTYPES = [torch.bfloat16, torch.float16]
 

@@ -197,6 +197,17 @@ def test_softmax_scale_any_sign(scale):
     check(1, 33, 33, 2, 1, 32, torch.float32, RopeScaling.default(32), seed=16, softmax_scale=scale)
 
 
+@pytest.mark.parametrize("section_heads", ["1", "3"])
+@pytest.mark.parametrize("rerope", [None, 24])
+def test_l2_sections_cover_every_tile(section_heads, rerope, monkeypatch):
+    """Programs take heads in L2 sections, tile-major inside one: sections of 3 heads over 2 x 4 q heads (GQA 2)
+    end in a partial section and cross batch rows; every tile of out and of every gradient is checked (a tile
+    left out stays NaN-poisoned)."""
+    monkeypatch.setenv("SCALED_ROPE_L2_SECTION_HEADS", section_heads)
+    rope = RopeScaling.default(32) if rerope else RopeScaling.yarn(32, 4.0, 64)
+    check(2, 70, 90, 4, 2, 32, torch.float32, rope, seed=31, rerope_window=rerope)
+
+
 def test_no_rotation():
     check(1, 33, 50, 2, 1, 32, torch.float32, None, seed=17, window=25)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
-# Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope]
+# Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe] [probe-order]
+#        [time-flash] [ncu] [long-shapes]
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -15,13 +16,27 @@ REPO="$OLDPWD"
 for step in "$@"; do
   t0=$(date +%s)
   case "$step" in
-    tests) timeout -s INT "${TESTS_TIMEOUT:-420}" python3 -m pytest -v -m gpu -rfE --tb=short --durations=15 --rootdir="$REPO" -p no:cacheprovider ${TEST_FILES:-"$REPO/tests"} > "$OUT/tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40 ;;
+    tests) timeout -s INT "${TESTS_TIMEOUT:-420}" python3 -m pytest -n "${TEST_WORKERS:-8}" -v -m gpu -rfE --tb=short --durations=15 --rootdir="$REPO" -p no:cacheprovider ${TEST_FILES:-"$REPO/tests"} > "$OUT/tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40 ;;
     bench-quick) python3 "$REPO/bench/bench_attention.py" --quick --out "$OUT" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 40 ;;
     bench) python3 "$REPO/bench/bench_attention.py" --out "$OUT" --budget "${BENCH_BUDGET:-330}" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 60 ;;
     decode) python3 "$REPO/bench/bench_decode.py" --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30 ;;
     model) python3 "$REPO/bench/bench_model.py" --out "$OUT" 2>&1 | tee "$OUT/bench_model.log" | tail -n 30 ;;
     probe) python3 "$REPO/tools/probe_attention.py" 2>&1 | tee "$OUT/probe.log" | tail -n 20 ;;
     rope) python3 "$REPO/bench/bench_rope.py" --out "$OUT" 2>&1 | tee "$OUT/bench_rope.log" | tail -n 20 ;;
+    probe-order)  # the Triton forward under the default L2 sections, all heads at once, one head at a time
+      for heads in default 1000000 1; do
+        ( [ "$heads" = default ] || export SCALED_ROPE_L2_SECTION_HEADS=$heads
+          echo "== L2 section heads: $heads"; timeout 150 python3 "$REPO/tools/probe_rerope.py" --quick )
+      done 2>&1 | tee "$OUT/probe_order.log" | grep -E "==|TF/s|plain:" ;;
+    time-flash) timeout 200 python3 "$REPO/tools/time_flash.py" 2>&1 | tee "$OUT/time_flash.log" | tail -n 30 ;;
+    ncu)  # where the sm_90a kernel's time goes (LongRoPE, B1 H32 N16k D128)
+      timeout 200 ncu --clock-control none -k regex:flash_fwd --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats \
+        python3 "$REPO/tools/profile_flash.py" > "$OUT/ncu.txt" 2>&1; grep -E "Duration|Throughput|Stall|Issue|Eligible" "$OUT/ncu.txt" | head -n 40
+      timeout 120 ncu --clock-control none -k regex:flash_fwd --launch-skip 1 --launch-count 1 --section WarpStateStats \
+        --print-details all python3 "$REPO/tools/profile_flash.py" > "$OUT/ncu_stalls.txt" 2>&1 ;;
+    long-shapes) timeout "${LONG_SHAPES_TIMEOUT:-240}" python3 "$REPO/tools/check_long_shapes.py" 2>&1 | tee "$OUT/long_shapes.log" | tail -n 12 ;;
     *) echo "unknown step $step" ;;
   esac
   echo "step $step: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/gpu.txt"

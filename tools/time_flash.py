@@ -6,7 +6,9 @@ Prints TFLOP/s (4*B*H*N*N*D, half for causal; rope not counted) from triton.test
 LongRoPE and ReRoPE (w = 512) causal bf16, end to end (tables, rotation prepass, kernel), and the share of the
 CUDA time spent in the rotation prepass. On compute capability 9.x the `cuda` rows are the sm_90a kernel (head_dim
 128), `cuda-sm90-2stage` it with two K/V stages instead of three (SCALED_ROPE_FLASH_SM90_STAGES_2=1) and `cuda-sm80`
-the sm_80 kernel on the same device (SCALED_ROPE_FLASH_SM80=1). Not the project benchmark (bench/), a probe for kernel work.
+the sm_80 kernel on the same device (SCALED_ROPE_FLASH_SM80=1); "all-heads order" / "head order" rows force the
+tile order's L2 sections (SCALED_ROPE_L2_SECTION_HEADS) to every head at once / one head at a time. Not the
+project benchmark (bench/), a probe for kernel work.
 """
 import argparse
 import os
@@ -33,32 +35,36 @@ def main():
     longrope = RopeScaling.longrope(d, 4096, 131072, [1.0 + 0.01 * i for i in range(d // 2)],
                                     [1.5 + 0.1 * i for i in range(d // 2)])
     cases = {"longrope": (longrope, {}), "rerope": (RopeScaling.default(d), dict(rerope_window=512))}
-    variants = [("cuda", "cuda", None), ("triton", "triton", None)]
-    if torch.cuda.get_device_capability()[0] == 9:  # kernel switches, read by the extension on every call
-        variants[1:1] = [("cuda-sm90-2stage", "cuda", "SCALED_ROPE_FLASH_SM90_STAGES_2"),
-                         ("cuda-sm80", "cuda", "SCALED_ROPE_FLASH_SM80")]
+    # (label, backend, environment): switches read on every call; "all-heads order" puts every head in one L2
+    # section (the tile order before L2 sections), "head order" one head at a time
+    all_heads, one_head = {"SCALED_ROPE_L2_SECTION_HEADS": "1000000"}, {"SCALED_ROPE_L2_SECTION_HEADS": "1"}
+    variants = [("cuda", "cuda", {}), ("cuda all-heads order", "cuda", all_heads),
+                ("cuda head order", "cuda", one_head), ("triton", "triton", {}),
+                ("triton all-heads order", "triton", all_heads), ("triton head order", "triton", one_head)]
+    if torch.cuda.get_device_capability()[0] == 9:
+        variants[3:3] = [("cuda-sm90-2stage", "cuda", {"SCALED_ROPE_FLASH_SM90_STAGES_2": "1"}),
+                         ("cuda-sm80", "cuda", {"SCALED_ROPE_FLASH_SM80": "1"})]
     rows = []
     for name, (rope, extra) in cases.items():
         reference_out = None
-        for label, backend, switch in variants:
-            if switch:
-                os.environ[switch] = "1"
+        for label, backend, switches in variants:
+            os.environ.update(switches)
             try:
                 out = scaled_rope_attention(q, k, v, rope, causal=True, backend=backend, **extra)
                 if reference_out is None:
                     reference_out = scaled_rope_attention(q, k, v, rope, causal=True, backend="triton", **extra)
                 diff = (out.float() - reference_out.float()).abs().max().item()
-                print(f"{name:9s} {label:16s} max |out - triton out| = {diff:.3e}", flush=True)
+                print(f"{name:9s} {label:22s} max |out - triton out| = {diff:.3e}", flush=True)
                 ms = triton.testing.do_bench(
                     lambda: scaled_rope_attention(q, k, v, rope, causal=True, backend=backend, **extra))
             except Exception as exc:  # noqa: BLE001 - report and go on
                 print(f"{name} {label}: {type(exc).__name__}: {exc}", flush=True)
                 continue
             finally:
-                if switch:
+                for switch in switches:
                     os.environ.pop(switch, None)
             rows.append((name, label, ms, flops / ms * 1e-9))
-            print(f"{name:9s} {label:16s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s", flush=True)
+            print(f"{name:9s} {label:22s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s", flush=True)
         tables = kernel_tables(rope, q, k, q_positions=None, k_positions=None,
                                rerope_window=extra.get("rerope_window"), rerope_leak=None)
         pos = torch.arange(n, device="cuda", dtype=torch.int32).expand(b, n)

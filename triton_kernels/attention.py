@@ -200,6 +200,24 @@ def _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, first, last, qpos, row_s
 
 
 @triton.jit
+def _tile_schedule(pid, num_tiles, BH, section_heads, REVERSE: tl.constexpr):
+    """(batch * head, tile) of program pid of a 1-D grid. Heads are taken in L2 sections of section_heads and,
+    inside a section, tile-major: every head of the section gets tile t before any gets the next, so the programs
+    running at once share the K/V (or Q/dO) of a few heads in L2 while the longest tiles (REVERSE: the last ones)
+    still start first."""
+    per_section = section_heads * num_tiles
+    section = pid // per_section
+    first = section * section_heads
+    r = pid - section * per_section
+    heads_here = tl.minimum(section_heads, BH - first)
+    tile = r // heads_here
+    bh = first + r - tile * heads_here
+    if REVERSE:
+        tile = num_tiles - 1 - tile
+    return bh, tile
+
+
+@triton.jit
 def _row_bounds(start, n_rows, BLOCK: tl.constexpr, off):
     """First and last position of the valid rows start..min(start+BLOCK, n_rows)-1 at position off + row."""
     return off + start, off + tl.minimum(start + BLOCK, n_rows) - 1
@@ -531,15 +549,13 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
 def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
               stride_kn, stride_kfb, stride_kfh, stride_kfn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
               stride_om, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP, sm_scale, sm_scale_log2,
-              inv_ln_logn, window, rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, EXPLICIT: tl.constexpr,
-              LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # grid (batch * heads, query tiles): the query tile is the slow axis so that, causal, the longest rows of every
-    # head start first and the short ones fill the tail
-    pid_m = tl.program_id(1)
-    if CAUSAL:
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    pid_bh = tl.program_id(0)
+              inv_ln_logn, window, rerope_w, section_heads, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr,
+              EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    # causal: the longest query tiles first, so that the short ones fill the tail
+    num_tiles = tl.cdiv(Nq, BLOCK_M)
+    pid_bh, pid_m = _tile_schedule(tl.program_id(0), num_tiles, tl.num_programs(0) // num_tiles, section_heads, CAUSAL)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_hk = (off_h // GROUP).to(tl.int64)
@@ -678,13 +694,14 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_qpb, stride_qpn,
                    stride_kpb, stride_kpn, Nq, Nk, H, HKV, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window,
-                   rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   rerope_w, section_heads, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, EXPLICIT: tl.constexpr,
+                   LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of one kv head: dk (near and far, w.r.t. the rotated k) and dv, summed over the q heads of the
     group and every query tile."""
-    pid_n = tl.program_id(1)  # grid (batch * kv heads, key tiles): causal, the longest first
-    pid_bh = tl.program_id(0)
+    # causal: the first key tiles see the most queries and start first
+    num_tiles = tl.cdiv(Nk, BLOCK_N)
+    pid_bh, pid_n = _tile_schedule(tl.program_id(0), num_tiles, tl.num_programs(0) // num_tiles, section_heads, False)
     off_b = (pid_bh // HKV).to(tl.int64)
     off_hk = (pid_bh % HKV).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -796,15 +813,14 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
 def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, stride_qb, stride_qh, stride_qm,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP,
-                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr,
+                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, section_heads, N_BUCKET, BH_BUCKET,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 REROPE: tl.constexpr,
                  EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """One query tile of one q head: dq near and far (w.r.t. the rotated q), over every key tile."""
-    pid_m = tl.program_id(1)  # grid (batch * heads, query tiles), as in the forward
-    if CAUSAL:
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    pid_bh = tl.program_id(0)
+    num_tiles = tl.cdiv(Nq, BLOCK_M)
+    pid_bh, pid_m = _tile_schedule(tl.program_id(0), num_tiles, tl.num_programs(0) // num_tiles, section_heads, CAUSAL)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_hk = (off_h // GROUP).to(tl.int64)
@@ -942,6 +958,24 @@ def _grid_bucket(batch: int, heads: int) -> int:
     return min(triton.next_power_of_2(max(batch * heads, 1)), 256)
 
 
+_L2_SECTION_BYTES = 32 * 2 ** 20  # what the programs running at once may stream in common (H100 L2: 50 MB)
+
+
+def l2_section_heads(bh_count: int, group: int, bytes_per_shared_head: int) -> int:
+    """Heads per L2 section of the tile schedule: as many as keep the tensors they stream (bytes_per_shared_head
+    per kv head, shared by group consecutive q heads; group 1 for a kv-head grid) within _L2_SECTION_BYTES, a
+    multiple of group. SCALED_ROPE_L2_SECTION_HEADS overrides it for measurements (1: one head at a time; a
+    large number: all heads tile-major)."""
+    forced = os.environ.get("SCALED_ROPE_L2_SECTION_HEADS")
+    if forced:
+        heads = int(forced)
+        if heads < 1:
+            raise ValueError(f"SCALED_ROPE_L2_SECTION_HEADS must be >= 1, got {forced!r}")
+    else:
+        heads = max(1, _L2_SECTION_BYTES // max(bytes_per_shared_head, 1)) * group
+    return max(1, min(heads, bh_count))
+
+
 def _scratch_like(x: torch.Tensor) -> torch.Tensor:
     """A (B, N, H, D) view of a fresh (B, H, N, D) buffer: each head's rows are one contiguous block."""
     batch, n, heads, dim = x.shape
@@ -1036,8 +1070,11 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
     kp, stride_kpb, stride_kpn = _pos_args(k_pos, plan.explicit, q_r)
     n_bucket = _length_bucket(nq, nk)
 
+    streamed = nk * dim * v.element_size() * (3 if plan.rerope else 2)  # K, V (and the far K) per kv head
+    section = l2_section_heads(batch * heads, heads // kv_heads, streamed)
+
     def grid(meta):
-        return batch * heads, triton.cdiv(nq, meta["BLOCK_M"])
+        return (batch * heads * triton.cdiv(nq, meta["BLOCK_M"]),)
 
     _attn_fwd[grid](
         q_r, k_r, v, q_f, k_f, out, lse, lse2, qp, kp,
@@ -1046,7 +1083,7 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
         out.stride(0), out.stride(2), out.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
         nq, nk, heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
-        plan.rerope_w, **plan.constexprs(dim, n_bucket, _grid_bucket(batch, heads), q.dtype))
+        plan.rerope_w, section, **plan.constexprs(dim, n_bucket, _grid_bucket(batch, heads), q.dtype))
     return out, lse, lse2
 
 
@@ -1075,8 +1112,13 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
     dk_f = _scratch_like(k) if plan.rerope else dk_r
     dv = _alloc.empty(v.shape, v.dtype, v.device)
 
+    group = heads // kv_heads
+    operands = 3 if plan.rerope else 2  # q (and q far) and dO of every q head of the group
+    section_kv = l2_section_heads(batch * kv_heads, 1, nq * dim * q.element_size() * operands * group)
+    section_q = l2_section_heads(batch * heads, group, nk * dim * k.element_size() * (3 if plan.rerope else 2))
+
     def grid_kv(meta):
-        return batch * kv_heads, triton.cdiv(nk, meta["BLOCK_N"])
+        return (batch * kv_heads * triton.cdiv(nk, meta["BLOCK_N"]),)
 
     _attn_bwd_dkdv[grid_kv](
         q_r, k_r, v, q_f, k_f, do, lse2, delta, dk_r, dk_f, dv, qp, kp,
@@ -1084,14 +1126,14 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
         v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
         dk_r.stride(0), dk_r.stride(2), dk_r.stride(1), dv.stride(0), dv.stride(2), dv.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-        nq, nk, heads, kv_heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
-        plan.rerope_w, **consts)
+        nq, nk, heads, kv_heads, group, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
+        plan.rerope_w, section_kv, **consts)
 
     dq_r = _scratch_like(q)
     dq_f = _scratch_like(q) if plan.rerope else dq_r
 
     def grid_q(meta):
-        return batch * heads, triton.cdiv(nq, meta["BLOCK_M"])
+        return (batch * heads * triton.cdiv(nq, meta["BLOCK_M"]),)
 
     _attn_bwd_dq[grid_q](
         q_r, k_r, v, q_f, k_f, do, lse2, delta, dq_r, dq_f, qp, kp,
@@ -1099,8 +1141,8 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
         v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
         dq_r.stride(0), dq_r.stride(2), dq_r.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-        nq, nk, heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
-        plan.rerope_w, **consts)
+        nq, nk, heads, group, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
+        plan.rerope_w, section_q, **consts)
     del q_r, k_r, q_f, k_f
     if plan.q_sign != 1.0:  # gradients w.r.t. the signed rotated q
         dq_r.mul_(plan.q_sign)
