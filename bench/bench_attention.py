@@ -4,6 +4,8 @@ Cases (bf16, causal):
   longrope  B4 H32 N4k, B1 H32 N16k, B1 H32 N32k at D128 and B8 H16 N4k at D64; LongRoPE long factors, n_hat = 4
   rerope / leaky   ReRoPE and Leaky ReRoPE (w = 512, kappa = 16) at B1 H32 D128, N 4k, 16k, 64k, 128k (forward;
             forward+backward up to 16k), next to our own plain causal attention at the same shape
+Ours: backend="triton" ("ours", forward and forward+backward) and backend="cuda" ("ours (cuda)", forward only: its
+backward is the Triton one); "ours plain causal" is the Triton plain causal call at a ReRoPE case's shape.
 Peers, in the same run (each one that cannot run is recorded as n/a with the reason):
   eager rope + SDPA flash    cos/sin computed per call (as transformers does), q and k rotated eagerly, SDPA flash
   compiled rope + SDPA flash the same rotation under torch.compile
@@ -40,6 +42,7 @@ if "--cpu" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be chosen before triton is imported
 
 ORIGINAL, MAXIMUM, N_HAT = 4096, 131072, 4
+FORWARD_ONLY = {"ours (cuda)"}  # the CUDA backend's backward is the Triton one: timed once, in "ours"
 WINDOW, LEAK = 512, 16.0
 
 
@@ -261,6 +264,7 @@ def implementations(case: Case) -> dict:
         pos = torch.arange(case.n, device=case.device, dtype=torch.float32)
         impls = {"ours": lambda q, k, v: scaled_rope_attention(q, k, v, rope, backend=backend)}
         if on_gpu:
+            impls["ours (cuda)"] = lambda q, k, v: scaled_rope_attention(q, k, v, rope, backend="cuda")
             impls["eager rope + SDPA flash"] = lambda q, k, v: sdpa(*rope_qk(q, k, pos, pos, **rot), v, "flash")
             impls["SDPA flash (no rope)"] = lambda q, k, v: sdpa(q, k, v, "flash")
             impls["SDPA cuDNN (no rope)"] = lambda q, k, v: sdpa(q, k, v, "cudnn")
@@ -281,6 +285,8 @@ def implementations(case: Case) -> dict:
         "ours plain causal": lambda q, k, v: scaled_rope_attention(q, k, v, rope, backend=backend),
     }
     if on_gpu:
+        impls["ours (cuda)"] = lambda q, k, v: scaled_rope_attention(q, k, v, rope, rerope_window=window,
+                                                                     rerope_leak=leak, backend="cuda")
         impls["two-matrix"] = lambda q, k, v: rerope_two_matrix(q, k, v, rot, leak)
         impls["two FlexAttention + merge"] = lambda q, k, v: rerope_two_flex(q, k, v, rot, leak)
     else:
@@ -356,7 +362,7 @@ def check(case: Case) -> dict:
     if ours is None:
         return diffs
     for name, out in case.outputs.items():
-        if name.startswith("ours") or "no rope" in name:
+        if name in ("ours", "ours plain causal") or "no rope" in name:
             continue
         out = out.float()
         diffs[name] = ((ours.float() - out).abs().max() / out.abs().max().clamp(min=1e-30)).item()
@@ -411,6 +417,8 @@ def main() -> int:
         impls = implementations(case)
         for backward in directions:
             for name, fn in impls.items():
+                if backward and name in FORWARD_ONLY:
+                    continue
                 elapsed = time.time() - start
                 if not name.startswith("ours") and elapsed > budget and device == "cuda":
                     entry = {"case": case.label, "direction": "fwd+bwd" if backward else "fwd", "impl": name,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
 # Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe] [probe-order]
-#        [time-flash] [ncu] [long-shapes]
+#        [time-flash] [ncu] [host-profile] [long-shapes]
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -36,6 +36,7 @@ for step in "$@"; do
         python3 "$REPO/tools/profile_flash.py" > "$OUT/ncu.txt" 2>&1; grep -E "Duration|Throughput|Stall|Issue|Eligible" "$OUT/ncu.txt" | head -n 40
       timeout 120 ncu --clock-control none -k regex:flash_fwd --launch-skip 1 --launch-count 1 --section WarpStateStats \
         --print-details all python3 "$REPO/tools/profile_flash.py" > "$OUT/ncu_stalls.txt" 2>&1 ;;
+    host-profile) timeout 150 python3 "$REPO/tools/host_profile.py" > "$OUT/host_profile.log" 2>&1; grep -E "^==" "$OUT/host_profile.log" ;;
     long-shapes) timeout "${LONG_SHAPES_TIMEOUT:-240}" python3 "$REPO/tools/check_long_shapes.py" 2>&1 | tee "$OUT/long_shapes.log" | tail -n 12 ;;
     *) echo "unknown step $step" ;;
   esac

@@ -958,7 +958,7 @@ def _grid_bucket(batch: int, heads: int) -> int:
     return min(triton.next_power_of_2(max(batch * heads, 1)), 256)
 
 
-_L2_SECTION_BYTES = 32 * 2 ** 20  # what the programs running at once may stream in common (H100 L2: 50 MB)
+_L2_SECTION_BYTES = 8 * 2 ** 20  # K/V the programs running at once share (H100 L2: 50 MB); 32 MB measured slower
 
 
 def l2_section_heads(bh_count: int, group: int, bytes_per_shared_head: int) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 import torch
 
@@ -191,20 +192,20 @@ def kernel_tables(rope, q, k, *, q_positions, k_positions, rerope_window, rerope
 
 
 def _kernel_tables(rope, q, k, k_positions, rerope_window, rerope_leak):
-    from .tables import build_tables
+    from .tables import build_tables, cached_tables
 
     batch = q.shape[0]
-    # a row's length is its largest key position + 1; default positions give Nk for every row
-    seq_lens = k.shape[1] if k_positions is None else (k_positions.max(dim=1).values + 1 if k.shape[1] else 0)
-    common = dict(seq_lens=seq_lens)
-    q_tables = build_tables(rope, batch, q.device, **common)
-    k_tables = q_tables
+    if k_positions is None:  # every row has length Nk
+        make = partial(build_tables, rope, batch, q.device, seq_lens=k.shape[1])
+    else:  # a row's length is its largest key position + 1; only length-dependent schedules need it
+        seq_lens = k_positions.max(dim=1).values + 1 if rope.length_dependent and k.shape[1] else None
+        make = partial(cached_tables, rope, batch, q.device, seq_lens=seq_lens)
+    q_tables = make()
     q_far = k_far = None
     if rerope_window is not None:
-        far = dict(rerope_window=rerope_window, rerope_leak=rerope_leak, **common)
-        q_far = build_tables(rope, batch, q.device, far="q", **far)
-        k_far = build_tables(rope, batch, q.device, far="k", **far)
-    return q_tables, k_tables, q_far, k_far
+        q_far = make(far="q", rerope_window=rerope_window, rerope_leak=rerope_leak)
+        k_far = make(far="k", rerope_window=rerope_window, rerope_leak=rerope_leak)
+    return q_tables, q_tables, q_far, k_far
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
