@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from ._host import cdiv, next_power_of_2
 from .rope import rotate
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -943,19 +944,19 @@ class _Plan:
 
     def constexprs(self, head_dim: int, n_bucket: int, bh_bucket: int, dtype: torch.dtype) -> dict:
         return dict(N_BUCKET=n_bucket, BH_BUCKET=bh_bucket, HEAD_DIM=head_dim,
-                    BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                    BLOCK_D=max(16, next_power_of_2(head_dim)),
                     CAUSAL=self.causal, HAS_WINDOW=self.has_window, REROPE=self.rerope, EXPLICIT=self.explicit,
                     LOGN=self.logn, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _length_bucket(nq: int, nk: int) -> int:
     """Autotune key for the lengths: powers of two up to 16k; longer sequences reuse the 16k choice."""
-    return min(triton.next_power_of_2(max(nq, nk)), 16384)
+    return min(next_power_of_2(max(nq, nk)), 16384)
 
 
 def _grid_bucket(batch: int, heads: int) -> int:
     """Autotune key for batch * heads (powers of two up to 256): a small grid may prefer smaller query tiles."""
-    return min(triton.next_power_of_2(max(batch * heads, 1)), 256)
+    return min(next_power_of_2(max(batch * heads, 1)), 256)
 
 
 _L2_SECTION_BYTES = 8 * 2 ** 20  # K/V the programs running at once share (H100 L2: 50 MB); 32 MB measured slower
@@ -1074,7 +1075,7 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
     section = l2_section_heads(batch * heads, heads // kv_heads, streamed)
 
     def grid(meta):
-        return (batch * heads * triton.cdiv(nq, meta["BLOCK_M"]),)
+        return (batch * heads * cdiv(nq, meta["BLOCK_M"]),)
 
     _attn_fwd[grid](
         q_r, k_r, v, q_f, k_f, out, lse, lse2, qp, kp,
@@ -1100,7 +1101,7 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
     has_dlse = dlse is not None
     dlse = dlse.contiguous() if has_dlse else delta
     block_m = 16 if _INTERPRET else 64
-    _attn_bwd_preprocess[(batch * heads, triton.cdiv(nq, block_m))](
+    _attn_bwd_preprocess[(batch * heads, cdiv(nq, block_m))](
         out, do, dlse, delta, out.stride(0), out.stride(2), out.stride(1), do.stride(0), do.stride(2), do.stride(1),
         nq, heads, HAS_DLSE=has_dlse, HEAD_DIM=dim, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block_m)
 
@@ -1118,7 +1119,7 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
     section_q = l2_section_heads(batch * heads, group, nk * dim * k.element_size() * (3 if plan.rerope else 2))
 
     def grid_kv(meta):
-        return (batch * kv_heads * triton.cdiv(nk, meta["BLOCK_N"]),)
+        return (batch * kv_heads * cdiv(nk, meta["BLOCK_N"]),)
 
     _attn_bwd_dkdv[grid_kv](
         q_r, k_r, v, q_f, k_f, do, lse2, delta, dk_r, dk_f, dv, qp, kp,
@@ -1133,7 +1134,7 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
     dq_f = _scratch_like(q) if plan.rerope else dq_r
 
     def grid_q(meta):
-        return (batch * heads * triton.cdiv(nq, meta["BLOCK_M"]),)
+        return (batch * heads * cdiv(nq, meta["BLOCK_M"]),)
 
     _attn_bwd_dq[grid_q](
         q_r, k_r, v, q_f, k_f, do, lse2, delta, dq_r, dq_f, qp, kp,
@@ -1204,7 +1205,7 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
     """Scaled-RoPE attention (DESIGN.md section 3) with the Triton kernels; differentiable in q, k, v.
 
     q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D) unrotated, any strides with a contiguous last dim, Hq a multiple of
-    Hkv, D <= 256, lengths <= 4194240. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the
+    Hkv, D <= 256, lengths < 2**30. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the
     far tables are required with `rerope_window`; k_far_unrotated=True says that k_far_tables rotate by angle 0
     (plain ReRoPE), which lets the forward read k itself as the far k. Positions: int (B, N) tensors that fit in
     int32, or None for the default (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D) in q's
@@ -1231,9 +1232,11 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
         raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
     if dim > 256:
         raise ValueError(f"head_dim must be <= 256 for the triton backend, got {dim}")
-    max_len = 65535 * (16 if _INTERPRET else 64)  # tiles run along the grid's second axis (at most 65535)
-    if max(nq, nk) > max_len:
-        raise ValueError(f"q and k lengths must be <= {max_len} for the triton backend, got {nq} and {nk}")
+    if max(nq, nk) >= 2 ** 30:  # positions and their differences are int32 in the kernels
+        raise ValueError(f"q and k lengths must be < 2**30 for the triton backend, got {nq} and {nk}")
+    if batch * heads * cdiv(max(nq, nk), 16) >= 2 ** 31:  # programs of a 1-D grid (tiles of >= 16 rows)
+        raise ValueError(f"batch * heads * ceil(length / 16) must be < 2**31 for the triton backend, got "
+                         f"batch {batch}, heads {heads}, lengths {nq} and {nk}")
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     if logn_base is not None and not (math.isfinite(logn_base) and logn_base > 1):
@@ -1260,4 +1263,6 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
                  logn=logn_base is not None, inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
                  sm_scale=abs(float(softmax_scale)) or 1.0,
                  sm_scale_log2=(abs(float(softmax_scale)) or 1.0) * 1.4426950408889634)
-    return _ScaledRopeAttention.apply(q, k, v, q_pos, k_pos, plan)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _ScaledRopeAttention.apply(q, k, v, q_pos, k_pos, plan)
+    return _forward(q, k, v, q_pos, k_pos, plan)[:2]  # inference: no autograd node (host time per call)

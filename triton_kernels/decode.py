@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
+from ._host import cdiv, next_power_of_2
 from .rope import rope_cos_sin
 
 LOG2E = 1.4426950408889634
@@ -479,7 +480,7 @@ _MIN_KEYS_PER_SPLIT = 32 if _INTERPRET else 512  # small under the interpreter: 
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(n, 1)))
+    return max(lo, next_power_of_2(max(n, 1)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -511,7 +512,7 @@ def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
     slots = _CTAS_PER_SM * num_sms
     if programs >= 0.8 * slots:
         return 1
-    most = max(1, min(128, triton.cdiv(max_keys, _MIN_KEYS_PER_SPLIT)))
+    most = max(1, min(128, cdiv(max_keys, _MIN_KEYS_PER_SPLIT)))
     efficiency = [programs * s / slots / math.ceil(programs * s / slots) for s in range(1, most + 1)]
     best = max(efficiency)
     return next(s for s, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
@@ -556,9 +557,9 @@ def append_to_cache(k_cache, v_cache, k_new, v_new, seqlens, block_table=None, s
         *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
         block_table.stride(0) if paged else 0, block_table.stride(1) if paged else 0,
         n_new, capacity, k_cache.shape[0],
-        N_KV=n_kv, HKV_PAD=triton.next_power_of_2(n_kv), HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
+        N_KV=n_kv, HKV_PAD=next_power_of_2(n_kv), HEAD_DIM=head_dim, D_PAD=next_power_of_2(head_dim),
         PAGED=paged, PAGE_SIZE=page_size,
-        num_warps=min(16, max(4, triton.next_power_of_2(n_kv) * triton.next_power_of_2(head_dim) // 1024)),
+        num_warps=min(16, max(4, next_power_of_2(n_kv) * next_power_of_2(head_dim) // 1024)),
     )
 
 
@@ -589,7 +590,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=No
     half = rotary_dim // 2
     rows = group * n_q
     block_m = min(64, _pow2(rows))
-    n_m_blocks = triton.cdiv(rows, block_m)
+    n_m_blocks = cdiv(rows, block_m)
     heavy = tables is not None and (tables.n_hat > 0 or (rerope_window is not None and rerope_leak is not None))
     cfg = dict(default_config(head_dim, q.element_size(), block_m, page_size, heavy), **(config or {}))
     if paged:  # a tile must lie in one page
@@ -655,7 +656,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=No
             o_part, l_part, out, lse,
             *o_part.stride(), *l_part.stride(), *out.stride(), *lse.stride(),
             n_q, n_heads, num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            SPLITS_PAD=next_power_of_2(num_splits), HEAD_DIM=head_dim,
             D_PAD=_pow2(head_dim), num_warps=4,
         )
     return out, lse

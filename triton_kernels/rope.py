@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .._rotation_args import check_rotation_args
+from ._host import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -158,20 +159,20 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = 
     if x.numel() == 0:
         return a.out if second is None else (a.out, second.out)
     half = a.rotary_dim // 2
-    block_half = triton.next_power_of_2(half)
-    block_pass = triton.next_power_of_2(head_dim - a.rotary_dim) if head_dim > a.rotary_dim else 0
+    block_half = next_power_of_2(half)
+    block_pass = next_power_of_2(head_dim - a.rotary_dim) if head_dim > a.rotary_dim else 0
     if _interpreting():  # one small config; few programs (each costs interpreter time)
-        block_n, num_warps, min_programs = min(16, triton.next_power_of_2(seqlen)), 1, 4
+        block_n, num_warps, min_programs = min(16, next_power_of_2(seqlen)), 1, 4
     else:
-        block_n = max(1, min(64, 2048 // block_half, triton.next_power_of_2(seqlen)))
+        block_n = max(1, min(64, 2048 // block_half, next_power_of_2(seqlen)))
         num_warps, min_programs = 4, 1024
     # split the heads over programs only when positions alone do not fill the GPU (a power of two per program
     # keeps the compiled variants few; the constexpr loop bound also runs under the interpreter with numpy 2.4)
-    programs = triton.cdiv(seqlen, block_n) * batch
+    programs = cdiv(seqlen, block_n) * batch
     heads_per_program = heads
     if programs < min_programs:
-        heads_per_program = min(heads, triton.next_power_of_2(triton.cdiv(heads * programs, min_programs)))
-    grid = (triton.cdiv(seqlen, block_n), batch, triton.cdiv(heads, heads_per_program))
+        heads_per_program = min(heads, next_power_of_2(cdiv(heads * programs, min_programs)))
+    grid = (cdiv(seqlen, block_n), batch, cdiv(heads, heads_per_program))
     o = a.out
     s = second if second is not None else a  # without second tables its arguments are unused placeholders
     o2 = s.out

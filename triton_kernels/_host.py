@@ -1,0 +1,10 @@
+"""Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 are constexpr functions
+whose host calls cost a few microseconds each (argument unwrapping); a launch computes a dozen of them."""
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
