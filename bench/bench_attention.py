@@ -18,6 +18,7 @@ is measured for ours and the SDPA pipelines. Prints the GPU, versions, progress 
 attention-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
 
     python bench/bench_attention.py [--quick] [--cpu] [--out DIR|PATH] [--budget SECONDS] [--no-autotune]
+                                     [--label 'kernel versions'] [--only longrope,rerope,leaky]
 
 --quick: B4 N4k and B1 N16k plus ReRoPE/Leaky at N4k (about 2 minutes). Without a GPU (or with --cpu) it runs a
 small correctness and timing pass on the CPU instead: the reference, eager rope + SDPA (math) and our kernels in
@@ -395,6 +396,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which remaining peers are skipped (default 110 quick, 330 full)")
     parser.add_argument("--no-autotune", action="store_true", help="our kernels use their first config")
+    parser.add_argument("--label", default="", help="kernel versions measured, recorded as kernel_version")
+    parser.add_argument("--only", default="", help="comma-separated case kinds to run (longrope, rerope, leaky)")
     args = parser.parse_args()
     if args.no_autotune:
         os.environ["SCALED_ROPE_AUTOTUNE"] = "0"
@@ -413,7 +416,13 @@ def main() -> int:
     budget = args.budget if args.budget is not None else (110.0 if args.quick else 330.0)
     start = time.time()
     rows, checks = [], {}
+    kinds = {kind for kind in args.only.split(",") if kind}
+    unknown = kinds - {"longrope", "rerope", "leaky"}
+    if unknown:
+        parser.error(f"--only takes longrope, rerope, leaky; got {sorted(unknown)}")
     for case, directions in plan(args.quick, device):
+        if kinds and case.kind not in kinds:
+            continue
         impls = implementations(case)
         for backward in directions:
             for name, fn in impls.items():
@@ -434,9 +443,11 @@ def main() -> int:
     print()
     print(table(rows, checks))
     path = write_results(args.out, "attention", env["device"],
-                         {"date": today(), "env": env, "quick": args.quick, "seconds": time.time() - start,
+                         {"date": today(), "env": env, "kernel_version": args.label, "quick": args.quick,
+                          "seconds": time.time() - start,
                           "flops": "4*B*H*N^2*D/2 forward (causal), 3.5x for forward+backward",
-                          "results": rows, "max_rel_diff_vs_ours": checks}, suffix="-quick" if args.quick else "")
+                          "results": rows, "max_rel_diff_vs_ours": checks},
+                         suffix=("-quick" if args.quick else "") + ("-" + "-".join(sorted(kinds)) if kinds else ""))
     print(f"\nwrote {path} ({time.time() - start:.0f} s)")
     return 0
 
