@@ -548,6 +548,8 @@ std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   }
   if (p.heads_q % p.heads_kv != 0) return "flash_fwd: heads_q must be a multiple of heads_kv";
   if (p.seqlen_q >= INT_MAX / 2 || p.seqlen_k >= INT_MAX / 2) return "flash_fwd: sequence too long";
+  // The sm_90a kernel folds the scale into the exponent after taking row maxima of the raw scores.
+  if (!(p.softmax_scale > 0)) return "flash_fwd: softmax_scale must be > 0 (the Python side folds its sign into q)";
   if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return "";
   const bool rerope = p.rerope_window > 0;
   const bool keys = p.seqlen_k > 0;  // without keys every row is empty and k, v are never read

@@ -46,6 +46,11 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t leading, u
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((leading & 0x3FFFF) >> 4) << 16) |
          (static_cast<uint64_t>((stride & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
 }
+// desc moved on by `bytes` (a multiple of 16). Shared addresses are < 2^18, so the 14-bit start field cannot carry:
+// adding in the low word keeps the high word a compile-time constant (no registers, no carry instructions).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
+  return (desc & 0xFFFFFFFF00000000ull) | (static_cast<uint32_t>(desc) + (bytes >> 4));
+}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -174,18 +179,71 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const T* gmem, int64_t 
   const int chunk = static_cast<int>(threadIdx.x) % kChunks;
   const uint32_t dst = tile + (chunk >> 3) * ROWS * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
   const T* src = gmem + row * row_stride + chunk * 8;
+  if (rows_valid >= ROWS) {  // every tile but the last: no per-row bounds, 3 instructions a row instead of 10
 #pragma unroll
+    for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
+      cp_async_16(dst + i * kRowsPerPass * 128, src + i * kRowsPerPass * row_stride, true);
+    }
+    return;
+  }
+#pragma unroll 1  // the last tile only: unrolled, its address registers make the kernel spill
   for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
     const bool valid = row + i * kRowsPerPass < rows_valid;
     cp_async_16(dst + i * kRowsPerPass * 128, valid ? src + i * kRowsPerPass * row_stride : gmem, valid);
   }
 }
 
-struct Visit {
-  int j;       // key tile; j_end when done
-  bool far;    // product of this visit: far pair (q_far, k_far) or near pair (q, k)
-  bool masked; // per-element masks needed
-  bool split;  // straddling tile: this visit keeps only keys on its side of the ReRoPE window
+// Keys allowed for a query at position pos where key positions are the columns (DESIGN.md section 3: col < seqlen_k,
+// causal delta >= 0, window delta < window, a split ReRoPE visit keeps delta >= rerope_w (far) or < rerope_w
+// (near); delta = pos - col): the columns base + c with lo <= c < hi, clamped to the offsets 0..kBlockN of a tile.
+struct ColumnRange {
+  int lo, hi;
+};
+__host__ __device__ __forceinline__ ColumnRange allowed_columns(int pos, int base, int seqlen_k, bool causal,
+                                                                int window, bool split, bool far, int rerope_w) {
+  const int64_t q = pos, first = base, end = first + kBlockN;  // 64 bits: pos - window + 1 can leave the int range
+  int64_t lo = first, hi = seqlen_k;
+  auto raise_lo = [&lo](int64_t x) { lo = x > lo ? x : lo; };
+  auto cut_hi = [&hi](int64_t x) { hi = x < hi ? x : hi; };
+  if (causal) cut_hi(q + 1);
+  if (window) raise_lo(q - window + 1);
+  if (split) {
+    if (far) {
+      cut_hi(q - rerope_w + 1);
+    } else {
+      raise_lo(q - rerope_w + 1);
+    }
+  }
+  cut_hi(end);
+  return {static_cast<int>((lo < end ? lo : end) - first), static_cast<int>((hi > first ? hi : first) - first)};
+}
+
+// f over x[I, I + N) as a pairwise tree: depth log2 N instead of a serial chain of N dependent steps.
+template <int I, int N, typename F, int M>
+__device__ __forceinline__ float tree_reduce(const float (&x)[M], F f) {
+  static_assert(N > 0 && (N & (N - 1)) == 0 && I + N <= M, "a power-of-two range inside x");
+  if constexpr (N == 1) {
+    return x[I];
+  } else {
+    return f(tree_reduce<I, N / 2>(x, f), tree_reduce<I + N / 2, N / 2>(x, f));
+  }
+}
+
+// A visit of a key tile, packed into one register (the kernel keeps STAGES of them and is at the register limit):
+// the tile index (< 2^23: flash_fwd() keeps seqlen_k below 2^30) in bits 0..27, the flags above it.
+class Visit {
+ public:
+  Visit() = default;
+  __device__ Visit(int j, bool far, bool masked, bool split)
+      : bits_(j | (far ? kFarBit : 0) | (masked ? kMaskedBit : 0) | (split ? kSplitBit : 0)) {}
+  __device__ int j() const { return bits_ & (kFarBit - 1); }     // key tile; j_end when done
+  __device__ bool far() const { return bits_ & kFarBit; }        // product: far pair (q_far, k_far) or near (q, k)
+  __device__ bool masked() const { return bits_ & kMaskedBit; }  // per-element masks needed
+  __device__ bool split() const { return bits_ & kSplitBit; }    // straddling tile: keys on this visit's side only
+
+ private:
+  static constexpr int kFarBit = 1 << 28, kMaskedBit = 1 << 29, kSplitBit = 1 << 30;
+  int bits_;
 };
 
 template <typename T, int STAGES>
@@ -200,7 +258,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
-  const int wg = tid / 128;
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // broadcast: known warp-uniform, so wg-derived values
+                                                         // (the Q descriptor) can live in uniform registers
   const int g = lane >> 2, t = lane & 3;
   const TileIndex tile = tile_order(blockIdx.x, num_q_tiles, p.batch * p.heads_q, section_heads);
   const int64_t bh = tile.bh;
@@ -314,12 +373,12 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   };
   auto first_visit = [&]() -> Visit {
     const Visit v = rerope ? find_visit(j_begin, true) : Visit{j_end, false, false, false};
-    return v.j < j_end ? v : find_visit(j_begin, false);
+    return v.j() < j_end ? v : find_visit(j_begin, false);
   };
   auto advance = [&](const Visit& v) -> Visit {
-    if (v.j >= j_end) return v;
-    const Visit w = find_visit(v.j + 1, v.far);
-    return (w.j < j_end || !v.far) ? w : find_visit(j_begin, false);
+    if (v.j() >= j_end) return v;
+    const Visit w = find_visit(v.j() + 1, v.far());
+    return (w.j() < j_end || !v.far()) ? w : find_visit(j_begin, false);
   };
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -328,53 +387,55 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   auto sK = [&](int stage) { return sStages + stage * kKVBytes; };
   auto sV = [&](int stage) { return sStages + (STAGES + stage) * kKVBytes; };
   auto load_k = [&](const Visit& v, int stage) {
-    const int64_t n0 = static_cast<int64_t>(v.j) * kBlockN;
-    const T* k_base = static_cast<const T*>(v.far ? p.k_far : p.k) + k_off;
-    load_tile<T, kBlockN>(sK(stage), k_base + n0 * p.k_row_stride, p.k_row_stride, seqlen_k - v.j * kBlockN);
+    const int64_t n0 = static_cast<int64_t>(v.j()) * kBlockN;
+    const T* k_base = static_cast<const T*>(v.far() ? p.k_far : p.k) + k_off;
+    load_tile<T, kBlockN>(sK(stage), k_base + n0 * p.k_row_stride, p.k_row_stride, seqlen_k - v.j() * kBlockN);
   };
   auto load_v = [&](const Visit& v, int stage) {
-    const int64_t n0 = static_cast<int64_t>(v.j) * kBlockN;
-    load_tile<T, kBlockN>(sV(stage), v_base + n0 * p.v_row_stride, p.v_row_stride, seqlen_k - v.j * kBlockN);
+    const int64_t n0 = static_cast<int64_t>(v.j()) * kBlockN;
+    load_tile<T, kBlockN>(sV(stage), v_base + n0 * p.v_row_stride, p.v_row_stride, seqlen_k - v.j() * kBlockN);
   };
   auto key_position = [&](int col) -> int {
     if (!k_pos) return col;
     return col < seqlen_k ? k_pos[col] : 0;
   };
 
+  // Descriptors of this warpgroup's Q rows and of stage 0 of K and V, built once; a k16 step or stage is an offset.
+  const uint64_t q_desc = smem_desc(sQ + wg * 64 * 128, 16, 1024);  // q or q_far, whichever the phase loaded
+  const uint64_t k_desc = smem_desc(sK(0), 16, 1024);
+  const uint64_t v_desc = smem_desc(sV(0), kBlockN * 128, 1024);
   // S = Q K^T into s (issued, not waited): 8 k16 steps; step kk reads 32 bytes at (kk % 4) * 32 of the rows of
   // column block kk / 4 of Q (this warpgroup's 64 rows) and of K.
-  auto issue_qk = [&](float (&s)[64], const Visit& v, int stage) {
-    const uint32_t q_addr = sQ + wg * 64 * 128;  // q or q_far, whichever the phase of v loaded
+  auto issue_qk = [&](float (&s)[64], int stage) {
+    const uint64_t kd = desc_plus(k_desc, stage * kKVBytes);
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint64_t da = smem_desc(q_addr + (kk >> 2) * kBlockM * 128 + (kk & 3) * 32, 16, 1024);
-      const uint64_t db = smem_desc(sK(stage) + (kk >> 2) * kBlockN * 128 + (kk & 3) * 32, 16, 1024);
-      wgmma_ss<T>(s, da, db, kk > 0 ? 1 : 0);
+      wgmma_ss<T>(s, desc_plus(q_desc, (kk >> 2) * kBlockM * 128 + (kk & 3) * 32),
+                  desc_plus(kd, (kk >> 2) * kBlockN * 128 + (kk & 3) * 32), kk > 0 ? 1 : 0);
     }
   };
   // O += P V (issued, not waited): 8 k16 steps over the keys; V is an N-major operand whose 64-column blocks are
   // kBlockN * 128 bytes apart and whose 8-key groups are 1024 bytes apart.
   auto issue_pv = [&](float (&o)[64], const uint32_t (&pa)[kBlockN / 16][4], int stage) {
+    const uint64_t vd = desc_plus(v_desc, stage * kKVBytes);
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      wgmma_rs<T>(o, pa[kk], smem_desc(sV(stage) + kk * 16 * 128, kBlockN * 128, 1024), 1);
-    }
+    for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_rs<T>(o, pa[kk], desc_plus(vd, kk * 16 * 128), 1);
   };
 
   float o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units (scaled)
   float row_sum[2] = {0.0f, 0.0f};            // this thread's partial sums
 
-  // Scales, masks and exponentiates the finished scores s of visit v in place (probabilities, this row's max as
-  // reference) and updates the row statistics; alpha[r] = the factor O's row r must be multiplied by.
+  // Masks and exponentiates the finished scores s of visit v in place (probabilities, this row's max as reference)
+  // and updates the row statistics; alpha[r] = the factor O's row r must be multiplied by. The row scale is folded
+  // into the exponent, p = 2^(s * scale - max): one FFMA per element. Masking and the max work on the raw scores,
+  // which needs scale > 0 (flash_fwd() checks softmax_scale; the log-n factor is >= 1): -inf stays -inf, and
+  // max(s) * scale = max(s * scale) exactly (rounding is monotonic). Max and sum are trees, not serial chains.
   auto softmax = [&](float (&s)[64], const Visit& v, float (&alpha)[2]) {
-    const int n0 = v.j * kBlockN;
-    // Scale to log2 units, then mask (after scaling, so that a negative softmax_scale cannot flip -inf).
-#pragma unroll
-    for (int i = 0; i < 64; ++i) s[i] *= row_scale[(i >> 1) & 1];
-    if (v.masked) {
+    const int n0 = v.j() * kBlockN;
+    if (v.masked() && k_pos) {  // key positions given: each element compares its own
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
@@ -385,8 +446,27 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
           for (int r = 0; r < 2; ++r) {
             const int delta = pos[r] - key;
             const bool allowed = col < seqlen_k && (!p.causal || delta >= 0) && (!window || delta < window) &&
-                                 (!v.split || (delta >= rerope_w) == v.far);
+                                 (!v.split() || (delta >= rerope_w) == v.far());
             if (!allowed) s[4 * nb + 2 * r + e] = -INFINITY;
+          }
+        }
+      }
+    } else if (v.masked()) {  // key = column: each row's allowed keys are one range, two compares an element
+      int lo[2], hi[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const ColumnRange c = allowed_columns(pos[r], n0 + 2 * t, seqlen_k, p.causal, window, v.split(), v.far(),
+                                              rerope_w);
+        lo[r] = c.lo;
+        hi[r] = c.hi;
+      }
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if (nb * 8 + e < lo[r] || nb * 8 + e >= hi[r]) s[4 * nb + 2 * r + e] = -INFINITY;
           }
         }
       }
@@ -394,25 +474,27 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     // A row with nothing allowed so far keeps max -inf and uses 0 as its reference.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
+      float m[kNB];
 #pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) mx = fmaxf(mx, fmaxf(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]));
+      for (int nb = 0; nb < kNB; ++nb) m[nb] = fmaxf(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]);
+      float mx = tree_reduce<0, kNB>(m, [](float a, float b) { return fmaxf(a, b); });
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(row_max[r], mx * row_scale[r]);
       const float ref = mx == -INFINITY ? 0.0f : mx;
       alpha[r] = ex2(row_max[r] - ref);
       row_max[r] = mx;
-      float sum = 0.0f;
+      float sum[kNB];
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pr = ex2(s[4 * nb + 2 * r + e] - ref);
-          s[4 * nb + 2 * r + e] = pr;
-          sum += pr;
+          float& x = s[4 * nb + 2 * r + e];
+          x = ex2(fmaf(x, row_scale[r], -ref));
         }
+        sum[nb] = s[4 * nb + 2 * r] + s[4 * nb + 2 * r + 1];
       }
-      row_sum[r] = row_sum[r] * alpha[r] + sum;
+      row_sum[r] = fmaf(row_sum[r], alpha[r], tree_reduce<0, kNB>(sum, [](float a, float b) { return a + b; }));
     }
   };
   auto rescale_o = [&](const float (&alpha)[2]) {
@@ -443,14 +525,14 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     const T* base = far ? static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride : q_base;
     load_tile<T, kBlockM>(sQ, base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
   };
-  bool q_far_loaded = ahead[0].far;
+  bool q_far_loaded = ahead[0].far();
   load_q(q_far_loaded);
-  if (ahead[0].j < j_end) load_k(ahead[0], 0);
+  if (ahead[0].j() < j_end) load_k(ahead[0], 0);
   cp_async_commit();
 #pragma unroll
   for (int m = 1; m < L; ++m) {  // group m: K(m), V(m - 1)
-    if (ahead[m].j < j_end) load_k(ahead[m], m);
-    if (ahead[m - 1].j < j_end) load_v(ahead[m - 1], m - 1);
+    if (ahead[m].j() < j_end) load_k(ahead[m], m);
+    if (ahead[m - 1].j() < j_end) load_v(ahead[m - 1], m - 1);
     cp_async_commit();
   }
 
@@ -458,11 +540,11 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   bool has_prev = false;
   int stage = 0;  // i % STAGES: the stage of K(i) and V(i)
   auto stage_plus = [&](int k) { return (stage + k) % STAGES; };
-  while (ahead[0].j < j_end) {
+  while (ahead[0].j() < j_end) {
     cp_async_wait<L - 1>();  // K(i) and V(i-1) (copied L visits ago)
     fence_proxy_async();
     __syncthreads();
-    if (q_far_loaded && !ahead[0].far) {  // first near visit: q replaces q_far (once per CTA, not hidden)
+    if (q_far_loaded && !ahead[0].far()) {  // first near visit: q replaces q_far (once per CTA, not hidden)
       load_q(false);
       cp_async_commit();
       cp_async_wait_all();
@@ -473,14 +555,14 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
 
     // The copies are issued behind the products (no target stage is read by them).
     auto prefetch = [&] {
-      if (ahead[L].j < j_end) load_k(ahead[L], stage_plus(L));
-      if (ahead[L - 1].j < j_end) load_v(ahead[L - 1], stage_plus(L - 1));
+      if (ahead[L].j() < j_end) load_k(ahead[L], stage_plus(L));
+      if (ahead[L - 1].j() < j_end) load_v(ahead[L - 1], stage_plus(L - 1));
       cp_async_commit();
     };
     float s[64];
     if (has_prev) {
       wgmma_fence();
-      issue_qk(s, ahead[0], stage);
+      issue_qk(s, stage);
       wgmma_commit();
       issue_pv(o, pa, stage_plus(STAGES - 1));
       wgmma_commit();
@@ -488,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
       wgmma_wait<1>();
     } else {
       wgmma_fence();
-      issue_qk(s, ahead[0], stage);
+      issue_qk(s, stage);
       wgmma_commit();
       prefetch();
       wgmma_wait<0>();
@@ -496,10 +578,18 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     fence_regs(s);
     float alpha[2];
     softmax(s, ahead[0], alpha);
-    wgmma_wait<0>();
-    fence_regs(o);
+    // alpha is exactly 1 for a row whose max did not grow (most visits once the maxima settle): a warp with no other
+    // skips the 64 multiplications. The wait for P(i-1) V(i-1) is inside the branches on purpose: ptxas moves a wgmma
+    // wait to the top of its basic block, and in the softmax's block that would stop the softmax overlapping it.
+    if (__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
+      wgmma_wait<0>();
+      fence_regs(o);
+    } else {
+      wgmma_wait<0>();
+      fence_regs(o);
+      rescale_o(alpha);
+    }
     fence_regs(pa);  // P(i-1) stays untouched until its product is done
-    rescale_o(alpha);
     pack_p(s, pa);
     has_prev = true;
 #pragma unroll

@@ -103,6 +103,11 @@ def _head_major_scratch(x: torch.Tensor) -> torch.Tensor:
     return torch.empty((batch, heads, n, dim), dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
+def _signed(x: torch.Tensor, source: torch.Tensor, sign: float) -> torch.Tensor:
+    """x times sign (-1 or 0); in place when x is our scratch, a copy when it is the caller's tensor."""
+    return x * sign if x is source else x.mul_(sign)
+
+
 def _flash_forward(q, k, v, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
     reason = attention_support(q, a["rerope_window"])
     if reason is not None:
@@ -136,6 +141,16 @@ def _flash_forward(q, k, v, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
             q_far = cuda_rotate(q, rot_q, a["q_far_tables"], out=_head_major_scratch(q))
             k_far = cuda_rotate(k, rot_k, a["k_far_tables"], out=_head_major_scratch(k))
     v = _rows_aligned(v)
+    # The kernels take softmax_scale > 0 (the sm_90a one takes row maxima of the raw scores): fold the sign into the
+    # rotated q, as the Triton path does; out and lse are unchanged. Scale 0 (or one that is 0 in float32) makes
+    # every score 0, as do q zeroed and scale 1: the uniform softmax over the allowed keys.
+    scale = float(a["softmax_scale"])
+    if scale <= 2.0 ** -150:  # <= 0 in float32; NaN is left to the kernels' check
+        sign = -1.0 if scale < -2.0 ** -150 else 0.0
+        q_rot = _signed(q_rot, q, sign)
+        if q_far is not None:
+            q_far = _signed(q_far, q, sign)
+        scale = -scale if sign else 1.0
 
     qp = None if q_positions is None else q_positions.to(torch.int32).contiguous()
     kp = None if k_positions is None else k_positions.to(torch.int32).contiguous()
@@ -155,7 +170,7 @@ def _flash_forward(q, k, v, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
         lse_batch_stride=lse.stride(0), lse_head_stride=lse.stride(1),
         q_positions_batch_stride=0 if qp is None else qp.stride(0),
         k_positions_batch_stride=0 if kp is None else kp.stride(0),
-        softmax_scale=float(a["softmax_scale"]), causal=bool(a["causal"]),
+        softmax_scale=scale, causal=bool(a["causal"]),
         window=0 if a["window"] is None else int(a["window"]),
         rerope_window=int(a["rerope_window"]) if rerope else 0,
         logn_base=0.0 if logn_base is None else float(logn_base),
