@@ -274,6 +274,10 @@ def test_gpu_longrope_row_switch_explicit_positions():
     k_positions = torch.stack([torch.arange(nk), torch.arange(nk) + 3000]).cuda()
     q_positions = k_positions[:, -1000:]
     check(2, 1000, nk, 4, 1, 128, torch.bfloat16, LONGROPE_128, seed=22, device="cuda", q_positions=q_positions,
+          k_positions=k_positions)
+    # ReRoPE excludes n_hat (DESIGN.md section 3): the same switch with n_hat = 0 and a ReRoPE window
+    rope = RopeScaling.longrope(128, 4096, 131072, SHORT, LONG)
+    check(2, 1000, nk, 4, 1, 128, torch.bfloat16, rope, seed=23, device="cuda", q_positions=q_positions,
           k_positions=k_positions, rerope_window=700)
 
 
