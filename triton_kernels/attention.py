@@ -291,16 +291,19 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
                  HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, LOGN: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query tile's contribution to dk (near), dk_far and dv of a key tile, all in the transposed form
-    (rows = keys). Q/Q_far/DO/Lse/Delta point at (batch, q head)."""
+    (rows = keys). Q/Q_far/DO/Lse/Delta point at (batch, q head). NEAR: dk from (k, Q); FAR: dk_far from
+    (k_far, Q_far); BOTH: both, selected per element; NEAR_PART/FAR_PART: dk from (k, Q) with the pairs on the
+    other side of the ReRoPE window masked out (the caller passes the far operands for FAR_PART)."""
     rows = start_m + offs_m
     q_offs = start_m.to(tl.int64) * stride_qm + (offs_m[:, None] * stride_qm + offs_d[None, :])
     do_offs = start_m.to(tl.int64) * stride_dom + (offs_m[:, None] * stride_dom + offs_d[None, :])
-    if MASK or (MODE == BOTH):
+    tl.static_assert(MASK or (MODE < NEAR_PART), "a straddling tile is visited with masks")
+    if MASK or (MODE >= BOTH):
         delta_t = qpos[None, :] - kpos[:, None]
     if MODE != FAR:
         q = _load_tile(Q + q_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-    if MODE != NEAR:
+    if (MODE == FAR) or (MODE == BOTH):
         q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
         s_far = tl.dot(k_far, tl.trans(q_far), input_precision=DOT_PREC)
         if MODE == FAR:
@@ -318,14 +321,19 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
     row_scale = _row_scale(qpos, sm_scale_log2, inv_ln_logn, LOGN)
     p_t = _exp2_minus_lse(s_t * row_scale[None, :], lse_hi[None, :], lse_lo[None, :], DOT_PREC)
     if MASK:
-        p_t = tl.where(_allowed(delta_t, CAUSAL, HAS_WINDOW, window), p_t, 0.0)
+        ok = _allowed(delta_t, CAUSAL, HAS_WINDOW, window)
+        if MODE == NEAR_PART:
+            ok = ok & (delta_t < rerope_w)
+        if MODE == FAR_PART:
+            ok = ok & (delta_t >= rerope_w)
+        p_t = tl.where(ok, p_t, 0.0)
     do = _load_tile(DO + do_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - dlt[None, :])
     if LOGN:  # per query row softmax_scale * g(P); a constant scale is applied once at the end
         ds_t = ds_t * _row_scale(qpos, sm_scale, inv_ln_logn, LOGN)[None, :]
-    if MODE == NEAR:
+    if (MODE == NEAR) or (MODE >= NEAR_PART):
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
     elif MODE == FAR:
         dk_far = tl.dot(ds_t.to(q_far.dtype), q_far, dk_far, input_precision=DOT_PREC)
@@ -353,31 +361,26 @@ def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, h
 
 
 @triton.jit
-def _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, i_near, i_far, kpos, qoff, Nq,
-                     stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, MASK: tl.constexpr,
-                     LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
-    """Query tiles lo..hi-1 split by ReRoPE kind: near below i_near, straddling up to i_far, far from i_far."""
-    if REROPE:
-        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo,
-                                         tl.minimum(hi, i_near), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                         sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
-                                         HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, tl.maximum(lo, i_near),
-                                         tl.minimum(hi, i_far), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                         sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
-                                         HAS_WINDOW, BOTH, MASK, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, tl.maximum(lo, i_far),
-                                         hi, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                         inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, FAR, MASK,
-                                         LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-    else:
-        dk, dk_far, dv = _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos, qoff, Nq,
-                                         stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w,
-                                         offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR, MASK, LOGN, HEAD_DIM, BLOCK_D,
-                                         BLOCK_M, DOT_PREC)
-    return dk, dk_far, dv
+def _bwd_kv_kind(dk, dv, k, v, Q, DO, Lse, Delta, i_lo, a, b, i_hi, first, last, kpos, qoff, Nq, stride_qm,
+                 stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, LOGN: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The query tiles first..last-1 of one product kind (k, Q: its operands, dk: its accumulator), in the
+    segments of the limits: [i_lo, a) masked (causal diagonal), [a, b) unmasked, [b, i_hi) masked (window edge,
+    sequence tail)."""
+    dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(i_lo, first),
+                                      tl.minimum(a, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
+                                      MODE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+    dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(a, first),
+                                      tl.minimum(b, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
+                                      MODE, False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+    dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(b, first),
+                                      tl.minimum(i_hi, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
+                                      MODE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -385,16 +388,18 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n
                 stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_PREC: tl.constexpr):
-    """One key tile's contribution to dq (near) and dq_far of a query tile (unscaled: times softmax scale later)."""
+    """One key tile's contribution to dq (near) and dq_far of a query tile (unscaled: times softmax scale later).
+    Modes as in _bwd_kv_tile: NEAR_PART/FAR_PART accumulate dq from (q, K) with the other side's keys masked out."""
     cols = start_n + offs_n
     k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
     v_offs = start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
-    if MASK or (MODE == BOTH):
+    tl.static_assert(MASK or (MODE < NEAR_PART), "a straddling tile is visited with masks")
+    if MASK or (MODE >= BOTH):
         delta = qpos[:, None] - kpos[None, :]
     if MODE != FAR:
         k = _load_tile(K + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if MODE != NEAR:
+    if (MODE == FAR) or (MODE == BOTH):
         k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
         s_far = tl.dot(q_far, tl.trans(k_far), input_precision=DOT_PREC)
         if MODE == FAR:
@@ -403,11 +408,16 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n
             s = tl.where(delta < rerope_w, s, s_far)
     p = _exp2_minus_lse(s * row_scale[:, None], lse[:, None], lse_lo[:, None], DOT_PREC)
     if MASK:
-        p = tl.where(_allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk), p, 0.0)
+        ok = _allowed(delta, CAUSAL, HAS_WINDOW, window) & (cols[None, :] < Nk)
+        if MODE == NEAR_PART:
+            ok = ok & (delta < rerope_w)
+        if MODE == FAR_PART:
+            ok = ok & (delta >= rerope_w)
+        p = tl.where(ok, p, 0.0)
     v = _load_tile(V + v_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - dlt[:, None])
-    if MODE == NEAR:
+    if (MODE == NEAR) or (MODE >= NEAR_PART):
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     elif MODE == FAR:
         dq_far = tl.dot(ds.to(k_far.dtype), k_far, dq_far, input_precision=DOT_PREC)
@@ -426,33 +436,30 @@ def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, 
     for t in range(lo, hi):
         start_n = t * BLOCK_N
         dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
-        start_n + offs_n,
-                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                 CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                 start_n + offs_n, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
+                                 offs_d, CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
     return dq, dq_far
 
 
 @triton.jit
-def _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, t_far, t_near, qpos, row_scale, Nk,
-                    stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    if REROPE:
-        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, tl.minimum(hi, t_far),
-                                    qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                    HAS_WINDOW, FAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, tl.maximum(lo, t_far),
-                                    tl.minimum(hi, t_near), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                    offs_n, offs_d, CAUSAL, HAS_WINDOW, BOTH, MASK, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                    DOT_PREC)
-        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, tl.maximum(lo, t_near), hi,
-                                    qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                    HAS_WINDOW, NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-    else:
-        dq, dq_far = _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, qpos, row_scale,
-                                    Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
-                                    NEAR, MASK, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-    return dq, dq_far
+def _bwd_q_kind(dq, q, do, lse, lse_lo, dlt, K, V, t_lo, a, b, t_hi, first, last, qpos, row_scale, Nk, stride_kn,
+                stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """The key tiles first..last-1 of one product kind (q, K: its operands, dq: its accumulator), in the segments
+    of the limits as in _fwd_kind."""
+    if HAS_WINDOW:
+        dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(t_lo, first),
+                                     tl.minimum(a, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
+                                     offs_n, offs_d, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                     DOT_PREC)
+    dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(a, first),
+                                 tl.minimum(b, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
+                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(b, first),
+                                 tl.minimum(t_hi, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
+                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+    return dq
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -530,8 +537,8 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", block_d))
     rerope = bool(kwargs.get("REROPE", named_args.get("REROPE")))
     explicit = bool(kwargs.get("EXPLICIT", named_args.get("EXPLICIT")))
-    # the forward with default positions holds one q operand at a time (far side, then near side)
-    sets = 2 if rerope and (kind != "fwd" or explicit) else 1
+    # with default positions every kernel holds one operand set at a time (far side, then near side)
+    sets = 2 if rerope and explicit else 1
     elem = named_args["Q"].element_size() if "Q" in named_args else 2
     kept = [c for c in configs
             if (getattr(c, "head_dims", None) is None or c.head_dims[0] <= head_dim <= c.head_dims[1])
@@ -713,36 +720,34 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
 
     k_offs = off_b * stride_kb + off_hk * stride_kh + start_n.to(tl.int64) * stride_kn \
         + (offs_n[:, None] * stride_kn + offs_d[None, :])
-    k = _load_tile(K + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
-    if REROPE:
-        k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
-    else:
-        k_far = k
     v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh + start_n.to(tl.int64) * stride_vn
                    + (offs_n[:, None] * stride_vn + offs_d[None, :]), cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+    dk_offs = off_b * stride_dkb + off_hk * stride_dkh + start_n.to(tl.int64) * stride_dkn \
+        + (offs_n[:, None] * stride_dkn + offs_d[None, :])
+    if LOGN:  # the per-row scale is already inside ds
+        ds_scale = 1.0
+    else:
+        ds_scale = sm_scale
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if EXPLICIT:
+        k = _load_tile(K + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+        if REROPE:
+            k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+        else:
+            k_far = k
         kpos = tl.load(KPos + off_b * stride_kpb + cols * stride_kpn, mask=cols < Nk, other=0).to(tl.int32)
         k_min = tl.min(tl.where(cols < Nk, kpos, INT32_MAX), 0)
         k_max = tl.max(tl.where(cols < Nk, kpos, INT32_MIN), 0)
         QPos += off_b * stride_qpb
-    else:
-        kpos = cols
-        q_lo = start_n
-        q_hi = tl.minimum(start_n + BLOCK_N, Nk) - 1
-        i_lo, a, b, i_hi, i_near, i_far = _query_tile_ranges(q_lo, q_hi, Nq, Nk - Nq, window, rerope_w, CAUSAL,
-                                                             HAS_WINDOW, REROPE, BLOCK_M)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk_far = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, GROUP):
-        off_h = off_hk * GROUP + g
-        Qh = Q + off_b * stride_qb + off_h * stride_qh
-        Qh_far = Q_far + off_b * stride_qb + off_h * stride_qh
-        DOh = DO + off_b * stride_dob + off_h * stride_doh
-        Lseh = Lse + 2 * (off_b * H + off_h) * Nq
-        Deltah = Delta + (off_b * H + off_h) * Nq
-        if EXPLICIT:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dk_far = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for g in range(0, GROUP):
+            off_h = off_hk * GROUP + g
+            Qh = Q + off_b * stride_qb + off_h * stride_qh
+            Qh_far = Q_far + off_b * stride_qb + off_h * stride_qh
+            DOh = DO + off_b * stride_dob + off_h * stride_doh
+            Lseh = Lse + 2 * (off_b * H + off_h) * Nq
+            Deltah = Delta + (off_b * H + off_h) * Nq
             for i in range(0, tl.cdiv(Nq, BLOCK_M)):
                 start_m = i * BLOCK_M
                 rows = start_m + offs_m
@@ -780,30 +785,62 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                                                       start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
                                                       sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
                                                       CAUSAL, HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
-        else:
-            qoff = Nk - Nq
-            dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, i_lo, a,
-                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                              sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
-                                              HAS_WINDOW, REROPE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-            dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, a, b, i_near,
-                                              i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                              inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, REROPE,
-                                              False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-            dk, dk_far, dv = _bwd_kv_segments(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, b, i_hi,
-                                              i_near, i_far, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                              sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL,
-                                              HAS_WINDOW, REROPE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
-
-    if LOGN:  # the per-row scale is already inside ds
-        ds_scale = 1.0
+        if REROPE:
+            _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM,
+                        BLOCK_D)
     else:
-        ds_scale = sm_scale
-    dk_offs = off_b * stride_dkb + off_hk * stride_dkh + start_n.to(tl.int64) * stride_dkn \
-        + (offs_n[:, None] * stride_dkn + offs_d[None, :])
+        kpos = cols
+        qoff = Nk - Nq
+        i_lo, a, b, i_hi, i_near, i_far = _query_tile_ranges(start_n, tl.minimum(start_n + BLOCK_N, Nk) - 1, Nq,
+                                                             qoff, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE,
+                                                             BLOCK_M)
+        if REROPE:
+            # Far side first with only k_far and one dk accumulator live (as in the forward): the fully far query
+            # tiles, then the straddling tiles' far pairs; dk_far is stored before the near side starts.
+            s_lo = tl.maximum(i_lo, i_near)
+            s_hi = tl.minimum(i_hi, i_far)
+            k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+            dk_far = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for g in range(0, GROUP):
+                off_h = off_hk * GROUP + g
+                Qh_far = Q_far + off_b * stride_qb + off_h * stride_qh
+                DOh = DO + off_b * stride_dob + off_h * stride_doh
+                Lseh = Lse + 2 * (off_b * H + off_h) * Nq
+                Deltah = Delta + (off_b * H + off_h) * Nq
+                dk_far, dv = _bwd_kv_kind(dk_far, dv, k_far, v, Qh_far, DOh, Lseh, Deltah, i_lo, a, b, i_hi, i_far,
+                                          i_hi, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
+                                          inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR,
+                                          LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                dk_far, dk_same, dv = _bwd_kv_segment(dk_far, dk_far, dv, k_far, k_far, v, Qh_far, Qh_far, DOh, Lseh,
+                                                      Deltah, s_lo, s_hi, kpos, qoff, Nq, stride_qm, stride_dom,
+                                                      sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
+                                                      offs_d, CAUSAL, HAS_WINDOW, FAR_PART, True, LOGN, HEAD_DIM,
+                                                      BLOCK_D, BLOCK_M, DOT_PREC)
+            _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM,
+                        BLOCK_D)
+            first_near = i_near
+        else:
+            first_near = i_hi
+        k = _load_tile(K + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for g in range(0, GROUP):
+            off_h = off_hk * GROUP + g
+            Qh = Q + off_b * stride_qb + off_h * stride_qh
+            DOh = DO + off_b * stride_dob + off_h * stride_doh
+            Lseh = Lse + 2 * (off_b * H + off_h) * Nq
+            Deltah = Delta + (off_b * H + off_h) * Nq
+            if REROPE:
+                dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Qh, Qh, DOh, Lseh, Deltah,
+                                                  tl.maximum(i_lo, i_near), tl.minimum(i_hi, i_far), kpos, qoff, Nq,
+                                                  stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window,
+                                                  rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR_PART, True, LOGN,
+                                                  HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+            dk, dv = _bwd_kv_kind(dk, dv, k, v, Qh, DOh, Lseh, Deltah, i_lo, a, b, i_hi, i_lo, first_near, kpos, qoff,
+                                  Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w,
+                                  offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                  DOT_PREC)
+
     _store_tile(DK + dk_offs, (dk * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
-    if REROPE:
-        _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
     dv_offs = off_b * stride_dvb + off_hk * stride_dvh + start_n.to(tl.int64) * stride_dvn \
         + (offs_n[:, None] * stride_dvn + offs_d[None, :])
     _store_tile(DV + dv_offs, dv.to(DV.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
@@ -834,11 +871,6 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
-    q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
-    if REROPE:
-        q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
-    else:
-        q_far = q
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + start_m.to(tl.int64) * stride_dom
                     + (offs_m[:, None] * stride_dom + offs_d[None, :]), rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
     lse_offs = (off_b * H + off_h) * Nq + rows
@@ -853,10 +885,18 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
     else:
         qpos = Nk - Nq + rows
     row_scale = _row_scale(qpos, sm_scale_log2, inv_ln_logn, LOGN)
+    ds_scale = _row_scale(qpos, sm_scale, inv_ln_logn, LOGN)  # softmax_scale * g(P) per row
+    dq_offs = off_b * stride_dqb + off_h * stride_dqh + start_m.to(tl.int64) * stride_dqm \
+        + (offs_m[:, None] * stride_dqm + offs_d[None, :])
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq_far = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if EXPLICIT:
+        q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+        if REROPE:
+            q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+        else:
+            q_far = q
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq_far = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         p_min = tl.min(tl.where(rows < Nq, qpos, INT32_MAX), 0)
         p_max = tl.max(tl.where(rows < Nq, qpos, INT32_MIN), 0)
         KPos += off_b * stride_kpb
@@ -876,47 +916,60 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
                     kind = _tile_kind(d_min, d_max, rerope_w)
                     if kind == 0:
                         dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
-                        qpos, kpos,
-                                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                                 CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                 qpos, kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
+                                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D,
+                                                 DOT_PREC)
                     elif kind == 1:
                         dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
-                        qpos, kpos,
-                                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                                 CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                 qpos, kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
+                                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
+                                                 DOT_PREC)
                     else:
                         dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
-                        qpos, kpos,
-                                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                                 CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                 qpos, kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
+                                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
+                                                 DOT_PREC)
                 else:
                     dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
-                    kpos,
-                                             row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                             CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                             kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
+                                             offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+        if REROPE:
+            _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
+                        HEAD_DIM, BLOCK_D)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
         t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE,
                                                            BLOCK_N)
-        if HAS_WINDOW:
-            dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, t_lo, a, t_far,
-            t_near,
-                                         qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                         CAUSAL, HAS_WINDOW, REROPE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, a, b, t_far, t_near, qpos,
-                                     row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                     HAS_WINDOW, REROPE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
-        dq, dq_far = _bwd_q_segments(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, b, t_hi, t_far, t_near,
-                                     qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                     CAUSAL, HAS_WINDOW, REROPE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        s_lo = tl.maximum(t_lo, t_far)  # the straddling key tiles
+        s_hi = tl.minimum(t_hi, t_near)
+        if REROPE:
+            # Far side first with only q_far and one dq accumulator live (as in the forward): the fully far key
+            # tiles, then the straddling tiles' far keys; dq_far is stored before the near side starts.
+            q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+            dq_far = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dq_far = _bwd_q_kind(dq_far, q_far, do, lse, lse_lo, dlt, K_far, V, t_lo, a, b, t_hi, t_lo, t_far, qpos,
+                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                 HAS_WINDOW, NEAR, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+            dq_far, dq_same = _bwd_q_segment(dq_far, dq_far, q_far, q_far, do, lse, lse_lo, dlt, K_far, K_far, V, s_lo,
+                                             s_hi, qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
+                                             offs_d, CAUSAL, HAS_WINDOW, FAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                             DOT_PREC)
+            _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
+                        HEAD_DIM, BLOCK_D)
+            first_near = t_near
+        else:
+            first_near = t_lo
+        q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if REROPE:
+            dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, s_lo, s_hi, qpos, row_scale, Nk,
+                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
+                                         NEAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+        dq = _bwd_q_kind(dq, q, do, lse, lse_lo, dlt, K, V, t_lo, a, b, t_hi, first_near, t_hi, qpos, row_scale, Nk,
+                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR, HEAD_DIM,
+                         BLOCK_D, BLOCK_N, DOT_PREC)
 
-    ds_scale = _row_scale(qpos, sm_scale, inv_ln_logn, LOGN)  # softmax_scale * g(P) per row
-    dq_offs = off_b * stride_dqb + off_h * stride_dqh + start_m.to(tl.int64) * stride_dqm \
-        + (offs_m[:, None] * stride_dqm + offs_d[None, :])
     _store_tile(DQ + dq_offs, (dq * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
-    if REROPE:
-        _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM,
-                    BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
