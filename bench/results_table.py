@@ -3,8 +3,9 @@
     python bench/results_table.py          # rewrites the block between the README's results markers
     python bench/results_table.py --print  # prints it instead
 
-For each benchmark family (attention, decode, model, rope) the newest file is used; each table names its file,
-GPU and versions, so every number in the README traces back to one measured run.
+Attention: every full run in full, newest first; --quick subsets and runs superseded the same day (files named
+-quick / -before-...) as one line each. Other families (decode, model, rope): the newest file. Each
+table names its file, GPU and versions, so every number in the README traces back to one measured run.
 """
 from __future__ import annotations
 
@@ -80,10 +81,20 @@ def build() -> str:
     blocks = []
     attention = sorted(RESULTS.glob("attention-*.json"), key=lambda p: (json.loads(p.read_text()).get("date", ""),
                                                                          p.name), reverse=True)
-    for path in attention:  # every attention run, newest first: each kernel version with the peers it met
+    current = [p for p in attention if "-quick" not in p.name and "-before-" not in p.name]
+    for path in current:  # full runs, newest first: each with every peer it met
         blocks.append(attention_table(path))
-    for prefix, title in (("cuda-forward", "CUDA forward kernels vs Triton, B1 H32 N16k D128 causal bf16"),
-                          ("decode", "Decode over an unrotated KV cache"), ("model", "End-to-end model"),
+    earlier = [p for p in attention if p not in current]
+    if earlier:  # subsets (--quick) and runs superseded within a day (-before-...): one line each
+        lines = ["Earlier attention runs (tables in the files; the kernel history in bench/NOTES.md):", ""]
+        for path in earlier:
+            data = json.loads(path.read_text())
+            lines.append(f"- `{path.relative_to(ROOT)}`: {data.get('kernel_version') or 'unlabelled'} "
+                         f"({data.get('date')}, {data.get('env', {}).get('device')})")
+        blocks.append(lines)
+    # the CUDA forward is timed beside ours in the attention runs ("ours (cuda)"); cuda-forward-*.json files hold
+    # the earlier kernel versions (bench/NOTES.md)
+    for prefix, title in (("decode", "Decode over an unrotated KV cache"), ("model", "End-to-end model"),
                           ("rope", "Standalone rotation")):
         if (path := newest(prefix)) is not None:
             blocks.append(generic_table(path, title, COLUMNS[prefix]))
