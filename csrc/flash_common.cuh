@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -78,6 +79,26 @@ inline int l2_section_heads(const FlashFwdParams& p) {
     heads = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(per_kv_head, 1)) * (p.heads_q / p.heads_kv);
   }
   return static_cast<int>(std::max<int64_t>(1, std::min(heads, bh_count)));
+}
+
+// Smallest lo and largest hi over every thread of the CTA (warp reductions, then the warps' results through
+// `scratch` in shared memory); every thread returns with them. Called by all threads (it holds a __syncthreads).
+template <int WARPS>
+__device__ __forceinline__ void cta_min_max(int& lo, int& hi, int (&scratch)[2][WARPS]) {
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  if (threadIdx.x % 32 == 0) {
+    scratch[0][threadIdx.x / 32] = lo;
+    scratch[1][threadIdx.x / 32] = hi;
+  }
+  __syncthreads();
+  lo = INT_MAX;
+  hi = INT_MIN;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) {
+    lo = min(lo, scratch[0][w]);
+    hi = max(hi, scratch[1][w]);
+  }
 }
 
 struct TileClass {

@@ -259,30 +259,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   };
 
   // Query positions of the tile's valid rows: [q_min, q_max].
-  int q_min, q_max;
+  int q_min = INT_MAX, q_max = INT_MIN;
   if (p.q_positions) {
-    int lo = INT_MAX, hi = INT_MIN;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       if (m0 + tile_row(r) < seqlen_q) {
-        lo = min(lo, pos[r]);
-        hi = max(hi, pos[r]);
+        q_min = min(q_min, pos[r]);
+        q_max = max(q_max, pos[r]);
       }
     }
-    lo = __reduce_min_sync(0xffffffffu, lo);
-    hi = __reduce_max_sync(0xffffffffu, hi);
-    if (lane == 0) {
-      q_range[0][warp] = lo;
-      q_range[1][warp] = hi;
-    }
-    __syncthreads();
-    q_min = INT_MAX;
-    q_max = INT_MIN;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      q_min = min(q_min, q_range[0][w]);
-      q_max = max(q_max, q_range[1][w]);
-    }
+    cta_min_max(q_min, q_max, q_range);
   } else {
     q_min = seqlen_k - seqlen_q + m0;
     q_max = seqlen_k - seqlen_q + min(m0 + kBlockM, seqlen_q) - 1;

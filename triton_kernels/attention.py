@@ -219,6 +219,16 @@ def _tile_schedule(pid, num_tiles, BH, section_heads, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _query_program(Nq, H, GROUP, section_heads, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(batch, q head, kv head, first row) of this program of a query-tile grid (forward and dq): causal, the
+    longest query tiles first, so that the short ones fill the tail."""
+    num_tiles = tl.cdiv(Nq, BLOCK_M)
+    pid_bh, pid_m = _tile_schedule(tl.program_id(0), num_tiles, tl.num_programs(0) // num_tiles, section_heads, CAUSAL)
+    off_h = pid_bh % H
+    return (pid_bh // H).to(tl.int64), off_h.to(tl.int64), (off_h // GROUP).to(tl.int64), pid_m * BLOCK_M
+
+
+@triton.jit
 def _row_bounds(start, n_rows, BLOCK: tl.constexpr, off):
     """First and last position of the valid rows start..min(start+BLOCK, n_rows)-1 at position off + row."""
     return off + start, off + tl.minimum(start + BLOCK, n_rows) - 1
@@ -279,10 +289,25 @@ def _query_tile_ranges(q_lo, q_hi, Nq, off, window, rerope_w, CAUSAL: tl.constex
 
 
 @triton.jit
-def _tile_kind(d_min, d_max, rerope_w):
-    """Runtime ReRoPE kind of a tile from its delta range."""
-    kind = tl.where(d_min >= rerope_w, 1, 2)
-    return tl.where(d_max < rerope_w, 0, kind)
+def _valid_range(pos, valid):
+    """(min, max) of the positions where valid (INT32_MAX, INT32_MIN when none is)."""
+    return tl.min(tl.where(valid, pos, INT32_MAX), 0), tl.max(tl.where(valid, pos, INT32_MIN), 0)
+
+
+@triton.jit
+def _explicit_tile_kind(d_min, d_max, window, rerope_w, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        REROPE: tl.constexpr):
+    """Explicit positions: what a (query tile, key tile) pair with deltas in [d_min, d_max] needs: -1 nothing (no
+    pair allowed, or an empty tile), NEAR, FAR or BOTH (ReRoPE window straddled); NEAR without ReRoPE."""
+    live = d_max >= d_min
+    if CAUSAL:
+        live = live & (d_max >= 0)
+    if HAS_WINDOW:
+        live = live & (d_min < window)
+    kind = 0
+    if REROPE:
+        kind = tl.where(d_max < rerope_w, 0, tl.where(d_min >= rerope_w, 1, 2))
+    return tl.where(live, kind, -1)
 
 
 @triton.jit
@@ -561,14 +586,7 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr,
               EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):
-    # causal: the longest query tiles first, so that the short ones fill the tail
-    num_tiles = tl.cdiv(Nq, BLOCK_M)
-    pid_bh, pid_m = _tile_schedule(tl.program_id(0), num_tiles, tl.num_programs(0) // num_tiles, section_heads, CAUSAL)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = pid_bh % H
-    off_hk = (off_h // GROUP).to(tl.int64)
-    off_h = off_h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    off_b, off_h, off_hk, start_m = _query_program(Nq, H, GROUP, section_heads, CAUSAL, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -594,39 +612,27 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
             q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
         else:
             q_far = q
-        p_min = tl.min(tl.where(rows < Nq, qpos, INT32_MAX), 0)
-        p_max = tl.max(tl.where(rows < Nq, qpos, INT32_MIN), 0)
+        p_min, p_max = _valid_range(qpos, rows < Nq)
         KPos += off_b * stride_kpb
         for t in range(0, tl.cdiv(Nk, BLOCK_N)):
             start_n = t * BLOCK_N
             cols = start_n + offs_n
             kpos = tl.load(KPos + cols * stride_kpn, mask=cols < Nk, other=0).to(tl.int32)
-            d_min = p_min - tl.max(tl.where(cols < Nk, kpos, INT32_MIN), 0)
-            d_max = p_max - tl.min(tl.where(cols < Nk, kpos, INT32_MAX), 0)
-            live = d_max >= d_min
-            if CAUSAL:
-                live = live & (d_max >= 0)
-            if HAS_WINDOW:
-                live = live & (d_min < window)
-            if live:
-                if REROPE:
-                    kind = _tile_kind(d_min, d_max, rerope_w)
-                    if kind == 0:
-                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
-                                                  Nk, stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n,
-                                                  offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
-                    elif kind == 1:
-                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
-                                                  Nk, stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n,
-                                                  offs_d, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
-                    else:
-                        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale,
-                                                  Nk, stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n,
-                                                  offs_d, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
-                else:
+            k_min, k_max = _valid_range(kpos, cols < Nk)
+            kind = _explicit_tile_kind(p_min - k_max, p_max - k_min, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE)
+            if kind == NEAR:
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
+                                          stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                          HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+            if REROPE:
+                if kind == FAR:
                     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
                                               stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                              CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                              CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                if kind == BOTH:
+                    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
+                                              stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d,
+                                              CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
         t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE,
@@ -736,8 +742,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
         else:
             k_far = k
         kpos = tl.load(KPos + off_b * stride_kpb + cols * stride_kpn, mask=cols < Nk, other=0).to(tl.int32)
-        k_min = tl.min(tl.where(cols < Nk, kpos, INT32_MAX), 0)
-        k_max = tl.max(tl.where(cols < Nk, kpos, INT32_MIN), 0)
+        k_min, k_max = _valid_range(kpos, cols < Nk)
         QPos += off_b * stride_qpb
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dk_far = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -752,39 +757,25 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                 start_m = i * BLOCK_M
                 rows = start_m + offs_m
                 qpos = tl.load(QPos + rows * stride_qpn, mask=rows < Nq, other=0).to(tl.int32)
-                d_min = tl.min(tl.where(rows < Nq, qpos, INT32_MAX), 0) - k_max
-                d_max = tl.max(tl.where(rows < Nq, qpos, INT32_MIN), 0) - k_min
-                live = d_max >= d_min
-                if CAUSAL:
-                    live = live & (d_max >= 0)
-                if HAS_WINDOW:
-                    live = live & (d_min < window)
-                if live:
-                    if REROPE:
-                        kind = _tile_kind(d_min, d_max, rerope_w)
-                        if kind == 0:
-                            dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
-                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
-                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                                          CAUSAL, HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM, BLOCK_D,
-                                                          DOT_PREC)
-                        elif kind == 1:
-                            dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
-                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
-                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                                          CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM, BLOCK_D,
-                                                          DOT_PREC)
-                        else:
-                            dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
-                                                          start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
-                                                          sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                                          CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM, BLOCK_D,
-                                                          DOT_PREC)
-                    else:
+                q_min, q_max = _valid_range(qpos, rows < Nq)
+                kind = _explicit_tile_kind(q_min - k_max, q_max - k_min, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE)
+                if kind == NEAR:
+                    dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, start_m,
+                                                  qpos, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
+                                                  inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
+                                                  NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+                if REROPE:
+                    if kind == FAR:
                         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
                                                       start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
                                                       sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                                      CAUSAL, HAS_WINDOW, NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                      CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+                    if kind == BOTH:
+                        dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
+                                                      start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
+                                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
+                                                      CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM, BLOCK_D,
+                                                      DOT_PREC)
         if REROPE:
             _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM,
                         BLOCK_D)
@@ -853,17 +844,10 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
                  stride_dqb, stride_dqh, stride_dqm, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP,
                  sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, section_heads, N_BUCKET, BH_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 REROPE: tl.constexpr,
-                 EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 REROPE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile of one q head: dq near and far (w.r.t. the rotated q), over every key tile."""
-    num_tiles = tl.cdiv(Nq, BLOCK_M)
-    pid_bh, pid_m = _tile_schedule(tl.program_id(0), num_tiles, tl.num_programs(0) // num_tiles, section_heads, CAUSAL)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = pid_bh % H
-    off_hk = (off_h // GROUP).to(tl.int64)
-    off_h = off_h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    off_b, off_h, off_hk, start_m = _query_program(Nq, H, GROUP, section_heads, CAUSAL, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -897,42 +881,27 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
             q_far = q
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dq_far = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        p_min = tl.min(tl.where(rows < Nq, qpos, INT32_MAX), 0)
-        p_max = tl.max(tl.where(rows < Nq, qpos, INT32_MIN), 0)
+        p_min, p_max = _valid_range(qpos, rows < Nq)
         KPos += off_b * stride_kpb
         for t in range(0, tl.cdiv(Nk, BLOCK_N)):
             start_n = t * BLOCK_N
             cols = start_n + offs_n
             kpos = tl.load(KPos + cols * stride_kpn, mask=cols < Nk, other=0).to(tl.int32)
-            d_min = p_min - tl.max(tl.where(cols < Nk, kpos, INT32_MIN), 0)
-            d_max = p_max - tl.min(tl.where(cols < Nk, kpos, INT32_MAX), 0)
-            live = d_max >= d_min
-            if CAUSAL:
-                live = live & (d_max >= 0)
-            if HAS_WINDOW:
-                live = live & (d_min < window)
-            if live:
-                if REROPE:
-                    kind = _tile_kind(d_min, d_max, rerope_w)
-                    if kind == 0:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
-                                                 qpos, kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D,
-                                                 DOT_PREC)
-                    elif kind == 1:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
-                                                 qpos, kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
-                                                 DOT_PREC)
-                    else:
-                        dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n,
-                                                 qpos, kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
-                                                 DOT_PREC)
-                else:
+            k_min, k_max = _valid_range(kpos, cols < Nk)
+            kind = _explicit_tile_kind(p_min - k_max, p_max - k_min, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE)
+            if kind == NEAR:
+                dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
+                                         row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
+                                         HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+            if REROPE:
+                if kind == FAR:
                     dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
                                              kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                             offs_d, CAUSAL, HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                             offs_d, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                if kind == BOTH:
+                    dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
+                                             kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
+                                             offs_d, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
         if REROPE:
             _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
                         HEAD_DIM, BLOCK_D)
