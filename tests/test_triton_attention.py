@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from helpers import LONG, SHORT, assert_close_to_gold, compare_attention, random_inputs, schedules  # noqa: E402
 from scaled_rope import RopeScaling, reference, scaled_rope_attention  # noqa: E402
+from scaled_rope.attention import kernel_tables  # noqa: E402
 from scaled_rope.triton_kernels import attention as tattn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -206,6 +207,36 @@ def test_l2_sections_cover_every_tile(section_heads, rerope, monkeypatch):
     monkeypatch.setenv("SCALED_ROPE_L2_SECTION_HEADS", section_heads)
     rope = RopeScaling.default(32) if rerope else RopeScaling.yarn(32, 4.0, 64)
     check(2, 70, 90, 4, 2, 32, torch.float32, rope, seed=31, rerope_window=rerope)
+
+
+@pytest.mark.parametrize("variant", ["longrope", "rerope explicit", "leaky window"])
+def test_backward_from_natural_lse(variant):
+    """triton_attention_backward (the CUDA backend's backward: out and the natural-log lse of another forward)
+    gives the gradients of the fused autograd path."""
+    torch.manual_seed(5)
+    dim, n = 32, 80
+    rope = RopeScaling.longrope(dim, 48, 512, SHORT[:dim // 2], LONG[:dim // 2], n_hat=2)
+    extra = dict(rerope_window=None, window=None, q_positions=None, k_positions=None)
+    leak = 8.0 if variant == "leaky window" else None
+    if variant != "longrope":
+        rope = RopeScaling.default(dim)
+        extra.update(rerope_window=20, window=50 if leak else None)
+    if variant == "rerope explicit":
+        pos = torch.randperm(2 * n)[:n].sort().values[None].expand(2, n).to(DEVICE)
+        extra.update(q_positions=pos, k_positions=pos)
+    q, k, v = random_inputs(2, n, n, 4, 2, dim, torch.float32, device=DEVICE, seed=6)
+    q_t, k_t, q_far, k_far = kernel_tables(rope, q, k, q_positions=extra["q_positions"],
+                                           k_positions=extra["k_positions"], rerope_window=extra["rerope_window"],
+                                           rerope_leak=leak)
+    common = dict(q_tables=q_t, k_tables=k_t, q_far_tables=q_far, k_far_tables=k_far, causal=True,
+                  softmax_scale=dim ** -0.5, logn_base=None, **extra)
+    qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
+    out, lse = tattn.triton_attention(qg, kg, vg, **common)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    dq, dk, dv = tattn.triton_attention_backward(q, k, v, out.detach(), lse.detach(), dout, **common)
+    for name, mine, want in (("dq", dq, qg.grad), ("dk", dk, kg.grad), ("dv", dv, vg.grad)):
+        assert torch.allclose(mine, want, rtol=1e-4, atol=1e-5), (name, (mine - want).abs().max().item())
 
 
 def test_no_rotation():

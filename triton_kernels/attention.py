@@ -1221,19 +1221,9 @@ def _check_positions(name: str, positions, batch: int, n: int, device):
         raise ValueError(f"{name} must be on {device}, got {positions.device}")
 
 
-def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None, q_positions=None,
-                     k_positions=None, causal, window, softmax_scale, rerope_window, logn_base,
-                     k_far_unrotated=False):
-    """Scaled-RoPE attention (DESIGN.md section 3) with the Triton kernels; differentiable in q, k, v.
-
-    q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D) unrotated, any strides with a contiguous last dim, Hq a multiple of
-    Hkv, D <= 256, lengths < 2**30. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the
-    far tables are required with `rerope_window`; k_far_unrotated=True says that k_far_tables rotate by angle 0
-    (plain ReRoPE), which lets the forward read k itself as the far k. Positions: int (B, N) tensors that fit in
-    int32, or None for the default (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D) in q's
-    dtype, lse (B, Hq, Nq) float32);
-    a row with no allowed key gives out 0, lse -inf and zero gradients.
-    """
+def _prepare(q, k, v, *, q_tables, k_tables, q_far_tables, k_far_tables, q_positions, k_positions, causal, window,
+             softmax_scale, rerope_window, logn_base, k_far_unrotated):
+    """Validated inputs, their positions and the plan: (q, k, v, q_pos, k_pos, plan)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor (batch, seqlen, heads, head_dim)")
@@ -1285,6 +1275,47 @@ def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_ta
                  logn=logn_base is not None, inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
                  sm_scale=abs(float(softmax_scale)) or 1.0,
                  sm_scale_log2=(abs(float(softmax_scale)) or 1.0) * 1.4426950408889634)
+    return q, k, v, q_pos, k_pos, plan
+
+
+def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None, q_positions=None,
+                     k_positions=None, causal, window, softmax_scale, rerope_window, logn_base,
+                     k_far_unrotated=False):
+    """Scaled-RoPE attention (DESIGN.md section 3) with the Triton kernels; differentiable in q, k, v.
+
+    q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D) unrotated, any strides with a contiguous last dim, Hq a multiple of
+    Hkv, D <= 256, lengths < 2**30. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the
+    far tables are required with `rerope_window`; k_far_unrotated=True says that k_far_tables rotate by angle 0
+    (plain ReRoPE), which lets the forward read k itself as the far k. Positions: int (B, N) tensors that fit in
+    int32, or None for the default (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D) in q's
+    dtype, lse (B, Hq, Nq) float32);
+    a row with no allowed key gives out 0, lse -inf and zero gradients.
+    """
+    q, k, v, q_pos, k_pos, plan = _prepare(q, k, v, q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables,
+                                           k_far_tables=k_far_tables, q_positions=q_positions,
+                                           k_positions=k_positions, causal=causal, window=window,
+                                           softmax_scale=softmax_scale, rerope_window=rerope_window,
+                                           logn_base=logn_base, k_far_unrotated=k_far_unrotated)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _ScaledRopeAttention.apply(q, k, v, q_pos, k_pos, plan)
     return _forward(q, k, v, q_pos, k_pos, plan)[:2]  # inference: no autograd node (host time per call)
+
+
+def triton_attention_backward(q, k, v, out, lse, dout, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None,
+                              q_positions=None, k_positions=None, causal, window, softmax_scale, rerope_window,
+                              logn_base):
+    """(dq, dk, dv) for an out and lse (natural log, (B, Hq, Nq) float32, -inf on empty rows) that another
+    forward computed with the same arguments: the CUDA backend's backward. Arguments as for `triton_attention`."""
+    q, k, v, q_pos, k_pos, plan = _prepare(q, k, v, q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables,
+                                           k_far_tables=k_far_tables, q_positions=q_positions,
+                                           k_positions=k_positions, causal=causal, window=window,
+                                           softmax_scale=softmax_scale, rerope_window=rerope_window,
+                                           logn_base=logn_base, k_far_unrotated=False)
+    if out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]) or dout.shape != q.shape:
+        raise ValueError(f"out and dout must have q's shape {tuple(q.shape)} and lse (B, Hq, Nq), got "
+                         f"{tuple(out.shape)}, {tuple(dout.shape)}, {tuple(lse.shape)}")
+    # the kernels' log2-domain lse in two parts (here all in the first); +inf on empty rows gives p = 0
+    log2_lse = torch.where(lse == float("-inf"), float("inf"), lse.float() * 1.4426950408889634)
+    lse2 = torch.stack((log2_lse, torch.zeros_like(log2_lse)), dim=-1).contiguous()
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    return _backward(dout, None, q, k, v, out, lse2, q_pos, k_pos, plan)
