@@ -18,7 +18,7 @@ is measured for ours and the SDPA pipelines. Prints the GPU, versions, progress 
 attention-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
 
     python bench/bench_attention.py [--quick] [--cpu] [--out DIR|PATH] [--budget SECONDS] [--no-autotune]
-                                     [--label 'kernel versions'] [--only longrope,rerope,leaky]
+                                     [--label 'kernel versions'] [--only longrope,rerope,leaky] [--max-n N]
 
 --quick: B4 N4k and B1 N16k plus ReRoPE/Leaky at N4k (about 2 minutes). Without a GPU (or with --cpu) it runs a
 small correctness and timing pass on the CPU instead: the reference, eager rope + SDPA (math) and our kernels in
@@ -398,6 +398,7 @@ def main() -> int:
     parser.add_argument("--no-autotune", action="store_true", help="our kernels use their first config")
     parser.add_argument("--label", default="", help="kernel versions measured, recorded as kernel_version")
     parser.add_argument("--only", default="", help="comma-separated case kinds to run (longrope, rerope, leaky)")
+    parser.add_argument("--max-n", type=int, default=None, help="skip cases longer than this")
     args = parser.parse_args()
     if args.no_autotune:
         os.environ["SCALED_ROPE_AUTOTUNE"] = "0"
@@ -421,7 +422,7 @@ def main() -> int:
     if unknown:
         parser.error(f"--only takes longrope, rerope, leaky; got {sorted(unknown)}")
     for case, directions in plan(args.quick, device):
-        if kinds and case.kind not in kinds:
+        if (kinds and case.kind not in kinds) or (args.max_n is not None and case.n > args.max_n):
             continue
         impls = implementations(case)
         for backward in directions:
@@ -447,7 +448,8 @@ def main() -> int:
                           "seconds": time.time() - start,
                           "flops": "4*B*H*N^2*D/2 forward (causal), 3.5x for forward+backward",
                           "results": rows, "max_rel_diff_vs_ours": checks},
-                         suffix=("-quick" if args.quick else "") + ("-" + "-".join(sorted(kinds)) if kinds else ""))
+                         suffix=("-quick" if args.quick else "") + ("-" + "-".join(sorted(kinds)) if kinds else "")
+                         + (f"-max{args.max_n}" if args.max_n is not None else ""))
     print(f"\nwrote {path} ({time.time() - start:.0f} s)")
     return 0
 

@@ -218,6 +218,24 @@ def test_rotate_strided_out_and_in_place():
 
 
 @cpu_tier
+@pytest.mark.parametrize("options", [{}, {"interleaved": True, "n_hat": 1_000_000}], ids=["half", "interleaved-nhat"])
+def test_rotate_second_input_in_the_same_launch(options):
+    """y (k beside q: other heads, a strided view) rotated with the same tables and positions in x's launch, with
+    and without second tables, matches rotating each alone."""
+    x, positions, tables = case_inputs(2, 17, 3, 80, 48, torch.float32, options, seed=8)
+    y = torch.randn(2, 17, 10, 80)[:, :, ::2]  # 5 heads (more than x's 3), strided
+    out, y_out = rotate(x, positions, tables, y=y)
+    check(out, x, positions, tables)
+    check(y_out, y, positions, tables)
+    if not options:
+        second = make_tables(2, 80, 48, offset=True, seed=9)
+        out, out2, y_out = rotate(x, positions, tables, second_tables=second, y=y)
+        check(out, x, positions, tables)
+        check(out2, x, positions, second)
+        check(y_out, y, positions, tables)
+
+
+@cpu_tier
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_inverse_is_transpose(interleaved):
     g = torch.Generator().manual_seed(5)

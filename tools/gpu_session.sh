@@ -18,7 +18,7 @@ for step in "$@"; do
   case "$step" in
     tests) timeout -s INT "${TESTS_TIMEOUT:-420}" python3 -m pytest -n "${TEST_WORKERS:-8}" -v -m gpu -rfE --tb=short --durations=15 --rootdir="$REPO" -p no:cacheprovider ${TEST_FILES:-"$REPO/tests"} > "$OUT/tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40 ;;
     bench-quick) python3 "$REPO/bench/bench_attention.py" --quick --out "$OUT" --label "${BENCH_LABEL:-}" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 40 ;;
-    bench) python3 "$REPO/bench/bench_attention.py" --out "$OUT" --budget "${BENCH_BUDGET:-330}" --label "${BENCH_LABEL:-}" --only "${BENCH_ONLY:-}" 2>&1 | tee "$OUT/bench_attention${BENCH_ONLY:+-${BENCH_ONLY//,/_}}.log" | tail -n 60 ;;
+    bench) python3 "$REPO/bench/bench_attention.py" --out "$OUT" --budget "${BENCH_BUDGET:-330}" --label "${BENCH_LABEL:-}" --only "${BENCH_ONLY:-}" ${BENCH_MAX_N:+--max-n $BENCH_MAX_N} 2>&1 | tee "$OUT/bench_attention${BENCH_ONLY:+-${BENCH_ONLY//,/_}}.log" | tail -n 60 ;;
     decode) python3 "$REPO/bench/bench_decode.py" --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30 ;;
     model) python3 "$REPO/bench/bench_model.py" --out "$OUT" 2>&1 | tee "$OUT/bench_model.log" | tail -n 30 ;;
     probe) python3 "$REPO/tools/probe_attention.py" 2>&1 | tee "$OUT/probe.log" | tail -n 20 ;;

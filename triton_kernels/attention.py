@@ -1039,11 +1039,23 @@ def _rotated_pair(x, positions, tables, far_tables):
     return rotate(x, positions, tables, out=_scratch_like(x), second_tables=far_tables, second_out=_scratch_like(x))
 
 
+def _shared_rotation(q, k, q_pos, k_pos, plan: _Plan) -> bool:
+    """q and k rotate with the same tables at the same positions (self-attention with default positions, or one
+    positions tensor for both): one launch can rotate both."""
+    if plan.q_tables is None or plan.q_tables is not plan.k_tables or q.shape[1] != k.shape[1]:
+        return False
+    return q_pos is k_pos if plan.explicit else True
+
+
 def _rotate_inputs(q, k, q_pos, k_pos, plan: _Plan):
     """Rotated scratch (q near, k near, q far, k far); the far pair is the near pair without ReRoPE."""
     if not plan.rerope:
-        q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
-        k_near = _rotated(k, k_pos, plan.k_tables)
+        if _shared_rotation(q, k, q_pos, k_pos, plan):
+            q_near, k_near = rotate(q, q_pos, plan.q_tables, out=_scratch_like(q), y=k, y_out=_scratch_like(k))
+            q_near = _signed(q_near, q, plan.q_sign)
+        else:
+            q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
+            k_near = _rotated(k, k_pos, plan.k_tables)
         return q_near, k_near, q_near, k_near
     q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, plan.q_far_tables)
     k_near, k_far = _rotated_pair(k, k_pos, plan.k_tables, plan.k_far_tables)
@@ -1060,8 +1072,12 @@ def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
     # so their ids cannot be reused while it lives
     entry = _cached(("far q m^2", id(far), id(k_far)), q.device,
                     lambda: (far, k_far, replace(far, attention_factor=far.attention_factor * k_far.attention_factor)))
-    q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, entry[2])
-    k_near = _rotated(k, k_pos, plan.k_tables)
+    if _shared_rotation(q, k, q_pos, k_pos, plan):  # q near, q far and k near in one launch
+        q_near, q_far, k_near = rotate(q, q_pos, plan.q_tables, out=_scratch_like(q), second_tables=entry[2],
+                                       second_out=_scratch_like(q), y=k, y_out=_scratch_like(k))
+    else:
+        q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, entry[2])
+        k_near = _rotated(k, k_pos, plan.k_tables)
     return _signed(q_near, q, plan.q_sign), k_near, _signed(q_far, q, plan.q_sign), k
 
 

@@ -37,20 +37,67 @@ def rope_cos_sin(pos, turns, offset):
 
 
 @triton.jit
+def _rotate_heads(x_ptrs, o_ptrs, o2_ptrs, stride_xh, stride_oh, stride_o2h, cos, sin, cos2, sin2, h_start, heads,
+                  mask_n, offs_i, mask, ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+                  INTERLEAVED: tl.constexpr, SECOND: tl.constexpr):
+    """Heads h_start.. of one block of positions: x rotated by (cos, sin) into o and, with SECOND, by (cos2, sin2)
+    into o2; pass-through dims copied."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    for h in range(0, HEADS_PER_PROGRAM):
+        head_ok = h_start + h < heads
+        mask_h = mask & head_ok
+        if INTERLEAVED:
+            offs_d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+            mask_d = mask_n[:, None] & (offs_d < ROTARY_DIM) & head_ok
+            x = tl.load(x_ptrs + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_HALF, 2)))
+            y = tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (BLOCK_N, 2 * BLOCK_HALF))
+            tl.store(o_ptrs + offs_d, y.to(o_ptrs.dtype.element_ty), mask=mask_d)
+            if SECOND:
+                y2 = tl.reshape(tl.join(x1 * cos2 - x2 * sin2, x1 * sin2 + x2 * cos2), (BLOCK_N, 2 * BLOCK_HALF))
+                tl.store(o2_ptrs + offs_d, y2.to(o2_ptrs.dtype.element_ty), mask=mask_d)
+        else:
+            offs_d = offs_i[None, :]
+            x1 = tl.load(x_ptrs + offs_d, mask=mask_h, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptrs + HALF + offs_d, mask=mask_h, other=0.0).to(tl.float32)
+            tl.store(o_ptrs + offs_d, (x1 * cos - x2 * sin).to(o_ptrs.dtype.element_ty), mask=mask_h)
+            tl.store(o_ptrs + HALF + offs_d, (x1 * sin + x2 * cos).to(o_ptrs.dtype.element_ty), mask=mask_h)
+            if SECOND:
+                tl.store(o2_ptrs + offs_d, (x1 * cos2 - x2 * sin2).to(o2_ptrs.dtype.element_ty), mask=mask_h)
+                tl.store(o2_ptrs + HALF + offs_d, (x1 * sin2 + x2 * cos2).to(o2_ptrs.dtype.element_ty),
+                         mask=mask_h)
+        if BLOCK_PASS > 0:
+            offs_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
+            mask_p = mask_n[:, None] & (offs_p < HEAD_DIM) & head_ok
+            x_pass = tl.load(x_ptrs + offs_p, mask=mask_p, other=0.0)
+            tl.store(o_ptrs + offs_p, x_pass, mask=mask_p)
+            if SECOND:
+                tl.store(o2_ptrs + offs_p, x_pass, mask=mask_p)
+        x_ptrs += stride_xh
+        o_ptrs += stride_oh
+        if SECOND:
+            o2_ptrs += stride_o2h
+
+
+@triton.jit
 def _rotate_kernel(
-    X, Out, Pos, Turns, Offset, TurnsUnscaled, Factor, Out2, Turns2, Offset2, Factor2,
-    seqlen, heads, n_hat,
+    X, Out, Pos, Turns, Offset, TurnsUnscaled, Factor, Out2, Turns2, Offset2, Factor2, Y, OutY,
+    seqlen, heads, heads_y, n_hat,
     stride_xb, stride_xn, stride_xh,
     stride_ob, stride_on, stride_oh,
     stride_o2b, stride_o2n, stride_o2h,
+    stride_yb, stride_yn, stride_yh,
+    stride_oyb, stride_oyn, stride_oyh,
     stride_pb, stride_pn, stride_tb, stride_offb, stride_fb, stride_t2b, stride_off2b, stride_f2b,
     ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
     INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_NHAT: tl.constexpr,
-    SECOND: tl.constexpr, HAS_OFFSET2: tl.constexpr,
+    SECOND: tl.constexpr, HAS_OFFSET2: tl.constexpr, HAS_Y: tl.constexpr,
 ):
     """Rotates x with the tables into Out; with SECOND also with the second tables (no n_hat) into Out2, reading x
-    once (ReRoPE's near and far copies)."""
+    once (ReRoPE's near and far copies); with HAS_Y also y (another tensor at the same positions, e.g. k beside q)
+    with the first tables into OutY, from the same cos and sin."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h_start = tl.program_id(2) * HEADS_PER_PROGRAM
@@ -82,6 +129,8 @@ def _rotate_kernel(
     sin = sin * scale
     if INVERSE:
         sin = -sin
+    cos2 = cos
+    sin2 = sin
     if SECOND:
         turns2 = tl.load(Turns2 + b * stride_t2b + offs_i, mask=mask_i, other=0)[None, :]
         if HAS_OFFSET2:
@@ -94,43 +143,18 @@ def _rotate_kernel(
         sin2 = sin2 * m2
         if INVERSE:
             sin2 = -sin2
-        o2_ptrs = Out2 + b * stride_o2b + offs_n[:, None] * stride_o2n + h_start.to(tl.int64) * stride_o2h
 
-    x_ptrs = X + b * stride_xb + offs_n[:, None] * stride_xn + h_start.to(tl.int64) * stride_xh
-    o_ptrs = Out + b * stride_ob + offs_n[:, None] * stride_on + h_start.to(tl.int64) * stride_oh
-    for h in range(0, HEADS_PER_PROGRAM):
-        head_ok = h_start + h < heads
-        mask_h = mask & head_ok
-        if INTERLEAVED:
-            offs_d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
-            mask_d = mask_n[:, None] & (offs_d < ROTARY_DIM) & head_ok
-            x = tl.load(x_ptrs + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            x1, x2 = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_HALF, 2)))
-            y = tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (BLOCK_N, 2 * BLOCK_HALF))
-            tl.store(o_ptrs + offs_d, y.to(Out.dtype.element_ty), mask=mask_d)
-            if SECOND:
-                y2 = tl.reshape(tl.join(x1 * cos2 - x2 * sin2, x1 * sin2 + x2 * cos2), (BLOCK_N, 2 * BLOCK_HALF))
-                tl.store(o2_ptrs + offs_d, y2.to(Out2.dtype.element_ty), mask=mask_d)
-        else:
-            offs_d = offs_i[None, :]
-            x1 = tl.load(x_ptrs + offs_d, mask=mask_h, other=0.0).to(tl.float32)
-            x2 = tl.load(x_ptrs + HALF + offs_d, mask=mask_h, other=0.0).to(tl.float32)
-            tl.store(o_ptrs + offs_d, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask_h)
-            tl.store(o_ptrs + HALF + offs_d, (x1 * sin + x2 * cos).to(Out.dtype.element_ty), mask=mask_h)
-            if SECOND:
-                tl.store(o2_ptrs + offs_d, (x1 * cos2 - x2 * sin2).to(Out2.dtype.element_ty), mask=mask_h)
-                tl.store(o2_ptrs + HALF + offs_d, (x1 * sin2 + x2 * cos2).to(Out2.dtype.element_ty), mask=mask_h)
-        if BLOCK_PASS > 0:
-            offs_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
-            mask_p = mask_n[:, None] & (offs_p < HEAD_DIM) & head_ok
-            x_pass = tl.load(x_ptrs + offs_p, mask=mask_p, other=0.0)
-            tl.store(o_ptrs + offs_p, x_pass, mask=mask_p)
-            if SECOND:
-                tl.store(o2_ptrs + offs_p, x_pass, mask=mask_p)
-        x_ptrs += stride_xh
-        o_ptrs += stride_oh
-        if SECOND:
-            o2_ptrs += stride_o2h
+    row_n = offs_n[:, None]
+    _rotate_heads(X + b * stride_xb + row_n * stride_xn + h_start.to(tl.int64) * stride_xh,
+                  Out + b * stride_ob + row_n * stride_on + h_start.to(tl.int64) * stride_oh,
+                  Out2 + b * stride_o2b + row_n * stride_o2n + h_start.to(tl.int64) * stride_o2h,
+                  stride_xh, stride_oh, stride_o2h, cos, sin, cos2, sin2, h_start, heads, mask_n, offs_i, mask,
+                  ROTARY_DIM, HEAD_DIM, BLOCK_N, BLOCK_HALF, BLOCK_PASS, HEADS_PER_PROGRAM, INTERLEAVED, SECOND)
+    if HAS_Y:
+        _rotate_heads(Y + b * stride_yb + row_n * stride_yn + h_start.to(tl.int64) * stride_yh,
+                      OutY + b * stride_oyb + row_n * stride_oyn + h_start.to(tl.int64) * stride_oyh,
+                      OutY, stride_yh, stride_oyh, 0, cos, sin, cos, sin, h_start, heads_y, mask_n, offs_i, mask,
+                      ROTARY_DIM, HEAD_DIM, BLOCK_N, BLOCK_HALF, BLOCK_PASS, HEADS_PER_PROGRAM, INTERLEAVED, False)
 
 
 def _interpreting() -> bool:
@@ -138,15 +162,25 @@ def _interpreting() -> bool:
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = False,
-           out: torch.Tensor | None = None, second_tables=None, second_out: torch.Tensor | None = None):
+           out: torch.Tensor | None = None, second_tables=None, second_out: torch.Tensor | None = None,
+           y: torch.Tensor | None = None, y_out: torch.Tensor | None = None):
     """Rotate x (B, N, H, D) at integer positions (B, N) with `tables` (scaled_rope.tables.RotaryTables).
 
     inverse=True applies the transpose (gradient map). Output has x's dtype (fp32 math, one rounding); `out`
     may be given, x itself included (in place). Strides of x and out are free except for the last dim.
     second_tables (same rotary dim and layout, n_hat 0): also rotate x with them into second_out (allocated when
-    None) in the same pass, reading x once; returns (out, second_out) then.
+    None) in the same pass, reading x once. y (B, N, Hy, D), same dtype: also rotate y (k beside q) with `tables`
+    at the same positions into y_out, in the same launch. Returns out, then second_out and y_out where asked for:
+    out, (out, second_out), (out, y_out) or (out, second_out, y_out).
     """
     a = check_rotation_args(x, positions, tables, out)
+    ya = None
+    if y is not None:
+        if y.dim() != 4 or y.shape[:2] != x.shape[:2] or y.shape[3] != x.shape[3] or y.dtype != x.dtype:
+            raise ValueError(f"y must be (B, N, Hy, D) with x's B, N, D and dtype, got {tuple(y.shape)}, {y.dtype}")
+        if y_out is y:
+            raise ValueError("rotate with y cannot write y in place")
+        ya = check_rotation_args(y, positions, tables, y_out)
     second = None
     if second_tables is not None:
         if second_tables.n_hat or second_tables.rotary_dim != a.rotary_dim \
@@ -156,8 +190,9 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = 
             raise ValueError("rotate with second_tables cannot write in place")
         second = check_rotation_args(x, positions, second_tables, second_out)
     batch, seqlen, heads, head_dim = x.shape
-    if x.numel() == 0:
-        return a.out if second is None else (a.out, second.out)
+    results = (a.out,) + ((second.out,) if second is not None else ()) + ((ya.out,) if ya is not None else ())
+    if x.numel() == 0 and (ya is None or y.numel() == 0):
+        return results[0] if len(results) == 1 else results
     half = a.rotary_dim // 2
     block_half = next_power_of_2(half)
     block_pass = next_power_of_2(head_dim - a.rotary_dim) if head_dim > a.rotary_dim else 0
@@ -169,26 +204,31 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = 
     # split the heads over programs only when positions alone do not fill the GPU (a power of two per program
     # keeps the compiled variants few; the constexpr loop bound also runs under the interpreter with numpy 2.4)
     programs = cdiv(seqlen, block_n) * batch
-    heads_per_program = heads
+    most_heads = max(heads, y.shape[2] if ya is not None else 0)
+    heads_per_program = most_heads
     if programs < min_programs:
-        heads_per_program = min(heads, next_power_of_2(cdiv(heads * programs, min_programs)))
-    grid = (cdiv(seqlen, block_n), batch, cdiv(heads, heads_per_program))
+        heads_per_program = min(most_heads, next_power_of_2(cdiv(most_heads * programs, min_programs)))
+    grid = (cdiv(seqlen, block_n), batch, cdiv(most_heads, heads_per_program))
     o = a.out
     s = second if second is not None else a  # without second tables its arguments are unused placeholders
     o2 = s.out
+    yy, oy = (y, ya.out) if ya is not None else (x, o)  # without y its arguments are unused placeholders
     _rotate_kernel[grid](
         x, o, a.positions, a.turns, a.offset if a.offset is not None else a.turns,
         a.turns_unscaled if a.turns_unscaled is not None else a.turns, a.factor,
-        o2, s.turns, s.offset if s.offset is not None else s.turns, s.factor,
-        seqlen, heads, a.n_hat,
+        o2, s.turns, s.offset if s.offset is not None else s.turns, s.factor, yy, oy,
+        seqlen, heads, yy.shape[2], a.n_hat,
         x.stride(0), x.stride(1), x.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         o2.stride(0), o2.stride(1), o2.stride(2),
+        yy.stride(0), yy.stride(1), yy.stride(2),
+        oy.stride(0), oy.stride(1), oy.stride(2),
         a.stride_pb, a.positions.stride(1), a.stride_tb, a.stride_offb, a.stride_fb, s.stride_tb, s.stride_offb,
         s.stride_fb,
         ROTARY_DIM=a.rotary_dim, HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_HALF=block_half, BLOCK_PASS=block_pass, HEADS_PER_PROGRAM=heads_per_program,
         INTERLEAVED=a.interleaved, INVERSE=bool(inverse), HAS_OFFSET=a.offset is not None,
-        HAS_NHAT=a.n_hat > 0, SECOND=second is not None, HAS_OFFSET2=s.offset is not None, num_warps=num_warps,
+        HAS_NHAT=a.n_hat > 0, SECOND=second is not None, HAS_OFFSET2=s.offset is not None, HAS_Y=ya is not None,
+        num_warps=num_warps,
     )
-    return o if second is None else (o, o2)
+    return results[0] if len(results) == 1 else results
