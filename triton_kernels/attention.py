@@ -219,6 +219,14 @@ def _tile_schedule(pid, num_tiles, BH, section_heads, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _group_head(Q, DO, Lse, Delta, off_b, off_hk, g, GROUP, H, Nq, stride_qb, stride_qh, stride_dob, stride_doh):
+    """Q, dO, lse and Delta of q head g of kv head off_hk's group (dk/dv kernel)."""
+    off_h = off_hk * GROUP + g
+    return (Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
+            Lse + 2 * (off_b * H + off_h) * Nq, Delta + (off_b * H + off_h) * Nq)
+
+
+@triton.jit
 def _query_program(Nq, H, GROUP, section_heads, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """(batch, q head, kv head, first row) of this program of a query-tile grid (forward and dq): causal, the
     longest query tiles first, so that the short ones fill the tail."""
@@ -747,12 +755,9 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dk_far = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, GROUP):
-            off_h = off_hk * GROUP + g
-            Qh = Q + off_b * stride_qb + off_h * stride_qh
-            Qh_far = Q_far + off_b * stride_qb + off_h * stride_qh
-            DOh = DO + off_b * stride_dob + off_h * stride_doh
-            Lseh = Lse + 2 * (off_b * H + off_h) * Nq
-            Deltah = Delta + (off_b * H + off_h) * Nq
+            Qh, DOh, Lseh, Deltah = _group_head(Q, DO, Lse, Delta, off_b, off_hk, g, GROUP, H, Nq, stride_qb,
+                                                stride_qh, stride_dob, stride_doh)
+            Qh_far = Q_far + off_b * stride_qb + (off_hk * GROUP + g) * stride_qh
             for i in range(0, tl.cdiv(Nq, BLOCK_M)):
                 start_m = i * BLOCK_M
                 rows = start_m + offs_m
@@ -793,11 +798,8 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
             k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
             dk_far = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for g in range(0, GROUP):
-                off_h = off_hk * GROUP + g
-                Qh_far = Q_far + off_b * stride_qb + off_h * stride_qh
-                DOh = DO + off_b * stride_dob + off_h * stride_doh
-                Lseh = Lse + 2 * (off_b * H + off_h) * Nq
-                Deltah = Delta + (off_b * H + off_h) * Nq
+                Qh_far, DOh, Lseh, Deltah = _group_head(Q_far, DO, Lse, Delta, off_b, off_hk, g, GROUP, H, Nq,
+                                                        stride_qb, stride_qh, stride_dob, stride_doh)
                 dk_far, dv = _bwd_kv_kind(dk_far, dv, k_far, v, Qh_far, DOh, Lseh, Deltah, i_lo, a, b, i_hi, i_far,
                                           i_hi, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
                                           inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR,
@@ -815,11 +817,8 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
         k = _load_tile(K + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, GROUP):
-            off_h = off_hk * GROUP + g
-            Qh = Q + off_b * stride_qb + off_h * stride_qh
-            DOh = DO + off_b * stride_dob + off_h * stride_doh
-            Lseh = Lse + 2 * (off_b * H + off_h) * Nq
-            Deltah = Delta + (off_b * H + off_h) * Nq
+            Qh, DOh, Lseh, Deltah = _group_head(Q, DO, Lse, Delta, off_b, off_hk, g, GROUP, H, Nq, stride_qb,
+                                                stride_qh, stride_dob, stride_doh)
             if REROPE:
                 dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Qh, Qh, DOh, Lseh, Deltah,
                                                   tl.maximum(i_lo, i_near), tl.minimum(i_hi, i_far), kpos, qoff, Nq,
