@@ -136,9 +136,8 @@ def _cuda_reason(q: torch.Tensor, rerope_window) -> str | None:
     return support(q, rerope_window)
 
 
-# Fastest first, by measurement (bench/results/cuda-forward-*.json): on an H100 the Triton forward runs LongRoPE at
-# B1 H32 N16k D128 causal bf16 at 462 TFLOP/s against 381 for the CUDA kernel, so "auto" prefers Triton until that
-# changes.
+# Fastest first, by measurement (bench/results/attention-2026-11-22-*-longrope.json, H100): LongRoPE forward at
+# B1 H32 N16k D128 causal bf16 runs at 491 TFLOP/s on Triton and 417 on the CUDA kernel, so "auto" prefers Triton.
 AUTO_ORDER = ("triton", "cuda")
 
 
