@@ -2,6 +2,8 @@
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
 # Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe] [probe-order]
 #        [time-flash] [ncu] [host-profile] [long-shapes]
+# Environment: TEST_FILES (paths relative to the repo or absolute; default tests), TEST_WORKERS, TESTS_TIMEOUT,
+# BENCH_BUDGET, BENCH_LABEL, BENCH_ONLY, BENCH_MAX_N, LONG_SHAPES_TIMEOUT.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -16,7 +18,8 @@ REPO="$OLDPWD"
 for step in "$@"; do
   t0=$(date +%s)
   case "$step" in
-    tests) timeout -s INT "${TESTS_TIMEOUT:-420}" python3 -m pytest -n "${TEST_WORKERS:-8}" -v -m gpu -rfE --tb=short --durations=15 --rootdir="$REPO" -p no:cacheprovider ${TEST_FILES:-"$REPO/tests"} > "$OUT/tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40 ;;
+    tests) files=(); for f in ${TEST_FILES:-tests}; do [[ "$f" = /* ]] && files+=("$f") || files+=("$REPO/$f"); done
+      timeout -s INT "${TESTS_TIMEOUT:-420}" python3 -m pytest -n "${TEST_WORKERS:-8}" -v -m gpu -rfE --tb=short --durations=15 --rootdir="$REPO" -p no:cacheprovider "${files[@]}" > "$OUT/tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 40 ;;
     bench-quick) python3 "$REPO/bench/bench_attention.py" --quick --out "$OUT" --label "${BENCH_LABEL:-}" 2>&1 | tee "$OUT/bench_attention.log" | tail -n 40 ;;
     bench) python3 "$REPO/bench/bench_attention.py" --out "$OUT" --budget "${BENCH_BUDGET:-330}" --label "${BENCH_LABEL:-}" --only "${BENCH_ONLY:-}" ${BENCH_MAX_N:+--max-n $BENCH_MAX_N} 2>&1 | tee "$OUT/bench_attention${BENCH_ONLY:+-${BENCH_ONLY//,/_}}.log" | tail -n 60 ;;
     decode) python3 "$REPO/bench/bench_decode.py" --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30 ;;
