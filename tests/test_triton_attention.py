@@ -198,6 +198,18 @@ def test_softmax_scale_any_sign(scale):
     check(1, 33, 33, 2, 1, 32, torch.float32, RopeScaling.default(32), seed=16, softmax_scale=scale)
 
 
+def test_scale_sign_folding():
+    """Both backends move softmax_scale's sign into q and give the kernels a normal float32 scale > 0."""
+    from scaled_rope._scale import fold_scale_sign
+
+    assert fold_scale_sign(0.3) == (1.0, 0.3)
+    assert fold_scale_sign(-0.3) == (-1.0, 0.3)
+    assert fold_scale_sign(0.0) == (0.0, 1.0)
+    assert fold_scale_sign(-1e-40) == (0.0, 1.0)  # a float32 subnormal, flushed to 0 by the kernels
+    sign, scale = fold_scale_sign(float("nan"))
+    assert scale != scale  # NaN is left to the kernels' own checks
+
+
 @pytest.mark.parametrize("section_heads", ["1", "3"])
 @pytest.mark.parametrize("rerope", [None, 24])
 def test_l2_sections_cover_every_tile(section_heads, rerope, monkeypatch):

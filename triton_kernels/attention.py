@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import _alloc
+from .._scale import fold_scale_sign, signed
 from ._host import cdiv, next_power_of_2
 from .rope import rotate
 
@@ -957,10 +958,10 @@ class _Plan:
     rerope_w: int
     k_far_unrotated: bool  # the far k tables rotate by 0 (plain ReRoPE): far k = k * attention factor
     explicit: bool
-    q_sign: float  # 1, -1 or 0: the sign of softmax_scale, folded into the rotated q (the kernels take |scale|)
+    q_sign: float  # 1, -1 or 0, folded into the rotated q (scaled_rope._scale.fold_scale_sign)
     logn: bool
     inv_ln_logn: float
-    sm_scale: float  # |softmax_scale| (1 when it is 0: q is zeroed instead)
+    sm_scale: float  # > 0
     sm_scale_log2: float
 
     def constexprs(self, head_dim: int, n_bucket: int, bh_bucket: int, dtype: torch.dtype) -> dict:
@@ -1051,14 +1052,14 @@ def _rotate_inputs(q, k, q_pos, k_pos, plan: _Plan):
     if not plan.rerope:
         if _shared_rotation(q, k, q_pos, k_pos, plan):
             q_near, k_near = rotate(q, q_pos, plan.q_tables, out=_scratch_like(q), y=k, y_out=_scratch_like(k))
-            q_near = _signed(q_near, q, plan.q_sign)
+            q_near = signed(q_near, q, plan.q_sign)
         else:
-            q_near = _signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
+            q_near = signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
             k_near = _rotated(k, k_pos, plan.k_tables)
         return q_near, k_near, q_near, k_near
     q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, plan.q_far_tables)
     k_near, k_far = _rotated_pair(k, k_pos, plan.k_tables, plan.k_far_tables)
-    return _signed(q_near, q, plan.q_sign), k_near, _signed(q_far, q, plan.q_sign), k_far
+    return signed(q_near, q, plan.q_sign), k_near, signed(q_far, q, plan.q_sign), k_far
 
 
 def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
@@ -1077,14 +1078,7 @@ def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
     else:
         q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, entry[2])
         k_near = _rotated(k, k_pos, plan.k_tables)
-    return _signed(q_near, q, plan.q_sign), k_near, _signed(q_far, q, plan.q_sign), k
-
-
-def _signed(x, source, sign: float):
-    """x times sign (1, -1, 0); in place when x is our scratch, a copy when it is the caller's tensor."""
-    if sign == 1.0:
-        return x
-    return x * sign if x is source else x.mul_(sign)
+    return signed(q_near, q, plan.q_sign), k_near, signed(q_far, q, plan.q_sign), k
 
 
 def _pos_args(positions, explicit: bool, dummy: torch.Tensor):
@@ -1282,14 +1276,14 @@ def _prepare(q, k, v, *, q_tables, k_tables, q_far_tables, k_far_tables, q_posit
     rerope = rerope_window is not None and q_tables is not None and (explicit or rerope_window < nk)
     if rerope and (q_far_tables is None or k_far_tables is None):
         raise ValueError("rerope_window needs q_far_tables and k_far_tables")
+    q_sign, sm_scale = fold_scale_sign(softmax_scale)
     plan = _Plan(q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables, k_far_tables=k_far_tables,
                  causal=bool(causal), has_window=has_window, window=min(int(window), _MAX_WINDOW) if has_window else 0,
                  rerope=rerope, rerope_w=max(min(int(rerope_window), _MAX_WINDOW), -_MAX_WINDOW) if rerope else 0,
                  k_far_unrotated=bool(k_far_unrotated),
-                 explicit=explicit, q_sign=math.copysign(1.0, softmax_scale) if softmax_scale else 0.0,
-                 logn=logn_base is not None, inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
-                 sm_scale=abs(float(softmax_scale)) or 1.0,
-                 sm_scale_log2=(abs(float(softmax_scale)) or 1.0) * 1.4426950408889634)
+                 explicit=explicit, q_sign=q_sign, logn=logn_base is not None,
+                 inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0, sm_scale=sm_scale,
+                 sm_scale_log2=sm_scale * 1.4426950408889634)
     return q, k, v, q_pos, k_pos, plan
 
 

@@ -9,6 +9,7 @@ import torch
 
 from . import _alloc
 from ._rotation_args import check_rotation_args
+from ._scale import fold_scale_sign, signed
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _extension: tuple[object | None, str | None] | None = None
@@ -103,11 +104,6 @@ def _head_major_scratch(x: torch.Tensor) -> torch.Tensor:
     return torch.empty((batch, heads, n, dim), dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
-def _signed(x: torch.Tensor, source: torch.Tensor, sign: float) -> torch.Tensor:
-    """x times sign (-1 or 0); in place when x is our scratch, a copy when it is the caller's tensor."""
-    return x * sign if x is source else x.mul_(sign)
-
-
 def _flash_forward(q, k, v, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
     reason = attention_support(q, a["rerope_window"])
     if reason is not None:
@@ -141,16 +137,11 @@ def _flash_forward(q, k, v, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
             q_far = cuda_rotate(q, rot_q, a["q_far_tables"], out=_head_major_scratch(q))
             k_far = cuda_rotate(k, rot_k, a["k_far_tables"], out=_head_major_scratch(k))
     v = _rows_aligned(v)
-    # The kernels take softmax_scale > 0 (the sm_90a one takes row maxima of the raw scores): fold the sign into the
-    # rotated q, as the Triton path does; out and lse are unchanged. Scale 0 (or one that is 0 in float32) makes
-    # every score 0, as do q zeroed and scale 1: the uniform softmax over the allowed keys.
-    scale = float(a["softmax_scale"])
-    if scale <= 2.0 ** -150:  # <= 0 in float32; NaN is left to the kernels' check
-        sign = -1.0 if scale < -2.0 ** -150 else 0.0
-        q_rot = _signed(q_rot, q, sign)
-        if q_far is not None:
-            q_far = _signed(q_far, q, sign)
-        scale = -scale if sign else 1.0
+    # the kernels take softmax_scale > 0 (the sm_90a one takes row maxima of the raw scores)
+    sign, scale = fold_scale_sign(a["softmax_scale"])
+    q_rot = signed(q_rot, q, sign)
+    if q_far is not None:
+        q_far = signed(q_far, q, sign)
 
     qp = None if q_positions is None else q_positions.to(torch.int32).contiguous()
     kp = None if k_positions is None else k_positions.to(torch.int32).contiguous()
