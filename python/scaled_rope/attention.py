@@ -22,6 +22,15 @@ def _check_tensor(name: str, x, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
+def _check_input(name: str, x) -> None:
+    """A 4-d float tensor with a contiguous last dimension (q, k, v and the KV caches)."""
+    _check_tensor(name, x, 4)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {x.stride()}")
+
+
 def _check_positions(name: str, pos, batch: int, length: int, device: torch.device) -> None:
     if pos is None:
         return
@@ -45,11 +54,7 @@ def validate(q, k, v, rope, *, causal, q_positions, k_positions, window, softmax
              rerope_leak, logn_base, backend) -> None:
     """Raise TypeError/ValueError naming the argument for anything the contract does not define."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x, 4)
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {x.stride()}")
+        _check_input(name, x)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:

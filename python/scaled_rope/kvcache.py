@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .attention import BACKENDS, _check_rope, _check_tensor, _triton_reason, validate_options
+from .attention import BACKENDS, _check_input, _check_rope, _check_tensor, _triton_reason, validate_options
 from .scaling import RopeScaling
-
-_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- validation ---------------------------------------------------------------------------------------------
@@ -21,15 +19,22 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _check_index(name: str, x, ndim: int, shape_text: str, batch: int, device: torch.device) -> None:
+    """An int32 tensor of ndim dims with one row per batch row, on q's device."""
+    _check_tensor(name, x, ndim)
+    if x.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {x.dtype}")
+    if x.shape[0] != batch:
+        raise ValueError(f"{name} must have shape {shape_text}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+
+
 def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_table, causal, window, softmax_scale,
               rerope_window, rerope_leak, logn_base, backend) -> int:
     """Raise TypeError/ValueError naming the argument; returns the capacity of one row in tokens."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_tensor(name, x, 4)
-        if x.dtype not in _CACHE_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {x.stride()}")
+        _check_input(name, x)
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
         if x.dtype != q.dtype:
@@ -44,13 +49,7 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
     if n_kv == 0 or n_heads % n_kv:
         raise ValueError(f"q heads ({n_heads}) must be a multiple of k_cache heads ({n_kv})")
     _check_rope(rope, dim)
-    _check_tensor("cache_seqlens", cache_seqlens, 1)
-    if cache_seqlens.dtype != torch.int32:
-        raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    if cache_seqlens.shape[0] != batch:
-        raise ValueError(f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    _check_index("cache_seqlens", cache_seqlens, 1, f"({batch},)", batch, q.device)
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new and v_new must be given together")
     if k_new is not None:
@@ -69,13 +68,7 @@ def _validate(q, k_cache, v_cache, rope, cache_seqlens, k_new, v_new, block_tabl
                              f"{tuple(k_cache.shape)}")
         capacity = k_cache.shape[1]
     else:
-        _check_tensor("block_table", block_table, 2)
-        if block_table.dtype != torch.int32:
-            raise ValueError(f"block_table must be int32, got {block_table.dtype}")
-        if block_table.shape[0] != batch:
-            raise ValueError(f"block_table must have shape (B={batch}, max_pages), got {tuple(block_table.shape)}")
-        if block_table.device != q.device:
-            raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}")
+        _check_index("block_table", block_table, 2, f"(B={batch}, max_pages)", batch, q.device)
         page_size = k_cache.shape[1]
         if not 16 <= page_size <= 256 or page_size & (page_size - 1):
             raise ValueError(f"the page size (k_cache.shape[1] with block_table) must be a power of two in 16..256, "
