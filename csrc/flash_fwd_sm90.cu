@@ -17,10 +17,14 @@
 // visits come first, so that one buffer holds q_far and then q.
 #include "flash_common.cuh"
 
+#include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime's driver entry point)
+#include <cudaTypedefs.h>
+
 #include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SCALED_ROPE_SM90A 1
@@ -573,6 +577,441 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
 #endif
 }
 
+// ==== warp-specialised kernel (v6) =================================================================================
+// Three warpgroups: warpgroup 0 is the producer (one thread issues every copy through the tensor memory accelerator,
+// TMA, and the others exit), warpgroups 1 and 2 are the consumers, 64 query rows each, as in the kernel above. Copies
+// complete on mbarriers: full[stage] counts the bytes in, empty[stage] the consumer warps done with a stage, so no
+// CTA-wide barrier sits in the loop. K and V have separate barriers: S = Q K^T starts when K is in, before V. With
+// ReRoPE, q and q_far both stay in shared memory and each visit picks its pair. Optionally (PINGPONG) the consumers
+// take turns issuing their products through two named barriers, so one warpgroup's softmax runs while the other's
+// products occupy the tensor cores.
+constexpr int kWsThreads = 384;
+constexpr int kWsStages = 2;
+constexpr int kProducerRegs = 24;   // setmaxnreg: 128 * 24 + 256 * 240 = 64512 of the 65536 registers
+constexpr int kConsumerRegs = 240;
+constexpr int kConsumerWarps = 8;   // arrivals that free a stage: lane 0 of each consumer warp
+
+// Tensor maps of the (B, N, H, D) tensors, boxes of 64 columns x 128 rows with the 128-byte swizzle (the layout the
+// wgmma descriptors read). Passed by value as a __grid_constant__ kernel parameter.
+struct TileMaps {
+  CUtensorMap q, k, v, q_far, k_far;
+};
+
+// ---- mbarrier, TMA, named barriers, register budget (sm_90) ---------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Returns once the phase of the given parity has completed (parity 1 of a fresh barrier counts as completed).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+  } while (!done);
+}
+// One box of `map` at coordinates (column, row, head, batch) into shared memory at dst; completes on bar.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, uint32_t bar, int col, int row,
+                                         int head, int batch) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
+      "[%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(bar), "r"(col), "r"(row), "r"(head), "r"(batch)
+      : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+template <int REGS>
+__device__ __forceinline__ void regs_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS>
+__device__ __forceinline__ void regs_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+// The key tiles one query tile visits, in order (the sequence of the kernel above): producer and consumers each
+// walk it, so no visit list passes between them.
+struct VisitPlan {
+  const int2* k_tile_minmax;  // this batch row's (min, max) key position per prepass tile; nullptr: key = column
+  int n_prepass, seqlen_k, window, rerope_w, q_min, q_max, j_begin, j_end;
+  bool causal;
+
+  __device__ TileClass classify(int j) const {
+    int k_min, k_max;
+    if (k_tile_minmax) {
+      k_min = INT_MAX;
+      k_max = INT_MIN;
+#pragma unroll
+      for (int i = 0; i < kPrepassTiles; ++i) {
+        const int jp = j * kPrepassTiles + i;
+        if (jp < n_prepass) {
+          const int2 mm = k_tile_minmax[jp];
+          k_min = min(k_min, mm.x);
+          k_max = max(k_max, mm.y);
+        }
+      }
+    } else {
+      k_min = j * kBlockN;
+      k_max = min(j * kBlockN + kBlockN, seqlen_k) - 1;
+    }
+    const int64_t d_min = static_cast<int64_t>(q_min) - k_max, d_max = static_cast<int64_t>(q_max) - k_min;
+    TileClass c{0, false};
+    if ((causal && d_max < 0) || (window && d_min >= window)) return c;
+    c.elementwise = (j + 1) * kBlockN > seqlen_k || (causal && d_min < 0) || (window && d_max >= window);
+    if (rerope_w == 0 || d_max < rerope_w) {
+      c.mode = kNear;
+    } else {
+      c.mode = d_min >= rerope_w ? kFar : (kNear | kFar);
+    }
+    return c;
+  }
+  // The first visit with the far (or near) pair at tile j or later; Visit{j_end} when none.
+  __device__ Visit find(int j, bool far) const {
+    for (; j < j_end; ++j) {
+      const TileClass c = classify(j);
+      if (c.mode & (far ? kFar : kNear)) {
+        const bool straddle = c.mode == (kNear | kFar);
+        return Visit{j, far, c.elementwise || straddle, straddle};
+      }
+    }
+    return Visit{j_end, false, false, false};
+  }
+  // Far visits first, then near ones (the kernel above needs that order; this one keeps it).
+  __device__ Visit first() const {
+    const Visit v = rerope_w ? find(j_begin, true) : Visit{j_end, false, false, false};
+    return v.j() < j_end ? v : find(j_begin, false);
+  }
+  __device__ Visit next(const Visit& v) const {
+    if (v.j() >= j_end) return v;
+    const Visit w = find(v.j() + 1, v.far());
+    return (w.j() < j_end || !v.far()) ? w : find(j_begin, false);
+  }
+};
+
+// Per-thread row state of a consumer: the two rows r = 0, 1 this thread holds (see the kernel above).
+struct Rows {
+  int pos[2];
+  float scale[2];    // softmax_scale * log2(e) * log-n factor
+  float max[2];      // running max of scale * s, log2 units
+  float sum[2];      // this thread's partial sums
+};
+
+// Masks and exponentiates the finished scores s of visit v in place and updates the row statistics; alpha[r] is
+// the factor O's row r must be multiplied by. As the softmax of the kernel above (scale folded into the exponent,
+// tree reductions; needs scale > 0, which flash_fwd() checks).
+__device__ __forceinline__ void softmax_visit(float (&s)[64], const Visit& v, Rows& rows, float (&alpha)[2],
+                                              const VisitPlan& plan, const int32_t* k_pos, int t) {
+  const int n0 = v.j() * kBlockN;
+  if (v.masked() && k_pos) {  // key positions given: each element compares its own
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = n0 + nb * 8 + 2 * t + e;
+        const int key = col < plan.seqlen_k ? k_pos[col] : 0;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int delta = rows.pos[r] - key;
+          const bool allowed = col < plan.seqlen_k && (!plan.causal || delta >= 0) &&
+                               (!plan.window || delta < plan.window) &&
+                               (!v.split() || (delta >= plan.rerope_w) == v.far());
+          if (!allowed) s[4 * nb + 2 * r + e] = -INFINITY;
+        }
+      }
+    }
+  } else if (v.masked()) {  // key = column: each row's allowed keys are one range, two compares an element
+    int lo[2], hi[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const ColumnRange c = allowed_columns(rows.pos[r], n0 + 2 * t, plan.seqlen_k, plan.causal, plan.window,
+                                            v.split(), v.far(), plan.rerope_w);
+      lo[r] = c.lo;
+      hi[r] = c.hi;
+    }
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (nb * 8 + e < lo[r] || nb * 8 + e >= hi[r]) s[4 * nb + 2 * r + e] = -INFINITY;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float m[kNB];
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) m[nb] = fmaxf(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]);
+    float mx = tree_reduce<0, kNB>(m, [](float a, float b) { return fmaxf(a, b); });
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = fmaxf(rows.max[r], mx * rows.scale[r]);
+    const float ref = mx == -INFINITY ? 0.0f : mx;  // a row with nothing allowed so far keeps max -inf
+    alpha[r] = ex2(rows.max[r] - ref);
+    rows.max[r] = mx;
+    float sum[kNB];
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[4 * nb + 2 * r + e];
+        x = ex2(fmaf(x, rows.scale[r], -ref));
+      }
+      sum[nb] = s[4 * nb + 2 * r] + s[4 * nb + 2 * r + 1];
+    }
+    rows.sum[r] = fmaf(rows.sum[r], alpha[r], tree_reduce<0, kNB>(sum, [](float a, float b) { return a + b; }));
+  }
+}
+
+template <typename T, bool PINGPONG>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    flash_fwd_sm90_ws_kernel(const __grid_constant__ TileMaps maps, const FlashFwdParams p, int num_q_tiles,
+                             int section_heads) {
+#ifdef SCALED_ROPE_SM90A
+  constexpr int S = kWsStages;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t bars[1 + 4 * S];  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
+  __shared__ int q_range[2][kWsThreads / 32];
+  const bool rerope = p.rerope_window > 0;
+  const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;  // q, then q_far (ReRoPE); the launch adds 1024 bytes
+  const uint32_t sK = sQ + (rerope ? 2 : 1) * kQBytes;          // K stages, then V stages
+  const uint32_t sV = sK + S * kKVBytes;
+  const uint32_t bar0 = smem_u32(bars);
+  const uint32_t q_full = bar0;
+  auto k_full = [&](int s) { return bar0 + 8u * (1 + s); };
+  auto v_full = [&](int s) { return bar0 + 8u * (1 + S + s); };
+  auto k_empty = [&](int s) { return bar0 + 8u * (1 + 2 * S + s); };
+  auto v_empty = [&](int s) { return bar0 + 8u * (1 + 3 * S + s); };
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // warp-uniform by construction
+  const int lane = tid % 32;
+  const int cw = tid / 32 - 4;                            // consumer warp 0..7 (negative in the producer)
+  const int g = lane >> 2, t = lane & 3;
+  const TileIndex tile = tile_order(blockIdx.x, num_q_tiles, p.batch * p.heads_q, section_heads);
+  const int64_t b = tile.bh / p.heads_q, h = tile.bh % p.heads_q;
+  const int hk = static_cast<int>(h / (p.heads_q / p.heads_kv));
+  const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
+  const int m0 = tile.q_tile * kBlockM;
+  const int32_t* k_pos = p.k_positions ? p.k_positions + b * p.k_positions_batch_stride : nullptr;
+
+  // Consumer rows: r = 0, 1 is row m0 + 16 cw + g + 8 r (warp w of a consumer warpgroup owns 16 of its 64 rows).
+  Rows rows;
+  int q_min = INT_MAX, q_max = INT_MIN;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + cw * 16 + g + 8 * r;
+    const bool mine = cw >= 0 && row < seqlen_q;
+    rows.pos[r] = p.q_positions ? (mine ? p.q_positions[b * p.q_positions_batch_stride + row] : 0)
+                                : seqlen_k - seqlen_q + row;
+    float scale = p.softmax_scale * kLog2e;
+    if (p.logn_base > 0.0f) scale *= fmaxf(1.0f, logf(static_cast<float>(rows.pos[r]) + 1.0f) / logf(p.logn_base));
+    rows.scale[r] = scale;
+    rows.max[r] = -INFINITY;
+    rows.sum[r] = 0.0f;
+    if (mine) {
+      q_min = min(q_min, rows.pos[r]);
+      q_max = max(q_max, rows.pos[r]);
+    }
+  }
+  if (p.q_positions) {
+    cta_min_max(q_min, q_max, q_range);  // every thread of the CTA; the producer's contribute nothing
+  } else {
+    q_min = seqlen_k - seqlen_q + m0;
+    q_max = seqlen_k - seqlen_q + min(m0 + kBlockM, seqlen_q) - 1;
+  }
+
+  VisitPlan plan;
+  plan.n_prepass = (seqlen_k + kFlashBlockN - 1) / kFlashBlockN;
+  plan.k_tile_minmax = k_pos ? reinterpret_cast<const int2*>(p.k_tile_minmax) + b * plan.n_prepass : nullptr;
+  plan.seqlen_k = seqlen_k;
+  plan.window = p.window > 0 ? static_cast<int>(min(p.window, static_cast<int64_t>(INT_MAX))) : 0;
+  plan.rerope_w = rerope ? static_cast<int>(min(p.rerope_window, static_cast<int64_t>(INT_MAX))) : 0;
+  plan.causal = p.causal;
+  plan.q_min = q_min;
+  plan.q_max = q_max;
+  const int n_tiles = (seqlen_k + kBlockN - 1) / kBlockN;
+  plan.j_begin = 0;
+  plan.j_end = n_tiles;
+  if (!k_pos) {
+    if (p.causal) plan.j_end = q_max < 0 ? 0 : min(n_tiles, q_max / kBlockN + 1);
+    if (plan.window) {
+      const int64_t first = static_cast<int64_t>(q_min) - plan.window + 1;
+      if (first > 0) plan.j_begin = static_cast<int>(min(first / kBlockN, static_cast<int64_t>(n_tiles)));
+    }
+  }
+
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < S; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), kConsumerWarps);
+      mbar_init(v_empty(s), kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- producer ----
+    regs_dec<kProducerRegs>();
+    if (tid != 0) return;
+    const int bi = static_cast<int>(b), hi = static_cast<int>(h);
+    mbar_expect_tx(q_full, (rerope ? 2 : 1) * kQBytes);
+#pragma unroll
+    for (int c = 0; c < kD / 64; ++c) {
+      tma_load(sQ + c * kBlockM * 128, maps.q, q_full, c * 64, m0, hi, bi);
+      if (rerope) tma_load(sQ + kQBytes + c * kBlockM * 128, maps.q_far, q_full, c * 64, m0, hi, bi);
+    }
+    int i = 0;
+    for (Visit v = plan.first(); v.j() < plan.j_end; v = plan.next(v), ++i) {
+      const int s = i % S;
+      const uint32_t free_parity = ((i / S) & 1) ^ 1;  // the first round finds every stage free
+      const int n0 = v.j() * kBlockN;
+      mbar_wait(k_empty(s), free_parity);
+      mbar_expect_tx(k_full(s), kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kD / 64; ++c) {
+        tma_load(sK + s * kKVBytes + c * kBlockN * 128, v.far() ? maps.k_far : maps.k, k_full(s), c * 64, n0, hk, bi);
+      }
+      mbar_wait(v_empty(s), free_parity);
+      mbar_expect_tx(v_full(s), kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kD / 64; ++c) {
+        tma_load(sV + s * kKVBytes + c * kBlockN * 128, maps.v, v_full(s), c * 64, n0, hk, bi);
+      }
+    }
+  } else {  // ---- consumers ----
+    regs_inc<kConsumerRegs>();
+    const int wgc = wg - 1;
+    // Descriptors of this warpgroup's Q rows (q; q_far is kQBytes on) and of stage 0 of K and V.
+    const uint64_t q_desc = smem_desc(sQ + wgc * 64 * 128, 16, 1024);
+    const uint64_t k_desc = smem_desc(sK, 16, 1024);
+    const uint64_t v_desc = smem_desc(sV, kBlockN * 128, 1024);
+    auto issue_qk = [&](float (&s)[64], bool far, int stage) {
+      const uint64_t qd = desc_plus(q_desc, far ? kQBytes : 0);
+      const uint64_t kd = desc_plus(k_desc, stage * kKVBytes);
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        wgmma_ss<T>(s, desc_plus(qd, (kk >> 2) * kBlockM * 128 + (kk & 3) * 32),
+                    desc_plus(kd, (kk >> 2) * kBlockN * 128 + (kk & 3) * 32), kk > 0 ? 1 : 0);
+      }
+    };
+    auto issue_pv = [&](float (&o)[64], const uint32_t (&pa)[kBlockN / 16][4], int stage) {
+      const uint64_t vd = desc_plus(v_desc, stage * kKVBytes);
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_rs<T>(o, pa[kk], desc_plus(vd, kk * 16 * 128), 1);
+    };
+
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    uint32_t pa[kBlockN / 16][4];
+    // Turns: warpgroup c waits at barrier 1 + c before issuing, then opens the other's; the second warpgroup
+    // opens the first's turn once to start.
+    if (PINGPONG && wgc == 1) named_arrive(1, 256);
+    mbar_wait(q_full, 0);
+
+    int i = 0, prev_stage = 0;
+    uint32_t prev_parity = 0;
+    bool has_prev = false;
+    for (Visit v = plan.first(); v.j() < plan.j_end; v = plan.next(v), ++i) {
+      const int stage = i % S;
+      const uint32_t parity = (i / S) & 1;
+      // Both waits come before the products: a wait loop between two wgmma groups makes ptxas fence them apart.
+      if (has_prev) mbar_wait(v_full(prev_stage), prev_parity);
+      mbar_wait(k_full(stage), parity);
+      if (PINGPONG) named_sync(1 + wgc, 256);
+      // Each branch issues its whole group: wgmma issued in another basic block than the fence gets fenced again.
+      float s[64];
+      if (has_prev) {
+        wgmma_fence();
+        issue_qk(s, v.far(), stage);
+        wgmma_commit();
+        issue_pv(o, pa, prev_stage);
+        wgmma_commit();
+        if (PINGPONG) named_arrive(2 - wgc, 256);
+        wgmma_wait<1>();
+      } else {
+        wgmma_fence();
+        issue_qk(s, v.far(), stage);
+        wgmma_commit();
+        if (PINGPONG) named_arrive(2 - wgc, 256);
+        wgmma_wait<0>();
+      }
+      fence_regs(s);
+      if (lane == 0) mbar_arrive(k_empty(stage));
+      float alpha[2];
+      softmax_visit(s, v, rows, alpha, plan, k_pos, t);
+      // As in the kernel above: skip the rescale where no row max grew; the waits stay inside the branches.
+      if (__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
+        wgmma_wait<0>();
+        fence_regs(o);
+      } else {
+        wgmma_wait<0>();
+        fence_regs(o);
+#pragma unroll
+        for (int e = 0; e < 64; ++e) o[e] *= alpha[(e >> 1) & 1];
+      }
+      if (has_prev && lane == 0) mbar_arrive(v_empty(prev_stage));
+      fence_regs(pa);  // P(i-1) stays untouched until its product is done
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pa[kk][e] = pack2<T>(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+      }
+      has_prev = true;
+      prev_stage = stage;
+      prev_parity = parity;
+    }
+    if (PINGPONG && wgc == 0) named_sync(1, 256);  // the second warpgroup's last opening
+    if (has_prev) {
+      mbar_wait(v_full(prev_stage), prev_parity);
+      wgmma_fence();
+      issue_pv(o, pa, prev_stage);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      fence_regs(pa);
+    }
+
+    // Epilogue: normalise, write out (input dtype) and lse (natural log); empty rows give 0 and -inf.
+    T* out_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+    float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = rows.sum[r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = m0 + cw * 16 + g + 8 * r;
+      if (row >= seqlen_q) continue;
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      T* out_row = out_base + row * p.o_row_stride;
+#pragma unroll
+      for (int db = 0; db < kD / 8; ++db) {
+        *reinterpret_cast<uint32_t*>(out_row + db * 8 + 2 * t) =
+            pack2<T>(o[4 * db + 2 * r] * inv, o[4 * db + 2 * r + 1] * inv);
+      }
+      if (t == 0) lse_base[row] = sum > 0.0f ? (rows.max[r] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+#endif
+}
+
 std::string launch_error(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return "";
@@ -604,8 +1043,102 @@ bool env_flag(const char* name) {
   return value != nullptr && value[0] != '\0' && value[0] != '0';
 }
 
+// cuTensorMapEncodeTiled, taken through the runtime so that the extension needs no link against libcuda; nullptr
+// when the driver does not have it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encoder;
+}
+
+// Tensor map of a (batch, rows, heads, 128) tensor of 2-byte elements with the given element strides: boxes of
+// 64 columns x 128 rows, 128-byte swizzle, rows past the end read as zeros. A stride of 0 (a dimension of size 1,
+// see scaled_rope._cuda._stride) becomes a valid one that is never stepped on. Returns "" or an error message.
+template <typename T>
+std::string encode_tile_map(CUtensorMap* map, const char* name, const void* base, int64_t batch, int64_t rows,
+                            int64_t heads, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return "flash_fwd (sm_90a): the CUDA driver has no cuTensorMapEncodeTiled";
+  const cuuint64_t row_bytes = row_stride ? row_stride * 2 : kD * 2;
+  const cuuint64_t head_bytes = head_stride ? head_stride * 2 : row_bytes * rows;
+  const cuuint64_t batch_bytes = batch_stride ? batch_stride * 2 : head_bytes * heads;
+  const cuuint64_t dims[4] = {kD, static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {row_bytes, head_bytes, batch_bytes};
+  const cuuint32_t box[4] = {64, kBlockN, 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult result = encode(
+      map, std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
+      const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (result != CUDA_SUCCESS) {
+    return std::string("flash_fwd (sm_90a): cannot build the tensor map of ") + name + " (CUresult " +
+           std::to_string(static_cast<int>(result)) + ")";
+  }
+  return "";
+}
+
+template <typename T, bool PINGPONG>
+std::string launch_ws(const FlashFwdParams& p, cudaStream_t stream) {
+  static_assert(kBlockM == kBlockN, "one box shape serves the q and the k/v tiles");
+  const bool rerope = p.rerope_window > 0, keys = p.seqlen_k > 0;
+  TileMaps maps;
+  std::string err = encode_tile_map<T>(&maps.q, "q", p.q, p.batch, p.seqlen_q, p.heads_q, p.q_batch_stride,
+                                       p.q_row_stride, p.q_head_stride);
+  if (err.empty() && rerope) {  // q_far is laid out with q's strides
+    err = encode_tile_map<T>(&maps.q_far, "q_far", p.q_far, p.batch, p.seqlen_q, p.heads_q, p.q_batch_stride,
+                             p.q_row_stride, p.q_head_stride);
+  }
+  if (err.empty() && keys) {
+    err = encode_tile_map<T>(&maps.k, "k", p.k, p.batch, p.seqlen_k, p.heads_kv, p.k_batch_stride, p.k_row_stride,
+                             p.k_head_stride);
+  }
+  if (err.empty() && keys) {
+    err = encode_tile_map<T>(&maps.v, "v", p.v, p.batch, p.seqlen_k, p.heads_kv, p.v_batch_stride, p.v_row_stride,
+                             p.v_head_stride);
+  }
+  if (err.empty() && keys && rerope) {
+    err = encode_tile_map<T>(&maps.k_far, "k_far", p.k_far, p.batch, p.seqlen_k, p.heads_kv, p.k_batch_stride,
+                             p.k_row_stride, p.k_head_stride);
+  }
+  if (!err.empty()) return err;
+  // Maps the kernel never reads (no keys, no ReRoPE) are copies of a valid one.
+  if (!rerope) maps.q_far = maps.q;
+  if (!keys) maps.k = maps.v = maps.q;
+  if (!keys || !rerope) maps.k_far = maps.k;
+
+  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + kWsStages * 2 * kKVBytes + 1024);
+  auto kernel = flash_fwd_sm90_ws_kernel<T, PINGPONG>;
+  const cudaError_t attr_err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (attr_err != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("flash_fwd (sm_90a): cannot reserve shared memory: ") + cudaGetErrorString(attr_err);
+  }
+  const int64_t num_q_tiles = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int64_t blocks = num_q_tiles * p.batch * p.heads_q;
+  if (blocks > INT_MAX) return "flash_fwd: batch * heads_q * ceil(seqlen_q / 128) is too large";
+  kernel<<<static_cast<unsigned>(blocks), kWsThreads, smem, stream>>>(maps, p, static_cast<int>(num_q_tiles),
+                                                                      l2_section_heads(p));
+  return launch_error("attention kernel launch failed");
+}
+
 template <typename T>
 std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
+  if (!env_flag("SCALED_ROPE_FLASH_SM90_V5")) {
+    const char* pingpong = std::getenv("SCALED_ROPE_FLASH_SM90_PINGPONG");
+    if (pingpong != nullptr && pingpong[0] == '0') return launch_ws<T, false>(p, stream);
+    return launch_ws<T, true>(p, stream);
+  }
   // Three K and V stages (225 KB of shared memory); SCALED_ROPE_FLASH_SM90_STAGES_2=1 forces two, for comparison.
   const bool three = !env_flag("SCALED_ROPE_FLASH_SM90_STAGES_2");
   const int stages = three ? 3 : 2;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
 # Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe] [probe-order]
-#        [time-flash] [ncu] [host-profile] [long-shapes]
+#        [smoke] [sass] [time-flash] [ncu] [host-profile] [long-shapes]
 # Environment: TEST_FILES (paths relative to the repo or absolute; default tests), TEST_WORKERS, TESTS_TIMEOUT,
 # BENCH_BUDGET, BENCH_LABEL, BENCH_ONLY, BENCH_MAX_N, LONG_SHAPES_TIMEOUT.
 set -uo pipefail
@@ -31,6 +31,13 @@ for step in "$@"; do
         ( [ "$heads" = default ] || export SCALED_ROPE_L2_SECTION_HEADS=$heads
           echo "== L2 section heads: $heads"; timeout 150 python3 "$REPO/tools/probe_rerope.py" --quick )
       done 2>&1 | tee "$OUT/probe_order.log" | grep -E "==|TF/s|plain:" ;;
+    smoke)  # every sm_90a kernel path on the mixed cases; stops the session when one fails (or hangs)
+      timeout 120 python3 -m pytest -q -m gpu -k "kernel_paths" --rootdir="$REPO" -p no:cacheprovider \
+        "$REPO/tests/test_cuda_attention.py" > "$OUT/smoke.log" 2>&1 || { tail -n 40 "$OUT/smoke.log"; exit 1; }
+      tail -n 2 "$OUT/smoke.log" ;;
+    sass)  # register use, local memory, wgmma and barrier counts of the attention kernels
+      so=$(python3 -c "import scaled_rope._C as m; print(m.__file__)")
+      cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1; python3 "$REPO/tools/sass_summary.py" "$OUT/sass.txt" ;;
     time-flash) timeout 200 python3 "$REPO/tools/time_flash.py" 2>&1 | tee "$OUT/time_flash.log" | tail -n 30 ;;
     ncu)  # where the sm_90a kernel's time goes (LongRoPE, B1 H32 N16k D128)
       timeout 200 ncu --clock-control none -k regex:flash_fwd --launch-skip 1 --launch-count 1 --section SpeedOfLight \

@@ -5,10 +5,10 @@
 Prints TFLOP/s (4*B*H*N*N*D, half for causal; rope not counted) from triton.testing.do_bench medians for
 LongRoPE and ReRoPE (w = 512) causal bf16, end to end (tables, rotation prepass, kernel), and the share of the
 CUDA time spent in the rotation prepass. On compute capability 9.x the `cuda` rows are the sm_90a kernel (head_dim
-128), `cuda-sm90-2stage` it with two K/V stages instead of three (SCALED_ROPE_FLASH_SM90_STAGES_2=1) and `cuda-sm80`
-the sm_80 kernel on the same device (SCALED_ROPE_FLASH_SM80=1); "all-heads order" / "head order" rows force the
-tile order's L2 sections (SCALED_ROPE_L2_SECTION_HEADS) to every head at once / one head at a time. Not the
-project benchmark (bench/), a probe for kernel work.
+128): the warp-specialised one with ping-pong consumers (default), without ping-pong
+(SCALED_ROPE_FLASH_SM90_PINGPONG=0), the earlier cp.async kernel (`cuda-v5`, SCALED_ROPE_FLASH_SM90_V5=1), and the
+sm_80 kernel on the same device (`cuda-sm80`, SCALED_ROPE_FLASH_SM80=1). Not the project benchmark (bench/), a
+probe for kernel work.
 """
 import argparse
 import os
@@ -35,14 +35,11 @@ def main():
     longrope = RopeScaling.longrope(d, 4096, 131072, [1.0 + 0.01 * i for i in range(d // 2)],
                                     [1.5 + 0.1 * i for i in range(d // 2)])
     cases = {"longrope": (longrope, {}), "rerope": (RopeScaling.default(d), dict(rerope_window=512))}
-    # (label, backend, environment): switches read on every call; "all-heads order" puts every head in one L2
-    # section (the tile order before L2 sections), "head order" one head at a time
-    all_heads, one_head = {"SCALED_ROPE_L2_SECTION_HEADS": "1000000"}, {"SCALED_ROPE_L2_SECTION_HEADS": "1"}
-    variants = [("cuda", "cuda", {}), ("cuda all-heads order", "cuda", all_heads),
-                ("cuda head order", "cuda", one_head), ("triton", "triton", {}),
-                ("triton all-heads order", "triton", all_heads), ("triton head order", "triton", one_head)]
+    # (label, backend, environment): switches read on every call
+    variants = [("cuda", "cuda", {}), ("triton", "triton", {})]
     if torch.cuda.get_device_capability()[0] == 9:
-        variants[3:3] = [("cuda-sm90-2stage", "cuda", {"SCALED_ROPE_FLASH_SM90_STAGES_2": "1"}),
+        variants[1:1] = [("cuda no-pingpong", "cuda", {"SCALED_ROPE_FLASH_SM90_PINGPONG": "0"}),
+                         ("cuda-v5", "cuda", {"SCALED_ROPE_FLASH_SM90_V5": "1"}),
                          ("cuda-sm80", "cuda", {"SCALED_ROPE_FLASH_SM80": "1"})]
     rows = []
     for name, (rope, extra) in cases.items():
