@@ -75,7 +75,8 @@ void flash_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_far, uintptr_t
                uintptr_t q_positions, uintptr_t k_positions, uintptr_t k_tile_minmax, int64_t batch, int64_t seqlen_q,
                int64_t seqlen_k, int64_t heads_q, int64_t heads_kv, int64_t head_dim, int64_t q_batch_stride,
                int64_t q_row_stride, int64_t q_head_stride, int64_t k_batch_stride, int64_t k_row_stride,
-               int64_t k_head_stride, int64_t v_batch_stride, int64_t v_row_stride, int64_t v_head_stride,
+               int64_t k_head_stride, int64_t k_far_batch_stride, int64_t k_far_row_stride,
+               int64_t k_far_head_stride, int64_t v_batch_stride, int64_t v_row_stride, int64_t v_head_stride,
                int64_t o_batch_stride, int64_t o_row_stride, int64_t o_head_stride, int64_t lse_batch_stride,
                int64_t lse_head_stride, int64_t q_positions_batch_stride, int64_t k_positions_batch_stride,
                double softmax_scale, bool causal, int64_t window, int64_t rerope_window, double logn_base, int dtype,
@@ -103,6 +104,9 @@ void flash_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_far, uintptr_t
   p.k_batch_stride = k_batch_stride;
   p.k_row_stride = k_row_stride;
   p.k_head_stride = k_head_stride;
+  p.k_far_batch_stride = k_far_batch_stride;
+  p.k_far_row_stride = k_far_row_stride;
+  p.k_far_head_stride = k_far_head_stride;
   p.v_batch_stride = v_batch_stride;
   p.v_row_stride = v_row_stride;
   p.v_head_stride = v_head_stride;
@@ -147,7 +151,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q_positions"), py::arg("k_positions"), py::arg("k_tile_minmax"), py::arg("batch"),
         py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("head_dim"),
         py::arg("q_batch_stride"), py::arg("q_row_stride"), py::arg("q_head_stride"), py::arg("k_batch_stride"),
-        py::arg("k_row_stride"), py::arg("k_head_stride"), py::arg("v_batch_stride"), py::arg("v_row_stride"),
+        py::arg("k_row_stride"), py::arg("k_head_stride"), py::arg("k_far_batch_stride"),
+        py::arg("k_far_row_stride"), py::arg("k_far_head_stride"), py::arg("v_batch_stride"), py::arg("v_row_stride"),
         py::arg("v_head_stride"), py::arg("o_batch_stride"), py::arg("o_row_stride"), py::arg("o_head_stride"),
         py::arg("lse_batch_stride"), py::arg("lse_head_stride"), py::arg("q_positions_batch_stride"),
         py::arg("k_positions_batch_stride"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window"),

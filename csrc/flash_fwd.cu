@@ -318,14 +318,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
   const T* qf_base = rerope ? static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride : nullptr;
   const int64_t k_off = b * p.k_batch_stride + hk * p.k_head_stride;
   const T* k_base = static_cast<const T*>(p.k) + k_off;
-  const T* kf_base = rerope ? static_cast<const T*>(p.k_far) + k_off : nullptr;
+  const T* kf_base =
+      rerope ? static_cast<const T*>(p.k_far) + b * p.k_far_batch_stride + hk * p.k_far_head_stride : nullptr;
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 
   auto load_keys = [&](int j, int mode) {
     const int64_t n0 = static_cast<int64_t>(j) * kBlockN;
     const int rows = seqlen_k - j * kBlockN;
     if (mode & kNear) load_tile<T, D, kBlockN>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, rows);
-    if (mode & kFar) load_tile<T, D, kBlockN>(sKf, kf_base + n0 * p.k_row_stride, p.k_row_stride, rows);
+    if (mode & kFar) load_tile<T, D, kBlockN>(sKf, kf_base + n0 * p.k_far_row_stride, p.k_far_row_stride, rows);
   };
   // Position of key column `col` of the sequence (0 beyond seqlen_k: such columns are always masked).
   auto key_position = [&](int col) -> int {
@@ -546,7 +547,8 @@ std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   if (!aligned16(p.q, {p.q_batch_stride, p.q_row_stride, p.q_head_stride}) ||
       !aligned16(p.k, {p.k_batch_stride, p.k_row_stride, p.k_head_stride}) ||
       !aligned16(p.v, {p.v_batch_stride, p.v_row_stride, p.v_head_stride}) ||
-      (rerope && (!aligned16(p.q_far, {}) || !aligned16(p.k_far, {})))) {
+      (rerope && (!aligned16(p.q_far, {}) ||
+                  !aligned16(p.k_far, {p.k_far_batch_stride, p.k_far_row_stride, p.k_far_head_stride})))) {
     return "flash_fwd: q, k, v (and the far pair) need 16-byte aligned rows (pointers, strides multiple of 8)";
   }
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0 || p.o_batch_stride % 2 || p.o_row_stride % 2 ||

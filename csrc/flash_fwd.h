@@ -21,7 +21,8 @@ struct FlashFwdParams {
   const void* k;                 // (B, Nk, Hkv, D), same requirements
   const void* v;                 // (B, Nk, Hkv, D), same requirements
   const void* q_far;             // ReRoPE far q, laid out with q's strides; nullptr unless rerope_window > 0
-  const void* k_far;             // ReRoPE far k, laid out with k's strides; nullptr unless rerope_window > 0
+  const void* k_far;             // ReRoPE far k (its own strides: plain ReRoPE passes the caller's k); nullptr unless
+                                 // rerope_window > 0
   void* out;                     // (B, Nq, Hq, D) in the input dtype, last dim contiguous
   float* lse;                    // (B, Hq, Nq) float32, natural log, last dim contiguous
   const int32_t* q_positions;    // (B, Nq), last dim contiguous; nullptr: default Nk - Nq + i
@@ -31,6 +32,7 @@ struct FlashFwdParams {
   int64_t batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim;
   int64_t q_batch_stride, q_row_stride, q_head_stride;  // elements
   int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t k_far_batch_stride, k_far_row_stride, k_far_head_stride;
   int64_t v_batch_stride, v_row_stride, v_head_stride;
   int64_t o_batch_stride, o_row_stride, o_head_stride;
   int64_t lse_batch_stride, lse_head_stride;

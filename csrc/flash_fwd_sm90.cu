@@ -1,20 +1,26 @@
-// FlashAttention forward for sm_90a (H100/H200) over already rotated q and k, head_dim 128: warpgroup MMA (wgmma).
-// Semantics as csrc/flash_fwd.h; csrc/flash_fwd.cu launches this kernel where it applies and the sm_80 one otherwise.
+// FlashAttention forward for sm_90a (H100/H200) over already rotated q and k, head_dim 128: warp-specialised, with
+// the tensor memory accelerator (TMA) and warpgroup MMA (wgmma). Semantics as csrc/flash_fwd.h; csrc/flash_fwd.cu
+// launches this kernel where it applies and the sm_80 one otherwise.
 //
-// One CTA of two warpgroups takes kBlockM = 128 query rows of one (batch, q head), 64 rows per warpgroup; keys come in
-// tiles of kBlockN = 128. S = Q K^T is one wgmma.m64n128k16 chain per warpgroup with Q and K both read from shared
-// memory, and O += P V takes P from registers (the S accumulator layout is the A-fragment layout) and V from shared
-// memory as an N-major operand, so no tile is ever transposed. Every tile is stored as 64-column blocks of 128-byte
-// rows with 16-byte chunks XOR-swizzled by (row & 7), the hardware's 128-byte swizzle (bases 1024-byte aligned).
-// The loop is software-pipelined: S(i) = Q K(i)^T and O += P(i-1) V(i-1) are issued together and the softmax of
-// S(i) runs on the CUDA cores while the tensor cores finish P(i-1) V(i-1). K and V come through cp.async rings of
-// three stages, each copy issued two visits ahead of its use.
-// Query tiles are numbered heaviest first over all heads.
+// One CTA of three warpgroups takes kBlockM = 128 query rows of one (batch, q head). Warpgroup 0 is the producer: one
+// thread issues every copy (TMA boxes of 64 columns x 128 rows, 128-byte swizzle) and the others exit. Warpgroups 1
+// and 2 are the consumers, 64 query rows each (setmaxnreg moves the producer's registers to them). Keys come in
+// tiles of kBlockN = 128 through a ring of STAGES K and V buffers; copies complete on mbarriers (full[stage] counts
+// the bytes in, empty[stage] the consumer warps done with the stage), so no CTA-wide barrier sits in the loop, and K
+// and V have barriers of their own: S = Q K^T starts when K is in.
+// S = Q K^T is one wgmma.m64n128k16 chain per warpgroup with Q and K both read from shared memory, and O += P V takes
+// P from registers (the S accumulator layout is the A-fragment layout) and V from shared memory as an N-major
+// operand, so no tile is ever transposed. Tiles are 64-column blocks of 128-byte rows with 16-byte chunks XOR-swizzled
+// by (row & 7), the layout TMA's 128-byte swizzle writes (bases 1024-byte aligned). Each consumer's loop is
+// software-pipelined: S(i) and O += P(i-1) V(i-1) are issued together and the softmax of S(i) runs on the CUDA cores
+// while the tensor cores finish P(i-1) V(i-1). Optionally (PINGPONG) the consumers take turns issuing their products
+// through two named barriers, so that one warpgroup's softmax runs while the other's products hold the tensor cores.
+// Query tiles are taken heaviest first, in L2 sections of heads (flash_common.cuh, tile_order).
 //
 // Tile classification is that of the sm_80 kernel: skipped, unmasked or masked tiles; for ReRoPE the near pair, the
 // far pair, or (straddling the window) two visits of the tile, far keys with (q_far, k_far) and near keys with
-// (q, k), each masked to its keys. A visit loads its own K (near or far) and V, so a stage holds one K; all far
-// visits come first, so that one buffer holds q_far and then q.
+// (q, k), each masked to its keys. A visit loads its own K (near or far) and V, so a stage holds one K; q and q_far
+// both stay in shared memory and each visit picks its pair.
 #include "flash_common.cuh"
 
 #include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime's driver entry point)
@@ -37,7 +43,6 @@ namespace {
 constexpr int kD = 128;
 constexpr int kBlockM = 128;
 constexpr int kBlockN = 128;
-constexpr int kThreads = 256;               // two warpgroups
 constexpr int kNB = kBlockN / 8;            // n8 blocks of S per thread row
 static_assert(kNB * 8 == kBlockN && kBlockN % kFlashBlockN == 0, "key tiles of whole n8 blocks and prepass tiles");
 constexpr int kPrepassTiles = kBlockN / kFlashBlockN;  // key tiles of the (min, max) prepass per key tile
@@ -74,12 +79,6 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[8][4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
   }
-}
-// cp.async writes (generic proxy) made visible to wgmma operand reads (async proxy).
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // d (m64 x n128, fp32) = (scale_d ? d : 0) + A (m64 x k16, shared, K-major) * B (k16 x n128, shared, K-major).
@@ -127,31 +126,7 @@ SCALED_ROPE_WGMMA(__half, "f16")
 #undef SCALED_ROPE_WGMMA_D_OPERANDS
 #undef SCALED_ROPE_WGMMA_D
 
-// ---- kernel -------------------------------------------------------------------------------------------------------
-// ROWS x 128 tile from global into 64-column blocks of swizzled 128-byte rows; rows >= rows_valid are zero-filled.
-template <typename T, int ROWS>
-__device__ __forceinline__ void load_tile(uint32_t tile, const T* gmem, int64_t row_stride, int rows_valid) {
-  constexpr int kChunks = kD / 8;
-  constexpr int kRowsPerPass = kThreads / kChunks;
-  static_assert(ROWS % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "tile must split evenly over the threads");
-  const int row = static_cast<int>(threadIdx.x) / kChunks;
-  const int chunk = static_cast<int>(threadIdx.x) % kChunks;
-  const uint32_t dst = tile + (chunk >> 3) * ROWS * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
-  const T* src = gmem + row * row_stride + chunk * 8;
-  if (rows_valid >= ROWS) {  // every tile but the last: no per-row bounds, 3 instructions a row instead of 10
-#pragma unroll
-    for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
-      cp_async_16(dst + i * kRowsPerPass * 128, src + i * kRowsPerPass * row_stride, true);
-    }
-    return;
-  }
-#pragma unroll 1  // the last tile only: unrolled, its address registers make the kernel spill
-  for (int i = 0; i < ROWS / kRowsPerPass; ++i) {
-    const bool valid = row + i * kRowsPerPass < rows_valid;
-    cp_async_16(dst + i * kRowsPerPass * 128, valid ? src + i * kRowsPerPass * row_stride : gmem, valid);
-  }
-}
-
+// ---- visits, masks, softmax --------------------------------------------------------------------------------------
 // Keys allowed for a query at position pos where key positions are the columns (DESIGN.md section 3: col < seqlen_k,
 // causal delta >= 0, window delta < window, a split ReRoPE visit keeps delta >= rerope_w (far) or < rerope_w
 // (near); delta = pos - col): the columns base + c with lo <= c < hi, clamped to the offsets 0..kBlockN of a tile.
@@ -205,388 +180,7 @@ class Visit {
   int bits_;
 };
 
-template <typename T, int STAGES>
-__global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const FlashFwdParams p, int num_q_tiles,
-                                                                     int section_heads) {
-#ifdef SCALED_ROPE_SM90A
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int q_range[2][kThreads / 32];
-  const bool rerope = p.rerope_window > 0;
-  const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;  // the launch adds 1024 bytes of slack
-  const uint32_t sStages = sQ + kQBytes;                       // K stages, then V stages
-
-  const int tid = static_cast<int>(threadIdx.x);
-  const int warp = tid / 32, lane = tid % 32;
-  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // broadcast: known warp-uniform, so wg-derived values
-                                                         // (the Q descriptor) can live in uniform registers
-  const int g = lane >> 2, t = lane & 3;
-  const TileIndex tile = tile_order(blockIdx.x, num_q_tiles, p.batch * p.heads_q, section_heads);
-  const int64_t bh = tile.bh;
-  const int q_tile = tile.q_tile;
-  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-  const int64_t hk = h / (p.heads_q / p.heads_kv);
-  const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
-  const int m0 = q_tile * kBlockM;
-  const int window = p.window > 0 ? static_cast<int>(min(p.window, static_cast<int64_t>(INT_MAX))) : 0;
-  const int rerope_w = rerope ? static_cast<int>(min(p.rerope_window, static_cast<int64_t>(INT_MAX))) : 0;
-  const int32_t* k_pos = p.k_positions ? p.k_positions + b * p.k_positions_batch_stride : nullptr;
-
-  // This thread's rows: r = 0, 1 is row m0 + 16 * warp + g + 8 r (warp w of the CTA owns rows 16w..16w+15), holding
-  // accumulator elements [4 nb + 2 r] and [4 nb + 2 r + 1] (columns 8 nb + 2t, +1) of every n8 block nb.
-  int pos[2];
-  float row_scale[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = m0 + warp * 16 + g + 8 * r;
-    if (p.q_positions) {
-      pos[r] = row < seqlen_q ? p.q_positions[b * p.q_positions_batch_stride + row] : 0;
-    } else {
-      pos[r] = seqlen_k - seqlen_q + row;
-    }
-    float scale = p.softmax_scale * kLog2e;
-    if (p.logn_base > 0.0f) scale *= fmaxf(1.0f, logf(static_cast<float>(pos[r]) + 1.0f) / logf(p.logn_base));
-    row_scale[r] = scale;
-  }
-
-  int q_min = INT_MAX, q_max = INT_MIN;
-  if (p.q_positions) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (m0 + warp * 16 + g + 8 * r < seqlen_q) {
-        q_min = min(q_min, pos[r]);
-        q_max = max(q_max, pos[r]);
-      }
-    }
-    cta_min_max(q_min, q_max, q_range);
-  } else {
-    q_min = seqlen_k - seqlen_q + m0;
-    q_max = seqlen_k - seqlen_q + min(m0 + kBlockM, seqlen_q) - 1;
-  }
-
-  const int n_tiles = (seqlen_k + kBlockN - 1) / kBlockN;
-  const int n_prepass = (seqlen_k + kFlashBlockN - 1) / kFlashBlockN;
-  int j_begin = 0, j_end = n_tiles;
-  if (!k_pos) {
-    if (p.causal) j_end = q_max < 0 ? 0 : min(j_end, q_max / kBlockN + 1);
-    if (window) {
-      const int64_t first = static_cast<int64_t>(q_min) - window + 1;
-      if (first > 0) j_begin = static_cast<int>(min(first / kBlockN, static_cast<int64_t>(n_tiles)));
-    }
-  }
-
-  auto classify = [&](int j) -> TileClass {
-    int k_min, k_max;
-    if (k_pos) {
-      k_min = INT_MAX;
-      k_max = INT_MIN;
-#pragma unroll
-      for (int i = 0; i < kPrepassTiles; ++i) {
-        const int jp = j * kPrepassTiles + i;
-        if (jp < n_prepass) {
-          const int2 mm = reinterpret_cast<const int2*>(p.k_tile_minmax)[b * n_prepass + jp];
-          k_min = min(k_min, mm.x);
-          k_max = max(k_max, mm.y);
-        }
-      }
-    } else {
-      k_min = j * kBlockN;
-      k_max = min(j * kBlockN + kBlockN, seqlen_k) - 1;
-    }
-    const int64_t d_min = static_cast<int64_t>(q_min) - k_max, d_max = static_cast<int64_t>(q_max) - k_min;
-    TileClass c{0, false};
-    if ((p.causal && d_max < 0) || (window && d_min >= window)) return c;
-    c.elementwise = (j + 1) * kBlockN > seqlen_k || (p.causal && d_min < 0) || (window && d_max >= window);
-    if (!rerope || d_max < rerope_w) {
-      c.mode = kNear;
-    } else {
-      c.mode = d_min >= rerope_w ? kFar : (kNear | kFar);
-    }
-    return c;
-  };
-  // Visits come in two phases so that one shared-memory buffer holds the query tile: with ReRoPE first every visit
-  // with the far pair (far tiles and the far halves of straddling tiles, q_far in the buffer), then every visit
-  // with the near pair (q in the buffer). The online softmax does not depend on the order of the visits.
-  auto find_visit = [&](int j, bool far) -> Visit {
-    for (; j < j_end; ++j) {
-      const TileClass c = classify(j);
-      if (c.mode & (far ? kFar : kNear)) {
-        const bool straddle = c.mode == (kNear | kFar);
-        return Visit{j, far, c.elementwise || straddle, straddle};
-      }
-    }
-    return Visit{j_end, false, false, false};
-  };
-  auto first_visit = [&]() -> Visit {
-    const Visit v = rerope ? find_visit(j_begin, true) : Visit{j_end, false, false, false};
-    return v.j() < j_end ? v : find_visit(j_begin, false);
-  };
-  auto advance = [&](const Visit& v) -> Visit {
-    if (v.j() >= j_end) return v;
-    const Visit w = find_visit(v.j() + 1, v.far());
-    return (w.j() < j_end || !v.far()) ? w : find_visit(j_begin, false);
-  };
-
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const int64_t k_off = b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  auto sK = [&](int stage) { return sStages + stage * kKVBytes; };
-  auto sV = [&](int stage) { return sStages + (STAGES + stage) * kKVBytes; };
-  auto load_k = [&](const Visit& v, int stage) {
-    const int64_t n0 = static_cast<int64_t>(v.j()) * kBlockN;
-    const T* k_base = static_cast<const T*>(v.far() ? p.k_far : p.k) + k_off;
-    load_tile<T, kBlockN>(sK(stage), k_base + n0 * p.k_row_stride, p.k_row_stride, seqlen_k - v.j() * kBlockN);
-  };
-  auto load_v = [&](const Visit& v, int stage) {
-    const int64_t n0 = static_cast<int64_t>(v.j()) * kBlockN;
-    load_tile<T, kBlockN>(sV(stage), v_base + n0 * p.v_row_stride, p.v_row_stride, seqlen_k - v.j() * kBlockN);
-  };
-  auto key_position = [&](int col) -> int {
-    if (!k_pos) return col;
-    return col < seqlen_k ? k_pos[col] : 0;
-  };
-
-  // Descriptors of this warpgroup's Q rows and of stage 0 of K and V, built once; a k16 step or stage is an offset.
-  const uint64_t q_desc = smem_desc(sQ + wg * 64 * 128, 16, 1024);  // q or q_far, whichever the phase loaded
-  const uint64_t k_desc = smem_desc(sK(0), 16, 1024);
-  const uint64_t v_desc = smem_desc(sV(0), kBlockN * 128, 1024);
-  // S = Q K^T into s (issued, not waited): 8 k16 steps; step kk reads 32 bytes at (kk % 4) * 32 of the rows of
-  // column block kk / 4 of Q (this warpgroup's 64 rows) and of K.
-  auto issue_qk = [&](float (&s)[64], int stage) {
-    const uint64_t kd = desc_plus(k_desc, stage * kKVBytes);
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      wgmma_ss<T>(s, desc_plus(q_desc, (kk >> 2) * kBlockM * 128 + (kk & 3) * 32),
-                  desc_plus(kd, (kk >> 2) * kBlockN * 128 + (kk & 3) * 32), kk > 0 ? 1 : 0);
-    }
-  };
-  // O += P V (issued, not waited): 8 k16 steps over the keys; V is an N-major operand whose 64-column blocks are
-  // kBlockN * 128 bytes apart and whose 8-key groups are 1024 bytes apart.
-  auto issue_pv = [&](float (&o)[64], const uint32_t (&pa)[kBlockN / 16][4], int stage) {
-    const uint64_t vd = desc_plus(v_desc, stage * kKVBytes);
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_rs<T>(o, pa[kk], desc_plus(vd, kk * 16 * 128), 1);
-  };
-
-  float o[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units (scaled)
-  float row_sum[2] = {0.0f, 0.0f};            // this thread's partial sums
-
-  // Masks and exponentiates the finished scores s of visit v in place (probabilities, this row's max as reference)
-  // and updates the row statistics; alpha[r] = the factor O's row r must be multiplied by. The row scale is folded
-  // into the exponent, p = 2^(s * scale - max): one FFMA per element. Masking and the max work on the raw scores,
-  // which needs scale > 0 (flash_fwd() checks softmax_scale; the log-n factor is >= 1): -inf stays -inf, and
-  // max(s) * scale = max(s * scale) exactly (rounding is monotonic). Max and sum are trees, not serial chains.
-  auto softmax = [&](float (&s)[64], const Visit& v, float (&alpha)[2]) {
-    const int n0 = v.j() * kBlockN;
-    if (v.masked() && k_pos) {  // key positions given: each element compares its own
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + nb * 8 + 2 * t + e;
-          const int key = key_position(col);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int delta = pos[r] - key;
-            const bool allowed = col < seqlen_k && (!p.causal || delta >= 0) && (!window || delta < window) &&
-                                 (!v.split() || (delta >= rerope_w) == v.far());
-            if (!allowed) s[4 * nb + 2 * r + e] = -INFINITY;
-          }
-        }
-      }
-    } else if (v.masked()) {  // key = column: each row's allowed keys are one range, two compares an element
-      int lo[2], hi[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const ColumnRange c = allowed_columns(pos[r], n0 + 2 * t, seqlen_k, p.causal, window, v.split(), v.far(),
-                                              rerope_w);
-        lo[r] = c.lo;
-        hi[r] = c.hi;
-      }
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            if (nb * 8 + e < lo[r] || nb * 8 + e >= hi[r]) s[4 * nb + 2 * r + e] = -INFINITY;
-          }
-        }
-      }
-    }
-    // A row with nothing allowed so far keeps max -inf and uses 0 as its reference.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float m[kNB];
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) m[nb] = fmaxf(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]);
-      float mx = tree_reduce<0, kNB>(m, [](float a, float b) { return fmaxf(a, b); });
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx = fmaxf(row_max[r], mx * row_scale[r]);
-      const float ref = mx == -INFINITY ? 0.0f : mx;
-      alpha[r] = ex2(row_max[r] - ref);
-      row_max[r] = mx;
-      float sum[kNB];
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[4 * nb + 2 * r + e];
-          x = ex2(fmaf(x, row_scale[r], -ref));
-        }
-        sum[nb] = s[4 * nb + 2 * r] + s[4 * nb + 2 * r + 1];
-      }
-      row_sum[r] = fmaf(row_sum[r], alpha[r], tree_reduce<0, kNB>(sum, [](float a, float b) { return a + b; }));
-    }
-  };
-  auto rescale_o = [&](const float (&alpha)[2]) {
-#pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
-  };
-  // P's A fragment for keys 16kk.. is n8 blocks 2kk and 2kk + 1 of S (the accumulator layout is the A layout).
-  auto pack_p = [&](const float (&s)[64], uint32_t (&pa)[kBlockN / 16][4]) {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-    }
-  };
-
-  // Visit i: S(i) and O += P(i-1) V(i-1) are issued together, and the softmax of S(i) runs while the tensor cores
-  // work on P(i-1) V(i-1). K and V have rings of STAGES stages each; with lookahead L = STAGES - 1, K(i+L) and
-  // V(i+L-1) are copied during visit i, into the stages of K(i-1) (free once S(i-1) was waited for) and of V(i-2)
-  // (free once P(i-2) V(i-2) was), so every copy has L visits to land.
-  constexpr int L = STAGES - 1;
-  Visit ahead[L + 1];  // visits i .. i + L
-  ahead[0] = first_visit();
-#pragma unroll
-  for (int m = 1; m <= L; ++m) ahead[m] = advance(ahead[m - 1]);
-
-  const int q_rows = seqlen_q - m0;
-  auto load_q = [&](bool far) {
-    const T* base = far ? static_cast<const T*>(p.q_far) + b * p.q_batch_stride + h * p.q_head_stride : q_base;
-    load_tile<T, kBlockM>(sQ, base + m0 * p.q_row_stride, p.q_row_stride, q_rows);
-  };
-  bool q_far_loaded = ahead[0].far();
-  load_q(q_far_loaded);
-  if (ahead[0].j() < j_end) load_k(ahead[0], 0);
-  cp_async_commit();
-#pragma unroll
-  for (int m = 1; m < L; ++m) {  // group m: K(m), V(m - 1)
-    if (ahead[m].j() < j_end) load_k(ahead[m], m);
-    if (ahead[m - 1].j() < j_end) load_v(ahead[m - 1], m - 1);
-    cp_async_commit();
-  }
-
-  uint32_t pa[kBlockN / 16][4];
-  bool has_prev = false;
-  int stage = 0;  // i % STAGES: the stage of K(i) and V(i)
-  auto stage_plus = [&](int k) { return (stage + k) % STAGES; };
-  while (ahead[0].j() < j_end) {
-    cp_async_wait<L - 1>();  // K(i) and V(i-1) (copied L visits ago)
-    fence_proxy_async();
-    __syncthreads();
-    if (q_far_loaded && !ahead[0].far()) {  // first near visit: q replaces q_far (once per CTA, not hidden)
-      load_q(false);
-      cp_async_commit();
-      cp_async_wait_all();
-      fence_proxy_async();
-      __syncthreads();
-      q_far_loaded = false;
-    }
-
-    // The copies are issued behind the products (no target stage is read by them).
-    auto prefetch = [&] {
-      if (ahead[L].j() < j_end) load_k(ahead[L], stage_plus(L));
-      if (ahead[L - 1].j() < j_end) load_v(ahead[L - 1], stage_plus(L - 1));
-      cp_async_commit();
-    };
-    float s[64];
-    if (has_prev) {
-      wgmma_fence();
-      issue_qk(s, stage);
-      wgmma_commit();
-      issue_pv(o, pa, stage_plus(STAGES - 1));
-      wgmma_commit();
-      prefetch();
-      wgmma_wait<1>();
-    } else {
-      wgmma_fence();
-      issue_qk(s, stage);
-      wgmma_commit();
-      prefetch();
-      wgmma_wait<0>();
-    }
-    fence_regs(s);
-    float alpha[2];
-    softmax(s, ahead[0], alpha);
-    // alpha is exactly 1 for a row whose max did not grow (most visits once the maxima settle): a warp with no other
-    // skips the 64 multiplications. The wait for P(i-1) V(i-1) is inside the branches on purpose: ptxas moves a wgmma
-    // wait to the top of its basic block, and in the softmax's block that would stop the softmax overlapping it.
-    if (__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
-      wgmma_wait<0>();
-      fence_regs(o);
-    } else {
-      wgmma_wait<0>();
-      fence_regs(o);
-      rescale_o(alpha);
-    }
-    fence_regs(pa);  // P(i-1) stays untouched until its product is done
-    pack_p(s, pa);
-    has_prev = true;
-#pragma unroll
-    for (int m = 0; m < L; ++m) ahead[m] = ahead[m + 1];
-    ahead[L] = advance(ahead[L]);
-    stage = stage_plus(1);
-  }
-  if (has_prev) {
-    cp_async_wait_all();  // V of the last visit
-    fence_proxy_async();
-    __syncthreads();
-    wgmma_fence();
-    issue_pv(o, pa, stage_plus(STAGES - 1));
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(o);
-    fence_regs(pa);
-  }
-  cp_async_wait_all();
-
-  // Epilogue: normalise, write out (input dtype) and lse (natural log); empty rows give 0 and -inf.
-  T* out_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
-  float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int row = m0 + warp * 16 + g + 8 * r;
-    if (row >= seqlen_q) continue;
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    T* out_row = out_base + row * p.o_row_stride;
-#pragma unroll
-    for (int db = 0; db < kD / 8; ++db) {
-      *reinterpret_cast<uint32_t*>(out_row + db * 8 + 2 * t) =
-          pack2<T>(o[4 * db + 2 * r] * inv, o[4 * db + 2 * r + 1] * inv);
-    }
-    if (t == 0) lse_base[row] = sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
-  }
-#endif
-}
-
-// ==== warp-specialised kernel (v6) =================================================================================
-// Three warpgroups: warpgroup 0 is the producer (one thread issues every copy through the tensor memory accelerator,
-// TMA, and the others exit), warpgroups 1 and 2 are the consumers, 64 query rows each, as in the kernel above. Copies
-// complete on mbarriers: full[stage] counts the bytes in, empty[stage] the consumer warps done with a stage, so no
-// CTA-wide barrier sits in the loop. K and V have separate barriers: S = Q K^T starts when K is in, before V. With
-// ReRoPE, q and q_far both stay in shared memory and each visit picks its pair. Optionally (PINGPONG) the consumers
-// take turns issuing their products through two named barriers, so one warpgroup's softmax runs while the other's
-// products occupy the tensor cores.
-constexpr int kWsThreads = 384;
-constexpr int kWsStages = 2;
+constexpr int kThreads = 384;      // producer warpgroup + two consumer warpgroups
 constexpr int kProducerRegs = 24;   // setmaxnreg: 128 * 24 + 256 * 240 = 64512 of the 65536 registers
 constexpr int kConsumerRegs = 240;
 constexpr int kConsumerWarps = 8;   // arrivals that free a stage: lane 0 of each consumer warp
@@ -641,8 +235,8 @@ __device__ __forceinline__ void regs_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
 }
 
-// The key tiles one query tile visits, in order (the sequence of the kernel above): producer and consumers each
-// walk it, so no visit list passes between them.
+// The key tiles one query tile visits, in order: producer and consumers each walk it, so no visit list passes
+// between them.
 struct VisitPlan {
   const int2* k_tile_minmax;  // this batch row's (min, max) key position per prepass tile; nullptr: key = column
   int n_prepass, seqlen_k, window, rerope_w, q_min, q_max, j_begin, j_end;
@@ -688,7 +282,7 @@ struct VisitPlan {
     }
     return Visit{j_end, false, false, false};
   }
-  // Far visits first, then near ones (the kernel above needs that order; this one keeps it).
+  // Far visits first, then near ones (any order gives the same softmax; this one keeps the far pair's loads together).
   __device__ Visit first() const {
     const Visit v = rerope_w ? find(j_begin, true) : Visit{j_end, false, false, false};
     return v.j() < j_end ? v : find(j_begin, false);
@@ -700,7 +294,7 @@ struct VisitPlan {
   }
 };
 
-// Per-thread row state of a consumer: the two rows r = 0, 1 this thread holds (see the kernel above).
+// Per-thread row state of a consumer: the two rows r = 0, 1 this thread holds (see the kernel).
 struct Rows {
   int pos[2];
   float scale[2];    // softmax_scale * log2(e) * log-n factor
@@ -709,8 +303,10 @@ struct Rows {
 };
 
 // Masks and exponentiates the finished scores s of visit v in place and updates the row statistics; alpha[r] is
-// the factor O's row r must be multiplied by. As the softmax of the kernel above (scale folded into the exponent,
-// tree reductions; needs scale > 0, which flash_fwd() checks).
+// the factor O's row r must be multiplied by. The row scale is folded into the exponent, p = 2^(s * scale - max): one
+// FFMA per element. Masking and the max work on the raw scores, which needs scale > 0 (flash_fwd() checks
+// softmax_scale; the log-n factor is >= 1): -inf stays -inf, and max(s) * scale = max(s * scale) exactly (rounding
+// is monotonic). Max and sum are pairwise trees, not serial chains.
 __device__ __forceinline__ void softmax_visit(float (&s)[64], const Visit& v, Rows& rows, float (&alpha)[2],
                                               const VisitPlan& plan, const int32_t* k_pos, int t) {
   const int n0 = v.j() * kBlockN;
@@ -777,15 +373,16 @@ __device__ __forceinline__ void softmax_visit(float (&s)[64], const Visit& v, Ro
   }
 }
 
-template <typename T, bool PINGPONG>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    flash_fwd_sm90_ws_kernel(const __grid_constant__ TileMaps maps, const FlashFwdParams p, int num_q_tiles,
+// STAGES: K/V stages; three fit beside one query tile (225 KB), ReRoPE's two query tiles leave room for two.
+template <typename T, int STAGES, bool PINGPONG>
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_fwd_sm90_kernel(const __grid_constant__ TileMaps maps, const FlashFwdParams p, int num_q_tiles,
                              int section_heads) {
 #ifdef SCALED_ROPE_SM90A
-  constexpr int S = kWsStages;
+  constexpr int S = STAGES;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t bars[1 + 4 * S];  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
-  __shared__ int q_range[2][kWsThreads / 32];
+  __shared__ int q_range[2][kThreads / 32];
   const bool rerope = p.rerope_window > 0;
   const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;  // q, then q_far (ReRoPE); the launch adds 1024 bytes
   const uint32_t sK = sQ + (rerope ? 2 : 1) * kQBytes;          // K stages, then V stages
@@ -957,17 +554,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (lane == 0) mbar_arrive(k_empty(stage));
       float alpha[2];
       softmax_visit(s, v, rows, alpha, plan, k_pos, t);
-      // As in the kernel above: skip the rescale where no row max grew; the waits stay inside the branches.
-      if (__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
+      // The wait for P(i-1) V(i-1) sits in a block of its own, after the softmax (ptxas schedules a wgmma wait at
+      // the top of its basic block: in the softmax's block it would stop the softmax overlapping the product), under
+      // a CTA-uniform condition (wgmma.wait_group is .aligned: one instruction for every warp of the warpgroup).
+      if (has_prev) {
         wgmma_wait<0>();
         fence_regs(o);
-      } else {
-        wgmma_wait<0>();
-        fence_regs(o);
+        if (lane == 0) mbar_arrive(v_empty(prev_stage));
+        // alpha is exactly 1 for a row whose max did not grow (most visits once the maxima settle): a warp with no
+        // other skips the 64 multiplications.
+        if (!__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
 #pragma unroll
-        for (int e = 0; e < 64; ++e) o[e] *= alpha[(e >> 1) & 1];
+          for (int e = 0; e < 64; ++e) o[e] *= alpha[(e >> 1) & 1];
+        }
       }
-      if (has_prev && lane == 0) mbar_arrive(v_empty(prev_stage));
       fence_regs(pa);  // P(i-1) stays untouched until its product is done
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -984,10 +584,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       wgmma_fence();
       issue_pv(o, pa, prev_stage);
       wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(o);
-      fence_regs(pa);
     }
+    wgmma_wait<0>();  // unconditional: ptxas cannot tell that nothing is in flight on the path without visits
+    fence_regs(o);
+    fence_regs(pa);
 
     // Epilogue: normalise, write out (input dtype) and lse (natural log); empty rows give 0 and -inf.
     T* out_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
@@ -1029,7 +629,7 @@ bool sm90_available() {
       return false;
     }
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T, 2>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T, 2, false>) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
@@ -1087,8 +687,8 @@ std::string encode_tile_map(CUtensorMap* map, const char* name, const void* base
   return "";
 }
 
-template <typename T, bool PINGPONG>
-std::string launch_ws(const FlashFwdParams& p, cudaStream_t stream) {
+template <typename T, int STAGES, bool PINGPONG>
+std::string launch_kernel(const FlashFwdParams& p, cudaStream_t stream) {
   static_assert(kBlockM == kBlockN, "one box shape serves the q and the k/v tiles");
   const bool rerope = p.rerope_window > 0, keys = p.seqlen_k > 0;
   TileMaps maps;
@@ -1107,8 +707,8 @@ std::string launch_ws(const FlashFwdParams& p, cudaStream_t stream) {
                              p.v_head_stride);
   }
   if (err.empty() && keys && rerope) {
-    err = encode_tile_map<T>(&maps.k_far, "k_far", p.k_far, p.batch, p.seqlen_k, p.heads_kv, p.k_batch_stride,
-                             p.k_row_stride, p.k_head_stride);
+    err = encode_tile_map<T>(&maps.k_far, "k_far", p.k_far, p.batch, p.seqlen_k, p.heads_kv, p.k_far_batch_stride,
+                             p.k_far_row_stride, p.k_far_head_stride);
   }
   if (!err.empty()) return err;
   // Maps the kernel never reads (no keys, no ReRoPE) are copies of a valid one.
@@ -1116,8 +716,8 @@ std::string launch_ws(const FlashFwdParams& p, cudaStream_t stream) {
   if (!keys) maps.k = maps.v = maps.q;
   if (!keys || !rerope) maps.k_far = maps.k;
 
-  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + kWsStages * 2 * kKVBytes + 1024);
-  auto kernel = flash_fwd_sm90_ws_kernel<T, PINGPONG>;
+  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + STAGES * 2 * kKVBytes + 1024);
+  auto kernel = flash_fwd_sm90_kernel<T, STAGES, PINGPONG>;
   const cudaError_t attr_err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (attr_err != cudaSuccess) {
@@ -1127,35 +727,21 @@ std::string launch_ws(const FlashFwdParams& p, cudaStream_t stream) {
   const int64_t num_q_tiles = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int64_t blocks = num_q_tiles * p.batch * p.heads_q;
   if (blocks > INT_MAX) return "flash_fwd: batch * heads_q * ceil(seqlen_q / 128) is too large";
-  kernel<<<static_cast<unsigned>(blocks), kWsThreads, smem, stream>>>(maps, p, static_cast<int>(num_q_tiles),
-                                                                      l2_section_heads(p));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(maps, p, static_cast<int>(num_q_tiles),
+                                                                    l2_section_heads(p));
   return launch_error("attention kernel launch failed");
 }
 
+// Switches for measurements: SCALED_ROPE_FLASH_SM90_PINGPONG=0 turns the consumers' turns off,
+// SCALED_ROPE_FLASH_SM90_STAGES_2=1 takes two K/V stages where three fit (no ReRoPE).
 template <typename T>
 std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
-  if (!env_flag("SCALED_ROPE_FLASH_SM90_V5")) {
-    const char* pingpong = std::getenv("SCALED_ROPE_FLASH_SM90_PINGPONG");
-    if (pingpong != nullptr && pingpong[0] == '0') return launch_ws<T, false>(p, stream);
-    return launch_ws<T, true>(p, stream);
+  const char* pingpong_switch = std::getenv("SCALED_ROPE_FLASH_SM90_PINGPONG");
+  const bool pingpong = pingpong_switch == nullptr || pingpong_switch[0] != '0';
+  if (p.rerope_window > 0 || env_flag("SCALED_ROPE_FLASH_SM90_STAGES_2")) {
+    return pingpong ? launch_kernel<T, 2, true>(p, stream) : launch_kernel<T, 2, false>(p, stream);
   }
-  // Three K and V stages (225 KB of shared memory); SCALED_ROPE_FLASH_SM90_STAGES_2=1 forces two, for comparison.
-  const bool three = !env_flag("SCALED_ROPE_FLASH_SM90_STAGES_2");
-  const int stages = three ? 3 : 2;
-  const size_t smem = static_cast<size_t>(kQBytes + stages * 2 * kKVBytes + 1024);
-  auto kernel = three ? flash_fwd_sm90_kernel<T, 3> : flash_fwd_sm90_kernel<T, 2>;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return std::string("flash_fwd (sm_90a): cannot reserve shared memory: ") + cudaGetErrorString(err);
-  }
-  const int64_t num_q_tiles = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int64_t blocks = num_q_tiles * p.batch * p.heads_q;
-  if (blocks > INT_MAX) return "flash_fwd: batch * heads_q * ceil(seqlen_q / 128) is too large";
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, static_cast<int>(num_q_tiles),
-                                                             l2_section_heads(p));
-  return launch_error("attention kernel launch failed");
+  return pingpong ? launch_kernel<T, 3, true>(p, stream) : launch_kernel<T, 3, false>(p, stream);
 }
 
 }  // namespace

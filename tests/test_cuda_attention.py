@@ -16,8 +16,7 @@ pytestmark = pytest.mark.gpu
 SHORT = [1.0 + 0.05 * i for i in range(64)]
 # Switches read by the extension on every call (no-ops where the sm_90a kernel does not apply).
 KERNEL_PATHS = {"default": {}, "sm90-no-pingpong": {"SCALED_ROPE_FLASH_SM90_PINGPONG": "0"},
-                "sm90-v5": {"SCALED_ROPE_FLASH_SM90_V5": "1"},
-                "sm90-v5-2stage": {"SCALED_ROPE_FLASH_SM90_V5": "1", "SCALED_ROPE_FLASH_SM90_STAGES_2": "1"},
+                "sm90-2stage": {"SCALED_ROPE_FLASH_SM90_STAGES_2": "1"},
                 "sm80": {"SCALED_ROPE_FLASH_SM80": "1"},
                 # tile order: L2 sections of 3 heads (a partial last section, sections across batch rows), head by head
                 "sections-3": {"SCALED_ROPE_L2_SECTION_HEADS": "3"}, "sections-1": {"SCALED_ROPE_L2_SECTION_HEADS": "1"}}
@@ -141,21 +140,24 @@ def test_strided_and_misaligned_inputs():
         assert_close_to_gold(name, x, gx, bx, torch.bfloat16)
 
 
-@pytest.mark.parametrize("path", ["default", "sm90-no-pingpong"])
+@pytest.mark.parametrize("path", ["default", "sm90-no-pingpong", "sm80"])
 def test_strided_head_dim_128(path, monkeypatch):
-    """v as a view of a packed (B, N, 3 H, 128) tensor (row stride 3 H D, the tensor maps of the sm_90a kernel),
-    with one batch row, one key head and one query row (dimensions of size 1 get stride 0 from the launcher)."""
+    """k and v as views of a packed (B, N, 3 H, 128) tensor (row stride 3 H D: the tensor maps of the sm_90a kernel;
+    plain ReRoPE reads k itself as the far k, with its own strides), with one batch row, one key head and one query
+    row (dimensions of size 1 get stride 0 from the launcher). YaRN's attention factor != 1 checks that the far q
+    carries both factors when the far k is k itself."""
     for name, value in KERNEL_PATHS[path].items():
         monkeypatch.setenv(name, value)
     g = torch.Generator().manual_seed(44)
-    for nq, nk in ((1, 300), (200, 300)):
+    yarn = RopeScaling.yarn(128, 4.0, 256)
+    for nq, nk, rope, extra in ((1, 300, longrope(128), {}), (200, 300, longrope(128), {}),
+                                (200, 300, yarn, dict(rerope_window=100)), (1, 300, yarn, dict(rerope_window=64))):
         qkv = torch.randn(1, nk, 3 * 2, 128, generator=g).to("cuda", torch.bfloat16)
         q = torch.randn(1, nq, 2, 128, generator=g).to("cuda", torch.bfloat16)
         k, v = qkv[:, :, 2:3], qkv[:, :, 4:5]
-        rope = longrope(128)
-        out, lse = scaled_rope_attention(q, k, v, rope, return_lse=True, backend="cuda")
-        gold = reference.attention(q.float(), k.float(), v.float(), rope, compute_dtype=torch.float32)
-        base = reference.attention(q, k, v, rope, compute_dtype=torch.bfloat16)
+        out, lse = scaled_rope_attention(q, k, v, rope, return_lse=True, backend="cuda", **extra)
+        gold = reference.attention(q.float(), k.float(), v.float(), rope, compute_dtype=torch.float32, **extra)
+        base = reference.attention(q, k, v, rope, compute_dtype=torch.bfloat16, **extra)
         for name, x, gx, bx in (("out", out, gold[0], base[0]), ("lse", lse, gold[1], base[1])):
             assert_close_to_gold(name, x, gx, bx, torch.bfloat16)
 

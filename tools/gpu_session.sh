@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
 # Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe] [probe-order]
-#        [smoke] [sass] [time-flash] [ncu] [host-profile] [long-shapes]
+#        [smoke] [sanitize] [sass] [time-flash] [ncu] [host-profile] [long-shapes]
 # Environment: TEST_FILES (paths relative to the repo or absolute; default tests), TEST_WORKERS, TESTS_TIMEOUT,
 # BENCH_BUDGET, BENCH_LABEL, BENCH_ONLY, BENCH_MAX_N, LONG_SHAPES_TIMEOUT.
 set -uo pipefail
@@ -35,6 +35,12 @@ for step in "$@"; do
       timeout 120 python3 -m pytest -q -m gpu -k "kernel_paths" --rootdir="$REPO" -p no:cacheprovider \
         "$REPO/tests/test_cuda_attention.py" > "$OUT/smoke.log" 2>&1 || { tail -n 40 "$OUT/smoke.log"; exit 1; }
       tail -n 2 "$OUT/smoke.log" ;;
+    sanitize)  # compute-sanitizer memcheck, racecheck, synccheck on small cases of every kernel (tools/sanitize_flash.py)
+      for tool in memcheck racecheck synccheck; do
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool $tool --print-limit 40 \
+          python3 "$REPO/tools/sanitize_flash.py" > "$OUT/sanitize_$tool.log" 2>&1
+        echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|all ok|MISMATCH' "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+      done ;;
     sass)  # register use, local memory, wgmma and barrier counts of the attention kernels
       so=$(python3 -c "import scaled_rope._C as m; print(m.__file__)")
       cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1; python3 "$REPO/tools/sass_summary.py" "$OUT/sass.txt" ;;

@@ -36,7 +36,8 @@ def run(name, batch, nq, nk, hq, hkv, dim, dtype=torch.bfloat16, rope="default",
                            rerope_leak=leak)
     out, lse = cuda_attention(q, k, v, q_tables=tables[0], k_tables=tables[1], q_far_tables=tables[2],
                               k_far_tables=tables[3], q_positions=q_pos, k_positions=k_pos, causal=causal,
-                              window=window, softmax_scale=dim ** -0.5, rerope_window=rerope_window, logn_base=logn)
+                              window=window, softmax_scale=dim ** -0.5, rerope_window=rerope_window, logn_base=logn,
+                              k_far_unrotated=rerope_window is not None and leak is None)
     torch.cuda.synchronize()
     ref_out, ref_lse = reference.attention(q, k, v, rope, causal=causal, q_positions=q_pos, k_positions=k_pos,
                                            window=window, rerope_window=rerope_window, rerope_leak=leak,
@@ -67,6 +68,9 @@ def main():
         ("explicit positions", 2, 77, 150, 2, 1, 128, torch.bfloat16, LONGROPE, True, dict(window=90)),
         ("explicit rerope", 1, 40, 129, 1, 1, 64, torch.bfloat16, "default", True, dict(rerope_window=60)),
         ("no rope", 1, 65, 65, 1, 1, 64, torch.bfloat16, None),
+        # head_dim 128 on Hopper: several laps of the sm_90a kernel's K/V stage ring, plain and ReRoPE
+        ("ring laps", 1, 300, 900, 2, 1, 128),
+        ("ring laps rerope", 1, 300, 900, 2, 1, 128, torch.float16, "default", True, dict(rerope_window=200)),
     ]
     ok = True
     for case in cases:

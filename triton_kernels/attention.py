@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._scale import fold_scale_sign, signed
+from ..tables import far_q_with_both_factors
 from ._host import cdiv, next_power_of_2
 from .rope import rotate
 
@@ -1005,7 +1006,7 @@ def _scratch_like(x: torch.Tensor) -> torch.Tensor:
     return _alloc.empty((batch, heads, n, dim), x.dtype, x.device).transpose(1, 2)
 
 
-_CACHE: dict = {}  # small derived tensors reused between calls (default positions, far q tables with m^2)
+_CACHE: dict = {}  # small derived tensors reused between calls (default positions)
 
 
 def _cached(key, device, make):
@@ -1067,16 +1068,12 @@ def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
     <m rot(q, w), m k> = <m^2 rot(q, w), k>, so the far q takes both attention factors and no far k is written."""
     if not (plan.rerope and plan.k_far_unrotated):
         return _rotate_inputs(q, k, q_pos, k_pos, plan)
-    far, k_far = plan.q_far_tables, plan.k_far_tables
-    # keyed by the tables' identity (cached by the caller for default positions); the entry holds both tables,
-    # so their ids cannot be reused while it lives
-    entry = _cached(("far q m^2", id(far), id(k_far)), q.device,
-                    lambda: (far, k_far, replace(far, attention_factor=far.attention_factor * k_far.attention_factor)))
+    far_q_tables = far_q_with_both_factors(plan.q_far_tables, plan.k_far_tables)
     if _shared_rotation(q, k, q_pos, k_pos, plan):  # q near, q far and k near in one launch
-        q_near, q_far, k_near = rotate(q, q_pos, plan.q_tables, out=_scratch_like(q), second_tables=entry[2],
+        q_near, q_far, k_near = rotate(q, q_pos, plan.q_tables, out=_scratch_like(q), second_tables=far_q_tables,
                                        second_out=_scratch_like(q), y=k, y_out=_scratch_like(k))
     else:
-        q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, entry[2])
+        q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, far_q_tables)
         k_near = _rotated(k, k_pos, plan.k_tables)
     return signed(q_near, q, plan.q_sign), k_near, signed(q_far, q, plan.q_sign), k
 

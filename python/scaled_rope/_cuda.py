@@ -10,6 +10,7 @@ import torch
 from . import _alloc
 from ._rotation_args import check_rotation_args
 from ._scale import fold_scale_sign, signed
+from .tables import far_q_with_both_factors
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _extension: tuple[object | None, str | None] | None = None
@@ -104,7 +105,7 @@ def _head_major_scratch(x: torch.Tensor) -> torch.Tensor:
     return torch.empty((batch, heads, n, dim), dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
-def _flash_forward(q, k, v, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_forward(q, k, v, a: dict, k_far_unrotated: bool) -> tuple[torch.Tensor, torch.Tensor]:
     reason = attention_support(q, a["rerope_window"])
     if reason is not None:
         raise NotImplementedError(reason)
@@ -134,8 +135,13 @@ def _flash_forward(q, k, v, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if rerope:
             if a["q_far_tables"] is None or a["k_far_tables"] is None:
                 raise ValueError("rerope_window needs q_far_tables and k_far_tables")
-            q_far = cuda_rotate(q, rot_q, a["q_far_tables"], out=_head_major_scratch(q))
-            k_far = cuda_rotate(k, rot_k, a["k_far_tables"], out=_head_major_scratch(k))
+            if k_far_unrotated:  # plain ReRoPE: the far k is k itself, the far q takes both attention factors
+                far_q_tables = far_q_with_both_factors(a["q_far_tables"], a["k_far_tables"])
+                q_far = cuda_rotate(q, rot_q, far_q_tables, out=_head_major_scratch(q))
+                k_far = _rows_aligned(k)
+            else:
+                q_far = cuda_rotate(q, rot_q, a["q_far_tables"], out=_head_major_scratch(q))
+                k_far = cuda_rotate(k, rot_k, a["k_far_tables"], out=_head_major_scratch(k))
     v = _rows_aligned(v)
     # the kernels take softmax_scale > 0 (the sm_90a one takes row maxima of the raw scores)
     sign, scale = fold_scale_sign(a["softmax_scale"])
@@ -156,6 +162,9 @@ def _flash_forward(q, k, v, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
         batch=batch, seqlen_q=nq, seqlen_k=nk, heads_q=heads, heads_kv=kv_heads, head_dim=dim,
         q_batch_stride=_stride(q_rot, 0), q_row_stride=_stride(q_rot, 1), q_head_stride=_stride(q_rot, 2),
         k_batch_stride=_stride(k_rot, 0), k_row_stride=_stride(k_rot, 1), k_head_stride=_stride(k_rot, 2),
+        k_far_batch_stride=0 if k_far is None else _stride(k_far, 0),
+        k_far_row_stride=0 if k_far is None else _stride(k_far, 1),
+        k_far_head_stride=0 if k_far is None else _stride(k_far, 2),
         v_batch_stride=_stride(v, 0), v_row_stride=_stride(v, 1), v_head_stride=_stride(v, 2),
         o_batch_stride=out.stride(0), o_row_stride=out.stride(1), o_head_stride=out.stride(2),
         lse_batch_stride=lse.stride(0), lse_head_stride=lse.stride(1),
@@ -185,8 +194,8 @@ class _CudaAttention(torch.autograd.Function):
     """CUDA forward; backward by the Triton kernels (same lse convention), recomputing the rotations."""
 
     @staticmethod
-    def forward(ctx, q, k, v, args):
-        out, lse = _flash_forward(q, k, v, args)
+    def forward(ctx, q, k, v, args, k_far_unrotated):
+        out, lse = _flash_forward(q, k, v, args, k_far_unrotated)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = args
         ctx.mark_non_differentiable(lse)
@@ -202,11 +211,11 @@ class _CudaAttention(torch.autograd.Function):
                 "use backend='triton' for training")
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = backward(q, k, v, out, lse, dout.contiguous(), **ctx.args)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def cuda_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None, q_positions=None,
-                   k_positions=None, causal, window, softmax_scale, rerope_window, logn_base):
+                   k_positions=None, causal, window, softmax_scale, rerope_window, logn_base, k_far_unrotated=False):
     """Scaled-RoPE attention (DESIGN.md section 3) with the CUDA forward (csrc/flash_fwd.cu).
 
     q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D), unrotated, float16/bfloat16, D in (64, 128), CUDA tensors with a
@@ -214,9 +223,11 @@ def cuda_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_tabl
     then the kernel runs on them. Tables as for `triton_attention` (None: no rotation); positions int (B, N) with
     |p| < 2**30, or None for the default (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D),
     lse (B, Hq, Nq) float32, natural log); empty rows give 0 and -inf. Differentiable in q, k, v through the Triton
-    backward. Raises NotImplementedError for other dtypes or head dims.
+    backward. k_far_unrotated=True says that k_far_tables rotate by angle 0 (plain ReRoPE): the kernel then reads k
+    itself as the far k, and the far q takes both attention factors. Raises NotImplementedError for other dtypes
+    or head dims.
     """
     args = dict(q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables, k_far_tables=k_far_tables,
                 q_positions=q_positions, k_positions=k_positions, causal=causal, window=window,
                 softmax_scale=softmax_scale, rerope_window=rerope_window, logn_base=logn_base)
-    return _CudaAttention.apply(q, k, v, args)
+    return _CudaAttention.apply(q, k, v, args, bool(k_far_unrotated))

@@ -256,13 +256,14 @@ def scaled_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
                                                          rerope_leak=rerope_leak)
         tables = dict(q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far, k_far_tables=k_far,
                       q_positions=q_positions, k_positions=k_positions)
+        # plain ReRoPE's far k rotates by angle 0: the kernels read k itself as the far k
+        k_far_unrotated = rerope_window is not None and rerope_leak is None
         if chosen == "triton":
             from .triton_kernels.attention import triton_attention
 
-            out, lse = triton_attention(q, k, v, **tables, **options,
-                                        k_far_unrotated=rerope_window is not None and rerope_leak is None)
+            out, lse = triton_attention(q, k, v, **tables, **options, k_far_unrotated=k_far_unrotated)
         else:
             from ._cuda import cuda_attention
 
-            out, lse = cuda_attention(q, k, v, **tables, **options)
+            out, lse = cuda_attention(q, k, v, **tables, **options, k_far_unrotated=k_far_unrotated)
     return (out, lse) if return_lse else out

@@ -9,7 +9,7 @@ position 2**21; this keeps cos and sin within 1e-6 of an fp64 truth.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -145,6 +145,16 @@ def _remember(key, device: torch.device, make):
                 _TABLE_CACHE.clear()
             _TABLE_CACHE[key] = found
     return found
+
+
+def far_q_with_both_factors(q_far: RotaryTables, k_far: RotaryTables) -> RotaryTables:
+    """q_far's tables carrying k_far's attention factor as well. Plain ReRoPE's far k rotates by angle 0, so
+    <m rot(q, w), m k> = <m^2 rot(q, w), k>: with these tables for the far q, the caller's k itself is the far k.
+    Kept per pair of tables (keyed by their ids; the entry holds both, so the ids cannot be reused while it lives)."""
+    entry = _remember(("far q m^2", id(q_far), id(k_far)), q_far.turns.device,
+                      lambda: (q_far, k_far, replace(q_far, attention_factor=q_far.attention_factor
+                                                     * k_far.attention_factor)))
+    return entry[2]
 
 
 def cached_tables(rope: RopeScaling, batch: int, device: torch.device | str, *,
