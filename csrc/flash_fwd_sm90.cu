@@ -5,7 +5,7 @@
 // One CTA of three warpgroups takes kBlockM = 128 query rows of one (batch, q head). Warpgroup 0 is the producer: one
 // thread issues every copy (TMA boxes of 64 columns x 128 rows, 128-byte swizzle) and the others exit. Warpgroups 1
 // and 2 are the consumers, 64 query rows each (setmaxnreg moves the producer's registers to them). Keys come in
-// tiles of kBlockN = 128 through a ring of STAGES K and V buffers; copies complete on mbarriers (full[stage] counts
+// tiles of kBlockN = 128 through a ring of kStages K and V buffers; copies complete on mbarriers (full[stage] counts
 // the bytes in, empty[stage] the consumer warps done with the stage), so no CTA-wide barrier sits in the loop, and K
 // and V have barriers of their own: S = Q K^T starts when K is in.
 // S = Q K^T is one wgmma.m64n128k16 chain per warpgroup with Q and K both read from shared memory, and O += P V takes
@@ -13,8 +13,8 @@
 // operand, so no tile is ever transposed. Tiles are 64-column blocks of 128-byte rows with 16-byte chunks XOR-swizzled
 // by (row & 7), the layout TMA's 128-byte swizzle writes (bases 1024-byte aligned). Each consumer's loop is
 // software-pipelined: S(i) and O += P(i-1) V(i-1) are issued together and the softmax of S(i) runs on the CUDA cores
-// while the tensor cores finish P(i-1) V(i-1). Optionally (PINGPONG) the consumers take turns issuing their products
-// through two named barriers, so that one warpgroup's softmax runs while the other's products hold the tensor cores.
+// while the tensor cores finish P(i-1) V(i-1). (Forcing the two consumers to take turns at issuing, FA3's ping-pong
+// through named barriers, measured no different; three stages instead of two neither: bench/NOTES.md, v6.)
 // Query tiles are taken heaviest first, in L2 sections of heads (flash_common.cuh, tile_order).
 //
 // Tile classification is that of the sm_80 kernel: skipped, unmasked or masked tiles; for ReRoPE the near pair, the
@@ -163,7 +163,7 @@ __device__ __forceinline__ float tree_reduce(const float (&x)[M], F f) {
   }
 }
 
-// A visit of a key tile, packed into one register (the kernel keeps STAGES of them and is at the register limit):
+// A visit of a key tile, packed into one register:
 // the tile index (< 2^23: flash_fwd() keeps seqlen_k below 2^30) in bits 0..27, the flags above it.
 class Visit {
  public:
@@ -181,6 +181,7 @@ class Visit {
 };
 
 constexpr int kThreads = 384;      // producer warpgroup + two consumer warpgroups
+constexpr int kStages = 2;         // K/V ring
 constexpr int kProducerRegs = 24;   // setmaxnreg: 128 * 24 + 256 * 240 = 64512 of the 65536 registers
 constexpr int kConsumerRegs = 240;
 constexpr int kConsumerWarps = 8;   // arrivals that free a stage: lane 0 of each consumer warp
@@ -219,12 +220,6 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, u
       "[%2];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(&map)), "r"(bar), "r"(col), "r"(row), "r"(head), "r"(batch)
       : "memory");
-}
-__device__ __forceinline__ void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 template <int REGS>
 __device__ __forceinline__ void regs_dec() {
@@ -373,13 +368,12 @@ __device__ __forceinline__ void softmax_visit(float (&s)[64], const Visit& v, Ro
   }
 }
 
-// STAGES: K/V stages; three fit beside one query tile (225 KB), ReRoPE's two query tiles leave room for two.
-template <typename T, int STAGES, bool PINGPONG>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ TileMaps maps, const FlashFwdParams p, int num_q_tiles,
                              int section_heads) {
 #ifdef SCALED_ROPE_SM90A
-  constexpr int S = STAGES;
+  constexpr int S = kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t bars[1 + 4 * S];  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
   __shared__ int q_range[2][kThreads / 32];
@@ -520,7 +514,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t pa[kBlockN / 16][4];
     // Turns: warpgroup c waits at barrier 1 + c before issuing, then opens the other's; the second warpgroup
     // opens the first's turn once to start.
-    if (PINGPONG && wgc == 1) named_arrive(1, 256);
     mbar_wait(q_full, 0);
 
     int i = 0, prev_stage = 0;
@@ -532,7 +525,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Both waits come before the products: a wait loop between two wgmma groups makes ptxas fence them apart.
       if (has_prev) mbar_wait(v_full(prev_stage), prev_parity);
       mbar_wait(k_full(stage), parity);
-      if (PINGPONG) named_sync(1 + wgc, 256);
       // Each branch issues its whole group: wgmma issued in another basic block than the fence gets fenced again.
       float s[64];
       if (has_prev) {
@@ -541,13 +533,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         issue_pv(o, pa, prev_stage);
         wgmma_commit();
-        if (PINGPONG) named_arrive(2 - wgc, 256);
         wgmma_wait<1>();
       } else {
         wgmma_fence();
         issue_qk(s, v.far(), stage);
         wgmma_commit();
-        if (PINGPONG) named_arrive(2 - wgc, 256);
         wgmma_wait<0>();
       }
       fence_regs(s);
@@ -578,7 +568,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       prev_stage = stage;
       prev_parity = parity;
     }
-    if (PINGPONG && wgc == 0) named_sync(1, 256);  // the second warpgroup's last opening
     if (has_prev) {
       mbar_wait(v_full(prev_stage), prev_parity);
       wgmma_fence();
@@ -629,7 +618,7 @@ bool sm90_available() {
       return false;
     }
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T, 2, false>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T>) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
@@ -687,7 +676,7 @@ std::string encode_tile_map(CUtensorMap* map, const char* name, const void* base
   return "";
 }
 
-template <typename T, int STAGES, bool PINGPONG>
+template <typename T>
 std::string launch_kernel(const FlashFwdParams& p, cudaStream_t stream) {
   static_assert(kBlockM == kBlockN, "one box shape serves the q and the k/v tiles");
   const bool rerope = p.rerope_window > 0, keys = p.seqlen_k > 0;
@@ -716,8 +705,8 @@ std::string launch_kernel(const FlashFwdParams& p, cudaStream_t stream) {
   if (!keys) maps.k = maps.v = maps.q;
   if (!keys || !rerope) maps.k_far = maps.k;
 
-  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + STAGES * 2 * kKVBytes + 1024);
-  auto kernel = flash_fwd_sm90_kernel<T, STAGES, PINGPONG>;
+  const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + kStages * 2 * kKVBytes + 1024);
+  auto kernel = flash_fwd_sm90_kernel<T>;
   const cudaError_t attr_err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (attr_err != cudaSuccess) {
@@ -732,18 +721,6 @@ std::string launch_kernel(const FlashFwdParams& p, cudaStream_t stream) {
   return launch_error("attention kernel launch failed");
 }
 
-// Switches for measurements: SCALED_ROPE_FLASH_SM90_PINGPONG=0 turns the consumers' turns off,
-// SCALED_ROPE_FLASH_SM90_STAGES_2=1 takes two K/V stages where three fit (no ReRoPE).
-template <typename T>
-std::string launch(const FlashFwdParams& p, cudaStream_t stream) {
-  const char* pingpong_switch = std::getenv("SCALED_ROPE_FLASH_SM90_PINGPONG");
-  const bool pingpong = pingpong_switch == nullptr || pingpong_switch[0] != '0';
-  if (p.rerope_window > 0 || env_flag("SCALED_ROPE_FLASH_SM90_STAGES_2")) {
-    return pingpong ? launch_kernel<T, 2, true>(p, stream) : launch_kernel<T, 2, false>(p, stream);
-  }
-  return pingpong ? launch_kernel<T, 3, true>(p, stream) : launch_kernel<T, 3, false>(p, stream);
-}
-
 }  // namespace
 
 std::string flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream, bool* launched) {
@@ -753,11 +730,11 @@ std::string flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream, bool* l
   if (p.dtype == kFloat16) {
     if (!sm90_available<__half>()) return "";
     *launched = true;
-    return launch<__half>(p, stream);
+    return launch_kernel<__half>(p, stream);
   }
   if (!sm90_available<__nv_bfloat16>()) return "";
   *launched = true;
-  return launch<__nv_bfloat16>(p, stream);
+  return launch_kernel<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace flash

@@ -15,9 +15,7 @@ pytestmark = pytest.mark.gpu
 
 SHORT = [1.0 + 0.05 * i for i in range(64)]
 # Switches read by the extension on every call (no-ops where the sm_90a kernel does not apply).
-KERNEL_PATHS = {"default": {}, "sm90-no-pingpong": {"SCALED_ROPE_FLASH_SM90_PINGPONG": "0"},
-                "sm90-2stage": {"SCALED_ROPE_FLASH_SM90_STAGES_2": "1"},
-                "sm80": {"SCALED_ROPE_FLASH_SM80": "1"},
+KERNEL_PATHS = {"default": {}, "sm80": {"SCALED_ROPE_FLASH_SM80": "1"},
                 # tile order: L2 sections of 3 heads (a partial last section, sections across batch rows), head by head
                 "sections-3": {"SCALED_ROPE_L2_SECTION_HEADS": "3"}, "sections-1": {"SCALED_ROPE_L2_SECTION_HEADS": "1"}}
 LONG = [1.5 + 0.3 * i for i in range(64)]
@@ -140,7 +138,7 @@ def test_strided_and_misaligned_inputs():
         assert_close_to_gold(name, x, gx, bx, torch.bfloat16)
 
 
-@pytest.mark.parametrize("path", ["default", "sm90-no-pingpong", "sm80"])
+@pytest.mark.parametrize("path", ["default", "sm80"])
 def test_strided_head_dim_128(path, monkeypatch):
     """k and v as views of a packed (B, N, 3 H, 128) tensor (row stride 3 H D: the tensor maps of the sm_90a kernel;
     plain ReRoPE reads k itself as the far k, with its own strides), with one batch row, one key head and one query

@@ -5,7 +5,7 @@
         python tools/profile_flash.py [--rerope] [--n 16384]
 
 Runs the forward twice (the first launch warms up and is skipped by --launch-skip 1). Kernel switches as in
-tools/time_flash.py (SCALED_ROPE_FLASH_SM80=1, SCALED_ROPE_FLASH_SM90_STAGES_2=1) go in the environment.
+tools/time_flash.py (SCALED_ROPE_FLASH_SM80=1) go in the environment.
 """
 import argparse
 

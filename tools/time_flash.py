@@ -5,10 +5,8 @@
 Prints TFLOP/s (4*B*H*N*N*D, half for causal; rope not counted) from triton.testing.do_bench medians for
 LongRoPE and ReRoPE (w = 512) causal bf16, end to end (tables, rotation prepass, kernel), and the share of the
 CUDA time spent in the rotation prepass. On compute capability 9.x the `cuda` rows are the sm_90a kernel (head_dim
-128): the warp-specialised one with ping-pong consumers (default), without ping-pong
-(SCALED_ROPE_FLASH_SM90_PINGPONG=0), with two K/V stages instead of three (SCALED_ROPE_FLASH_SM90_STAGES_2=1;
-ReRoPE always has two), and the sm_80 kernel on the same device (`cuda-sm80`, SCALED_ROPE_FLASH_SM80=1). Not the project benchmark (bench/), a
-probe for kernel work.
+128) and `cuda-sm80` the sm_80 kernel on the same device (SCALED_ROPE_FLASH_SM80=1). Not the project benchmark
+(bench/), a probe for kernel work.
 """
 import argparse
 import os
@@ -38,9 +36,7 @@ def main():
     # (label, backend, environment): switches read on every call
     variants = [("cuda", "cuda", {}), ("triton", "triton", {})]
     if torch.cuda.get_device_capability()[0] == 9:
-        variants[1:1] = [("cuda no-pingpong", "cuda", {"SCALED_ROPE_FLASH_SM90_PINGPONG": "0"}),
-                         ("cuda 2-stage", "cuda", {"SCALED_ROPE_FLASH_SM90_STAGES_2": "1"}),
-                         ("cuda-sm80", "cuda", {"SCALED_ROPE_FLASH_SM80": "1"})]
+        variants[1:1] = [("cuda-sm80", "cuda", {"SCALED_ROPE_FLASH_SM80": "1"})]
     rows = []
     for name, (rope, extra) in cases.items():
         reference_out = None
