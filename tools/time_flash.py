@@ -6,7 +6,8 @@ Prints TFLOP/s (4*B*H*N*N*D, half for causal; rope not counted) from triton.test
 LongRoPE and ReRoPE (w = 512) causal bf16, end to end (tables, rotation prepass, kernel), and the share of the
 CUDA time spent in the rotation prepass. On compute capability 9.x the `cuda` rows are the sm_90a kernel (head_dim
 128) and `cuda-sm80` the sm_80 kernel on the same device (SCALED_ROPE_FLASH_SM80=1). Not the project benchmark
-(bench/), a probe for kernel work.
+(bench/), a probe for kernel work. Ends with our CUDA LongRoPE forward and SDPA without rope (default backend,
+cuDNN, flash) timed in interleaved rounds.
 """
 import argparse
 import os
@@ -64,12 +65,39 @@ def main():
         jobs = [(q, tables[0]), (k, tables[1])] + ([(q, tables[2]), (k, tables[3])] if extra else [])
         ms_rot = triton.testing.do_bench(lambda: [cuda_rotate(x, pos, t, out=torch.empty_like(x)) for x, t in jobs])
         print(f"{name:9s} rotation prepass alone {ms_rot:.3f} ms", flush=True)
-    ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True))
-    print(f"SDPA (default backend, no rope) {ms:.3f} ms {flops / ms * 1e-9:.1f} TFLOP/s")
     print("\n| case | backend | ms | TFLOP/s |\n|---|---|---|---|")
     for name, backend, ms_, tf in rows:
         print(f"| {name} | {backend} | {ms_:.3f} | {tf:.1f} |")
+    interleaved(q, k, v, longrope, flops)
+
+
+def interleaved(q, k, v, rope, flops, rounds=3):
+    """Our CUDA LongRoPE forward against SDPA without rope (its default backend, and cuDNN and flash chosen
+    explicitly), in interleaved rounds so that no row gains from its place in the order or the clock state."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def run():
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if backend is None:
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        return run
+
+    contenders = [("ours (cuda) longrope", lambda: scaled_rope_attention(q, k, v, rope, causal=True, backend="cuda")),
+                  ("SDPA default, no rope", sdpa(None)), ("SDPA cuDNN, no rope", sdpa(SDPBackend.CUDNN_ATTENTION)),
+                  ("SDPA flash, no rope", sdpa(SDPBackend.FLASH_ATTENTION))]
+    times = {label: [] for label, _ in contenders}
+    for r in range(rounds):
+        for label, fn in contenders:
+            ms = triton.testing.do_bench(fn, return_mode="median")
+            times[label].append(ms)
+            print(f"round {r}: {label:24s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s", flush=True)
+    print("\n| contender (interleaved) | median ms | TFLOP/s |\n|---|---|---|")
+    for label, values in times.items():
+        ms = sorted(values)[len(values) // 2]
+        print(f"| {label} | {ms:.3f} | {flops / ms * 1e-9:.1f} |")
 
 
 if __name__ == "__main__":
