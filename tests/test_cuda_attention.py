@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import assert_close_to_gold, compare_attention, random_inputs
-from scaled_rope import RopeScaling, reference, scaled_rope_attention
+from scaled_rope import RopeScaling, explain_backend, reference, scaled_rope_attention
 from scaled_rope import _cuda
 
 pytestmark = pytest.mark.gpu
@@ -197,3 +197,15 @@ def test_unsupported_head_dim_and_dtype():
         with pytest.raises((NotImplementedError, ValueError), match=word):
             scaled_rope_attention(q, k, v, RopeScaling.default(dim), backend="cuda")
         assert _cuda.attention_support(q) is not None
+
+
+def test_auto_order():
+    """"auto" takes the CUDA backend for a gradient-free forward on the sm_90a kernel (head_dim 128 on a Hopper
+    GPU), Triton for training and for head_dim 64 (the measurements behind it: attention._auto_order)."""
+    q = torch.empty(1, 1, 2, 128, device="cuda", dtype=torch.bfloat16)
+    on_sm90 = _cuda.sm90_kernel_applies(q)
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert on_sm90, "the GPU tier builds sm_90a (tools/gpu_session.sh): the sm_90a kernel should apply"
+    assert explain_backend(q)[0] == ("cuda" if on_sm90 else "triton")
+    assert explain_backend(q, needs_grad=True)[0] == "triton"
+    assert explain_backend(torch.empty(1, 1, 2, 64, device="cuda", dtype=torch.bfloat16))[0] == "triton"

@@ -26,6 +26,8 @@ def main():
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--interleaved-only", action="store_true", help="only the interleaved rounds against SDPA")
+    parser.add_argument("--rep", type=float, default=100.0, help="do_bench milliseconds per timing (interleaved)")
     args = parser.parse_args()
     b, n, h, d = args.batch, args.n, args.heads, args.dim
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
@@ -39,6 +41,8 @@ def main():
     if torch.cuda.get_device_capability()[0] == 9:
         variants[1:1] = [("cuda-sm80", "cuda", {"SCALED_ROPE_FLASH_SM80": "1"})]
     rows = []
+    if args.interleaved_only:
+        cases = {}
     for name, (rope, extra) in cases.items():
         reference_out = None
         for label, backend, switches in variants:
@@ -68,12 +72,13 @@ def main():
     print("\n| case | backend | ms | TFLOP/s |\n|---|---|---|---|")
     for name, backend, ms_, tf in rows:
         print(f"| {name} | {backend} | {ms_:.3f} | {tf:.1f} |")
-    interleaved(q, k, v, longrope, flops)
+    interleaved(q, k, v, longrope, flops, args.rep)
 
 
-def interleaved(q, k, v, rope, flops, rounds=3):
-    """Our CUDA LongRoPE forward against SDPA without rope (its default backend, and cuDNN and flash chosen
-    explicitly), in interleaved rounds so that no row gains from its place in the order or the clock state."""
+def interleaved(q, k, v, rope, flops, rep, rounds=3):
+    """Our CUDA LongRoPE and ReRoPE (w = 512) forwards against SDPA without rope (its default backend, and cuDNN and
+    flash chosen explicitly), in interleaved rounds so that no row gains from its place in the order; `rep`
+    milliseconds of repeats per timing (long ones time the GPU in its steady clock state)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa(backend):
@@ -85,13 +90,16 @@ def interleaved(q, k, v, rope, flops, rounds=3):
                 return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
         return run
 
+    default = RopeScaling.default(q.shape[-1])
     contenders = [("ours (cuda) longrope", lambda: scaled_rope_attention(q, k, v, rope, causal=True, backend="cuda")),
+                  ("ours (cuda) rerope", lambda: scaled_rope_attention(q, k, v, default, causal=True, backend="cuda",
+                                                                       rerope_window=512)),
                   ("SDPA default, no rope", sdpa(None)), ("SDPA cuDNN, no rope", sdpa(SDPBackend.CUDNN_ATTENTION)),
                   ("SDPA flash, no rope", sdpa(SDPBackend.FLASH_ATTENTION))]
     times = {label: [] for label, _ in contenders}
     for r in range(rounds):
         for label, fn in contenders:
-            ms = triton.testing.do_bench(fn, return_mode="median")
+            ms = triton.testing.do_bench(fn, rep=rep, return_mode="median")
             times[label].append(ms)
             print(f"round {r}: {label:24s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s", flush=True)
     print("\n| contender (interleaved) | median ms | TFLOP/s |\n|---|---|---|")

@@ -5,6 +5,9 @@ scaled_rope works without _C (CPU-only installs, SCALED_ROPE_SKIP_CUDA=1) and wi
 """
 from __future__ import annotations
 
+import os
+from functools import lru_cache
+
 import torch
 
 from . import _alloc
@@ -85,6 +88,22 @@ def attention_support(q: torch.Tensor, rerope_window: int | None = None) -> str 
     if torch.cuda.get_device_capability(q.device)[0] < 8:
         return "the CUDA attention needs compute capability 8.0 or newer (mma.sync bf16, cp.async)"
     return None
+
+
+def sm90_kernel_applies(q: torch.Tensor) -> bool:
+    """True when the CUDA attention runs q on its sm_90a kernel (csrc/flash_fwd_sm90.cu): head_dim 128, float16 or
+    bfloat16, a compute capability 9.x device, an extension built with sm_90a, SCALED_ROPE_FLASH_SM80 not set."""
+    forced_sm80 = os.environ.get("SCALED_ROPE_FLASH_SM80", "")[:1] not in ("", "0")
+    if q.shape[-1] != 128 or forced_sm80 or attention_support(q) is not None:
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] == 9 and _built_for_sm90a()
+
+
+@lru_cache(maxsize=None)
+def _built_for_sm90a() -> bool:
+    module, _ = load_extension()
+    archs = module.compiled_archs().lower().replace(",", ";").split(";")
+    return any(arch.strip().removeprefix("sm_").removesuffix("+ptx") == "90a" for arch in archs)
 
 
 def _rows_aligned(x: torch.Tensor) -> torch.Tensor:

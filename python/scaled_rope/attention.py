@@ -141,15 +141,25 @@ def _cuda_reason(q: torch.Tensor, rerope_window) -> str | None:
     return support(q, rerope_window)
 
 
-# Fastest first, by measurement (bench/results/attention-2026-11-22-*-longrope.json, H100): LongRoPE forward at
-# B1 H32 N16k D128 causal bf16 runs at 491 TFLOP/s on Triton and 417 on the CUDA kernel, so "auto" prefers Triton.
-AUTO_ORDER = ("triton", "cuda")
+def _auto_order(q: torch.Tensor, needs_grad: bool) -> tuple[str, str]:
+    """Fastest first, by measurement (bench/results/attention-2026-11-22-*-{longrope,leaky-rerope}.json, H100, bf16
+    causal forward): where the sm_90a CUDA kernel runs the inputs its forward beats Triton's at every measured shape
+    (LongRoPE B1 H32 N16k D128: 550 vs 493 TFLOP/s, B4 N4k 1.34 vs 1.40 ms; ReRoPE N4k-128k 0.93-0.97x of its time).
+    Triton goes first elsewhere (head_dim 64 runs the sm_80 kernel: 210 vs 338 TFLOP/s at B8 H16 N4k) and when a
+    gradient is needed (the CUDA backend's backward is Triton's; that pairing has not been benchmarked)."""
+    from ._cuda import sm90_kernel_applies
+
+    if not needs_grad and q.is_cuda and sm90_kernel_applies(q):
+        return ("cuda", "triton")
+    return ("triton", "cuda")
 
 
-def explain_backend(q: torch.Tensor, rerope_window: int | None = None) -> tuple[str, dict[str, str]]:
-    """The backend `backend="auto"` would use for these inputs, and why each faster one was passed over."""
+def explain_backend(q: torch.Tensor, rerope_window: int | None = None,
+                    needs_grad: bool = False) -> tuple[str, dict[str, str]]:
+    """The backend `backend="auto"` would use for these inputs (needs_grad: a gradient will be taken), and why each
+    faster one was passed over."""
     reasons: dict[str, str] = {}
-    for name in AUTO_ORDER:
+    for name in _auto_order(q, needs_grad):
         reason = _cuda_reason(q, rerope_window) if name == "cuda" else _triton_reason(q)
         if reason is None:
             return name, reasons
@@ -161,9 +171,9 @@ class BackendUnsupported(NotImplementedError, ValueError):
     """An explicitly requested backend cannot run these inputs (catchable as either exception type)."""
 
 
-def _resolve(backend: str, q: torch.Tensor, rerope_window) -> str:
+def _resolve(backend: str, q: torch.Tensor, rerope_window, needs_grad: bool) -> str:
     if backend == "auto":
-        return explain_backend(q, rerope_window)[0]
+        return explain_backend(q, rerope_window, needs_grad)[0]
     if backend == "reference":
         return backend
     reason = _cuda_reason(q, rerope_window) if backend == "cuda" else _triton_reason(q)
@@ -235,14 +245,15 @@ def scaled_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
     pairs with P - Q >= w use the far rotation (q at w, k at 0; with rerope_leak kappa, q at
     P/kappa + w(1-1/kappa) and k at Q/kappa). logn_base scales logits by max(1, ln(P+1)/ln(logn_base)).
     LongRoPE's short/long set and the dynamic NTK base follow each row's length (largest k position + 1).
-    Rows with no allowed key give 0 and lse = -inf. backend: "auto" (fastest that runs the inputs: triton ->
-    cuda -> reference), "cuda",
-    "triton" or "reference"; `explain_backend` says which "auto" picks.
+    Rows with no allowed key give 0 and lse = -inf. backend: "auto" (fastest that runs the inputs: cuda -> triton
+    for a forward without gradient that the sm_90a kernel runs, i.e. head_dim 128 on a Hopper GPU; triton -> cuda
+    otherwise; then reference), "cuda", "triton" or "reference"; `explain_backend` says which "auto" picks.
     """
     validate(q, k, v, rope, causal=causal, q_positions=q_positions, k_positions=k_positions, window=window,
              softmax_scale=softmax_scale, rerope_window=rerope_window, rerope_leak=rerope_leak,
              logn_base=logn_base, backend=backend)
-    chosen = _resolve(backend, q, rerope_window)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    chosen = _resolve(backend, q, rerope_window, needs_grad)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     options = dict(causal=causal, window=window, softmax_scale=float(softmax_scale), rerope_window=rerope_window,
