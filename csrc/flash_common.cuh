@@ -106,6 +106,39 @@ struct TileClass {
   bool elementwise;  // some pair of the tile is masked (or the tile is partial)
 };
 
+// The class of a key tile whose keys sit at positions [k_min, k_max], for queries at [q_min, q_max]; partial: the
+// tile reaches past seqlen_k; window, rerope_w: 0 when off. Both kernels classify their tiles with it.
+__device__ __forceinline__ TileClass classify_span(int q_min, int q_max, int k_min, int k_max, bool partial,
+                                                   bool causal, int window, int rerope_w) {
+  const int64_t d_min = static_cast<int64_t>(q_min) - k_max, d_max = static_cast<int64_t>(q_max) - k_min;
+  TileClass c{0, false};
+  if ((causal && d_max < 0) || (window && d_min >= window)) return c;
+  c.elementwise = partial || (causal && d_min < 0) || (window && d_max >= window);
+  if (rerope_w == 0 || d_max < rerope_w) {
+    c.mode = kNear;
+  } else {
+    c.mode = d_min >= rerope_w ? kFar : (kNear | kFar);
+  }
+  return c;
+}
+
+// Key tiles [begin, end) of block_n keys that can hold an allowed key with default key positions (key j at
+// position j), for queries at [q_min, q_max]: causal rows see no key past their position, windowed rows none at or
+// below q - window.
+struct TileRange {
+  int begin, end;
+};
+__device__ __forceinline__ TileRange default_key_tiles(int q_min, int q_max, int n_tiles, int block_n, bool causal,
+                                                       int window) {
+  TileRange range{0, n_tiles};
+  if (causal) range.end = q_max < 0 ? 0 : min(n_tiles, q_max / block_n + 1);
+  if (window) {
+    const int64_t first = static_cast<int64_t>(q_min) - window + 1;  // smallest allowed key position
+    if (first > 0) range.begin = static_cast<int>(min(first / block_n, static_cast<int64_t>(n_tiles)));
+  }
+  return range;
+}
+
 // sm_90a kernel (csrc/flash_fwd_sm90.cu) for head_dim 128: launches it and sets *launched when this build holds
 // sm_90a code, the device is compute capability 9.x and SCALED_ROPE_FLASH_SM80 is unset or 0; else returns "" with
 // *launched false and the caller runs the sm_80 kernel. Returns "" on success, else an error message.

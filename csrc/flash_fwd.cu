@@ -276,14 +276,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
 
   // Key tiles to visit: [j_begin, j_end), cut analytically for default key positions (key j at position j).
   const int n_tiles = (seqlen_k + kBlockN - 1) / kBlockN;
-  int j_begin = 0, j_end = n_tiles;
-  if (!k_pos) {
-    if (p.causal) j_end = q_max < 0 ? 0 : min(j_end, q_max / kBlockN + 1);
-    if (window) {
-      const int64_t first = static_cast<int64_t>(q_min) - window + 1;  // smallest allowed key position
-      if (first > 0) j_begin = static_cast<int>(min(first / kBlockN, static_cast<int64_t>(n_tiles)));
-    }
-  }
+  const TileRange range =
+      k_pos ? TileRange{0, n_tiles} : default_key_tiles(q_min, q_max, n_tiles, kBlockN, p.causal, window);
+  const int j_begin = range.begin, j_end = range.end;
 
   auto classify = [&](int j) -> TileClass {
     int k_min, k_max;
@@ -295,16 +290,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) flash_fwd_kernel(const F
       k_min = j * kBlockN;
       k_max = min(j * kBlockN + kBlockN, seqlen_k) - 1;
     }
-    const int64_t d_min = static_cast<int64_t>(q_min) - k_max, d_max = static_cast<int64_t>(q_max) - k_min;
-    TileClass c{0, false};
-    if ((p.causal && d_max < 0) || (window && d_min >= window)) return c;
-    c.elementwise = (j + 1) * kBlockN > seqlen_k || (p.causal && d_min < 0) || (window && d_max >= window);
-    if (!rerope || d_max < rerope_w) {
-      c.mode = kNear;
-    } else {
-      c.mode = d_min >= rerope_w ? kFar : (kNear | kFar);
-    }
-    return c;
+    return classify_span(q_min, q_max, k_min, k_max, (j + 1) * kBlockN > seqlen_k, p.causal, window, rerope_w);
   };
   auto next_tile = [&](int j, TileClass& c) -> int {
     for (; j < j_end; ++j) {

@@ -255,16 +255,7 @@ struct VisitPlan {
       k_min = j * kBlockN;
       k_max = min(j * kBlockN + kBlockN, seqlen_k) - 1;
     }
-    const int64_t d_min = static_cast<int64_t>(q_min) - k_max, d_max = static_cast<int64_t>(q_max) - k_min;
-    TileClass c{0, false};
-    if ((causal && d_max < 0) || (window && d_min >= window)) return c;
-    c.elementwise = (j + 1) * kBlockN > seqlen_k || (causal && d_min < 0) || (window && d_max >= window);
-    if (rerope_w == 0 || d_max < rerope_w) {
-      c.mode = kNear;
-    } else {
-      c.mode = d_min >= rerope_w ? kFar : (kNear | kFar);
-    }
-    return c;
+    return classify_span(q_min, q_max, k_min, k_max, (j + 1) * kBlockN > seqlen_k, causal, window, rerope_w);
   }
   // The first visit with the far (or near) pair at tile j or later; Visit{j_end} when none.
   __device__ Visit find(int j, bool far) const {
@@ -436,15 +427,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   plan.q_min = q_min;
   plan.q_max = q_max;
   const int n_tiles = (seqlen_k + kBlockN - 1) / kBlockN;
-  plan.j_begin = 0;
-  plan.j_end = n_tiles;
-  if (!k_pos) {
-    if (p.causal) plan.j_end = q_max < 0 ? 0 : min(n_tiles, q_max / kBlockN + 1);
-    if (plan.window) {
-      const int64_t first = static_cast<int64_t>(q_min) - plan.window + 1;
-      if (first > 0) plan.j_begin = static_cast<int>(min(first / kBlockN, static_cast<int64_t>(n_tiles)));
-    }
-  }
+  const TileRange range =
+      k_pos ? TileRange{0, n_tiles} : default_key_tiles(q_min, q_max, n_tiles, kBlockN, p.causal, plan.window);
+  plan.j_begin = range.begin;
+  plan.j_end = range.end;
 
   if (tid == 0) {
     mbar_init(q_full, 1);

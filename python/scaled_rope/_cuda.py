@@ -154,13 +154,12 @@ def _flash_forward(q, k, v, a: dict, k_far_unrotated: bool) -> tuple[torch.Tenso
         if rerope:
             if a["q_far_tables"] is None or a["k_far_tables"] is None:
                 raise ValueError("rerope_window needs q_far_tables and k_far_tables")
-            if k_far_unrotated:  # plain ReRoPE: the far k is k itself, the far q takes both attention factors
-                far_q_tables = far_q_with_both_factors(a["q_far_tables"], a["k_far_tables"])
-                q_far = cuda_rotate(q, rot_q, far_q_tables, out=_head_major_scratch(q))
-                k_far = _rows_aligned(k)
-            else:
-                q_far = cuda_rotate(q, rot_q, a["q_far_tables"], out=_head_major_scratch(q))
-                k_far = cuda_rotate(k, rot_k, a["k_far_tables"], out=_head_major_scratch(k))
+            # plain ReRoPE: the far k is k itself, the far q takes both attention factors
+            far_q_tables = (far_q_with_both_factors(a["q_far_tables"], a["k_far_tables"]) if k_far_unrotated
+                            else a["q_far_tables"])
+            q_far = cuda_rotate(q, rot_q, far_q_tables, out=_head_major_scratch(q))
+            k_far = (_rows_aligned(k) if k_far_unrotated
+                     else cuda_rotate(k, rot_k, a["k_far_tables"], out=_head_major_scratch(k)))
     v = _rows_aligned(v)
     # the kernels take softmax_scale > 0 (the sm_90a one takes row maxima of the raw scores)
     sign, scale = fold_scale_sign(a["softmax_scale"])
