@@ -464,7 +464,8 @@ def _append_kernel(
     tl.store(STATUS, 0, mask=~ok)
     h = tl.arange(0, HKV_PAD)[:, None].to(tl.int64)
     d = tl.arange(0, D_PAD)[None, :]
-    mask = (h < N_KV) & (d < HEAD_DIM) & ok
+    # tl.where, not `& ok`: the interpreter splats a scalar condition as a non-bool mask, which triton >= 3.9 rejects
+    mask = tl.where(ok, (h < N_KV) & (d < HEAD_DIM), False)
     k = tl.load(K_NEW + b * stride_knb + t * stride_knn + h * stride_knh + d * stride_knd, mask=mask)
     v = tl.load(V_NEW + b * stride_vnb + t * stride_vnn + h * stride_vnh + d * stride_vnd, mask=mask)
     tl.store(k_row + h * stride_kh + d * stride_kd, k, mask=mask)

@@ -46,10 +46,12 @@ def _rotate_heads(x_ptrs, o_ptrs, o2_ptrs, stride_xh, stride_oh, stride_o2h, cos
     HALF: tl.constexpr = ROTARY_DIM // 2
     for h in range(0, HEADS_PER_PROGRAM):
         head_ok = h_start + h < heads
-        mask_h = mask & head_ok
+        # A scalar condition is folded into a block mask with tl.where, not `&`: triton's interpreter splats a
+        # scalar comparison as int32, and triton >= 3.9 rejects a non-bool mask ('mask has unsupported dtype').
+        mask_h = tl.where(head_ok, mask, False)
         if INTERLEAVED:
             offs_d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
-            mask_d = mask_n[:, None] & (offs_d < ROTARY_DIM) & head_ok
+            mask_d = tl.where(head_ok, mask_n[:, None] & (offs_d < ROTARY_DIM), False)
             x = tl.load(x_ptrs + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             x1, x2 = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_HALF, 2)))
             y = tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), (BLOCK_N, 2 * BLOCK_HALF))
@@ -69,7 +71,7 @@ def _rotate_heads(x_ptrs, o_ptrs, o2_ptrs, stride_xh, stride_oh, stride_o2h, cos
                          mask=mask_h)
         if BLOCK_PASS > 0:
             offs_p = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
-            mask_p = mask_n[:, None] & (offs_p < HEAD_DIM) & head_ok
+            mask_p = tl.where(head_ok, mask_n[:, None] & (offs_p < HEAD_DIM), False)
             x_pass = tl.load(x_ptrs + offs_p, mask=mask_p, other=0.0)
             tl.store(o_ptrs + offs_p, x_pass, mask=mask_p)
             if SECOND:
