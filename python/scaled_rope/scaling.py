@@ -2,7 +2,7 @@
 
 Frequencies follow the conventions of transformers' rope init functions (same formulas, evaluated in float64).
 Pair i of the rotary dims has unscaled frequency w0_i = base**(-2i/R); a schedule gives scaled frequencies w_i
-and an attention factor m that multiplies both q and k.
+and an attention factor m that multiplies both q and k. Every formula is written out in docs/DESIGN.md §4.
 """
 from __future__ import annotations
 
@@ -90,7 +90,9 @@ class RopeScaling:
         """True when the frequencies depend on the sequence length (LongRoPE short/long sets, dynamic NTK)."""
         if self.kind == "dynamic_ntk":
             return True
-        return self.kind == "longrope" and self.param("short_factors") != self.param("long_factors")
+        return self.kind == "longrope" and (
+            self.param("short_factors") != self.param("long_factors")
+            or self.param("short_attention_factor") != self.param("long_attention_factor"))
 
     @property
     def original_max_position(self) -> int | None:
@@ -106,27 +108,33 @@ class RopeScaling:
     @classmethod
     def default(cls, head_dim: int, *, base: float = 10000.0, rotary_dim: int | None = None,
                 layout: str = "half") -> "RopeScaling":
-        """Plain RoPE: w_i = base**(-2i/R)."""
+        """Plain RoPE (docs/DESIGN.md §4.1): w_i = base**(-2i/R)."""
         return cls._make("default", head_dim, base=base, rotary_dim=rotary_dim, layout=layout)
 
     @classmethod
     def linear(cls, head_dim: int, factor: float, *, base: float = 10000.0, rotary_dim: int | None = None,
                layout: str = "half") -> "RopeScaling":
-        """Position interpolation: w_i = w0_i / factor."""
+        """Position interpolation (docs/DESIGN.md §4.2): w_i = w0_i / factor."""
         return cls._make("linear", head_dim, base=base, rotary_dim=rotary_dim, layout=layout,
                          factor=_check_positive("factor", factor))
 
     @classmethod
     def ntk(cls, head_dim: int, factor: float, *, base: float = 10000.0, rotary_dim: int | None = None,
             layout: str = "half") -> "RopeScaling":
-        """NTK-aware base change: base' = base * factor**(R/(R-2))."""
+        """Static NTK-aware base change (docs/DESIGN.md §4.3): base' = base * factor**(R/(R-2)), w_i =
+        base'**(-2i/R) = w0_i * factor**(-2i/(R-2)). The fastest pair (i = 0) keeps w0 and the slowest
+        (i = R/2-1) is divided by exactly `factor`. It equals transformers' "dynamic" schedule frozen at
+        seq_len = factor * original length. Projects mean different formulas by "ntk": vLLM's `ntk` rope type is
+        base * factor with every frequency then divided by factor**(2/R), i.e. w0_i * factor**(-(2i+2)/R) (pair 0
+        scaled too); build that one with `from_factors([factor**((2*i+2)/R) for i in range(R//2)])`."""
         return cls._make("ntk", head_dim, base=base, rotary_dim=rotary_dim, layout=layout,
                          factor=_check_positive("factor", factor))
 
     @classmethod
     def dynamic_ntk(cls, head_dim: int, factor: float, original_max_position: int, *, base: float = 10000.0,
                     rotary_dim: int | None = None, layout: str = "half") -> "RopeScaling":
-        """Dynamic NTK: base' = base * (factor*L/L0 - (factor-1))**(R/(R-2)) with L = max(seq_len, L0)."""
+        """Dynamic NTK (docs/DESIGN.md §4.4): base' = base * (factor*L/L0 - (factor-1))**(R/(R-2)) with
+        L = max(seq_len, L0), evaluated per batch row at its own length."""
         return cls._make("dynamic_ntk", head_dim, base=base, rotary_dim=rotary_dim, layout=layout,
                          factor=_check_positive("factor", factor),
                          original_max_position=_check_position("original_max_position", original_max_position))
@@ -136,7 +144,9 @@ class RopeScaling:
              beta_slow: float = 1.0, attention_factor: float | None = None, mscale: float | None = None,
              mscale_all_dim: float | None = None, truncate: bool = True, base: float = 10000.0,
              rotary_dim: int | None = None, layout: str = "half") -> "RopeScaling":
-        """YaRN: ramp between interpolated and extrapolated frequencies; m defaults to 0.1*ln(factor) + 1."""
+        """YaRN (docs/DESIGN.md §4.5): a ramp between interpolated (w0/factor) and kept frequencies; m is
+        `attention_factor`, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are given and
+        nonzero, else 0.1*ln(factor) + 1, with mscale(s, c) = 0.1*c*ln(s) + 1 (1 for s <= 1)."""
         factor = _check_positive("factor", factor)
         if attention_factor is None:
             if mscale and mscale_all_dim:
@@ -154,7 +164,8 @@ class RopeScaling:
     def llama3(cls, head_dim: int, factor: float, original_max_position: int, low_freq_factor: float,
                high_freq_factor: float, *, base: float = 10000.0, rotary_dim: int | None = None,
                layout: str = "half") -> "RopeScaling":
-        """Llama-3.1 bands: long wavelengths divided by factor, short kept, a smooth ramp between."""
+        """Llama-3.1 bands (docs/DESIGN.md §4.7): long wavelengths divided by factor, short kept, a smooth ramp
+        between."""
         low = _check_positive("low_freq_factor", low_freq_factor)
         high = _check_positive("high_freq_factor", high_freq_factor)
         if high <= low:
@@ -167,22 +178,38 @@ class RopeScaling:
     @classmethod
     def longrope(cls, head_dim: int, original_max_position: int, max_position: int,
                  short_factors: Sequence[float], long_factors: Sequence[float], *, n_hat: int = 0,
-                 attention_factor: float | None = None, base: float = 10000.0, rotary_dim: int | None = None,
+                 attention_factor: float | None = None, short_attention_factor: float | None = None,
+                 long_attention_factor: float | None = None, base: float = 10000.0, rotary_dim: int | None = None,
                  layout: str = "half") -> "RopeScaling":
-        """LongRoPE: w_i = w0_i / lambda_i with the short set while seq_len <= original_max_position, the long
-        set beyond; positions < n_hat keep w0 and m = 1. m defaults to sqrt(1 + ln(s)/ln(L0)), s = max/L0."""
+        """LongRoPE (docs/DESIGN.md §4.6): w_i = w0_i / lambda_i with the short set (`short_factors`, attention
+        factor m_short) while seq_len <= original_max_position, the long set (`long_factors`, m_long) beyond;
+        positions < n_hat keep w0 and m = 1.
+
+        Attention factors: `attention_factor` gives both sets one value; `short_attention_factor` /
+        `long_attention_factor` give each set its own (Phi-3.5-MoE's `short_mscale` / `long_mscale`), and a set
+        given none of them gets the default sqrt(1 + ln(s) / ln(L0)) with s = max_position / L0 (1 when s <= 1).
+        `attention_factor` together with a per-set one is rejected as ambiguous."""
         rotary_dim_ = head_dim if rotary_dim is None else rotary_dim
         pairs = rotary_dim_ // 2
         original = _check_position("original_max_position", original_max_position)
         maximum = _check_position("max_position", max_position)
-        if attention_factor is None:
-            scale = maximum / original
-            attention_factor = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
+        if attention_factor is not None and (short_attention_factor is not None
+                                             or long_attention_factor is not None):
+            raise ValueError("give attention_factor (one value for both sets) or short_attention_factor / "
+                             "long_attention_factor, not both")
+        scale = maximum / original
+        default = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
+        if attention_factor is not None:
+            default = _check_positive("attention_factor", attention_factor)
+        short_m = default if short_attention_factor is None else \
+            _check_positive("short_attention_factor", short_attention_factor)
+        long_m = default if long_attention_factor is None else \
+            _check_positive("long_attention_factor", long_attention_factor)
         return cls._make("longrope", head_dim, base=base, rotary_dim=rotary_dim, layout=layout, n_hat=n_hat,
                          original_max_position=original, max_position=maximum,
                          short_factors=_check_factor_list("short_factors", short_factors, pairs),
                          long_factors=_check_factor_list("long_factors", long_factors, pairs),
-                         attention_factor=_check_positive("attention_factor", attention_factor))
+                         short_attention_factor=short_m, long_attention_factor=long_m)
 
     @classmethod
     def from_factors(cls, head_dim: int, factors: Sequence[float], *, n_hat: int = 0,
@@ -247,10 +274,13 @@ class RopeScaling:
         return 1.0 / (self.base ** exponent)
 
     def uses_long_factors(self, seq_len: int | None) -> bool:
+        """True when LongRoPE's long set (factors and attention factor) applies at this length."""
         return self.kind == "longrope" and seq_len is not None and seq_len > self.param("original_max_position")
 
     def frequencies(self, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-        """(inv_freq float64 [rotary_dim/2], attention_factor) for a sequence of `seq_len` tokens."""
+        """(inv_freq float64 [rotary_dim/2], attention_factor) for a sequence of `seq_len` tokens, as transformers'
+        rope init functions return them. LongRoPE: the short set and its factor for seq_len None or <=
+        original_max_position, the long set and its factor above. Dynamic NTK: the base of max(seq_len, L0)."""
         if seq_len is not None:
             _check_position("seq_len", int(seq_len), 0)
         kind, dim = self.kind, self.rotary_dim
@@ -274,8 +304,9 @@ class RopeScaling:
         elif kind == "llama3":
             inv_freq = self._llama3_frequencies(inv_freq)
         elif kind == "longrope":
-            which = "long_factors" if self.uses_long_factors(seq_len) else "short_factors"
-            inv_freq = inv_freq / torch.tensor(self.param(which), dtype=torch.float64)
+            which = "long" if self.uses_long_factors(seq_len) else "short"
+            inv_freq = inv_freq / torch.tensor(self.param(f"{which}_factors"), dtype=torch.float64)
+            attention_factor = float(self.param(f"{which}_attention_factor"))
         elif kind == "factors":
             inv_freq = inv_freq / torch.tensor(self.param("factors"), dtype=torch.float64)
         elif kind == "power_basis":
