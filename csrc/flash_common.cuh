@@ -1,4 +1,5 @@
-// Device helpers shared by the flash forward kernels (csrc/flash_fwd.cu: sm_80+; csrc/flash_fwd_sm90.cu: sm_90a).
+// Helpers shared by the flash kernels (csrc/flash_fwd.cu: sm_80+; csrc/flash_fwd_sm90.cu, csrc/flash_bwd_sm90.cu:
+// sm_90a; the sm_90a building blocks are in csrc/flash_sm90.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -67,18 +68,22 @@ __device__ __forceinline__ TileIndex tile_order(int64_t block, int num_q_tiles, 
   return {first + r % heads_here, num_q_tiles - 1 - static_cast<int>(r / heads_here)};
 }
 
-// Heads per section: as many as keep their K, V (and far K) within 32 MB (H100 L2: 50 MB), a multiple of the GQA
-// group. SCALED_ROPE_L2_SECTION_HEADS overrides it for measurements (1: head by head; large: all heads tile-major).
-inline int l2_section_heads(const FlashFwdParams& p) {
-  const int64_t bh_count = p.batch * p.heads_q;
+// Heads per section, out of bh_count (batch * heads) of which each streams bytes_per_head shared by `multiple`
+// consecutive heads: as many as keep what they stream within 32 MB (H100 L2: 50 MB), a multiple of `multiple`.
+// SCALED_ROPE_L2_SECTION_HEADS overrides it for measurements (1: head by head; large: all heads tile-major).
+inline int l2_section_heads(int64_t bh_count, int64_t bytes_per_head, int64_t multiple) {
   int64_t heads = 0;
   if (const char* forced = std::getenv("SCALED_ROPE_L2_SECTION_HEADS"); forced != nullptr && forced[0] != '\0') {
     heads = std::atoll(forced);
   } else {
-    const int64_t per_kv_head = p.seqlen_k * p.head_dim * 2 * (p.rerope_window > 0 ? 3 : 2);
-    heads = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(per_kv_head, 1)) * (p.heads_q / p.heads_kv);
+    heads = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(bytes_per_head, 1)) * multiple;
   }
   return static_cast<int>(std::max<int64_t>(1, std::min(heads, bh_count)));
+}
+// The forward's sections: q heads that share their K, V (and far K), a multiple of the GQA group.
+inline int l2_section_heads(const FlashFwdParams& p) {
+  const int64_t per_kv_head = p.seqlen_k * p.head_dim * 2 * (p.rerope_window > 0 ? 3 : 2);
+  return l2_section_heads(p.batch * p.heads_q, per_kv_head, p.heads_q / p.heads_kv);
 }
 
 // Smallest lo and largest hi over every thread of the CTA (warp reductions, then the warps' results through

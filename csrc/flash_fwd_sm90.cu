@@ -21,24 +21,18 @@
 // far pair, or (straddling the window) two visits of the tile, far keys with (q_far, k_far) and near keys with
 // (q, k), each masked to its keys. A visit loads its own K (near or far) and V, so a stage holds one K; q and q_far
 // both stay in shared memory and each visit picks its pair.
-#include "flash_common.cuh"
-
-#include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime's driver entry point)
-#include <cudaTypedefs.h>
+#include "flash_sm90.cuh"
 
 #include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <string>
-#include <type_traits>
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SCALED_ROPE_SM90A 1
-#endif
 
 namespace scaled_rope {
 namespace flash {
 namespace {
+
+using namespace sm90;
 
 constexpr int kD = 128;
 constexpr int kBlockM = 128;
@@ -48,83 +42,6 @@ static_assert(kNB * 8 == kBlockN && kBlockN % kFlashBlockN == 0, "key tiles of w
 constexpr int kPrepassTiles = kBlockN / kFlashBlockN;  // key tiles of the (min, max) prepass per key tile
 constexpr int kQBytes = kBlockM * kD * 2;
 constexpr int kKVBytes = kBlockN * kD * 2;
-
-// ---- wgmma wrappers ----------------------------------------------------------------------------------------------
-// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte offsets (>> 4 each).
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t leading, uint32_t stride) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((leading & 0x3FFFF) >> 4) << 16) |
-         (static_cast<uint64_t>((stride & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
-}
-// desc moved on by `bytes` (a multiple of 16). Shared addresses are < 2^18, so the 14-bit start field cannot carry:
-// adding in the low word keeps the high word a compile-time constant (no registers, no carry instructions).
-__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
-  return (desc & 0xFFFFFFFF00000000ull) | (static_cast<uint32_t>(desc) + (bytes >> 4));
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Pins registers read or written by an asynchronous wgmma at a wait: later code sees the finished accumulators, and
-// A-fragment registers stay live (unreused) until the product that reads them is known to be done.
-__device__ __forceinline__ void fence_regs(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-__device__ __forceinline__ void fence_regs(uint32_t (&a)[8][4]) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
-  }
-}
-
-// d (m64 x n128, fp32) = (scale_d ? d : 0) + A (m64 x k16, shared, K-major) * B (k16 x n128, shared, K-major).
-template <typename T>
-__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, int scale_d);
-// d += A (m64 x k16, registers) * B (k16 x n128, shared, N-major).
-template <typename T>
-__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int scale_d);
-
-// The 64 accumulator registers of an m64n128 fp32 wgmma: operands %0..%63, then the inputs from %64.
-#define SCALED_ROPE_WGMMA_D "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define SCALED_ROPE_WGMMA_D_OPERANDS(d) \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), \
-  "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), \
-  "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
-  "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), \
-  "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), \
-  "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
-  "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
-  "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-// Both wrappers for one input type (TYPE: the PTX type name, bf16 or f16).
-#define SCALED_ROPE_WGMMA(T, TYPE)                                                                                 \
-  template <>                                                                                                    \
-  __device__ __forceinline__ void wgmma_ss<T>(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {             \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                   \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE "\n" SCALED_ROPE_WGMMA_D           \
-                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                               \
-                 : SCALED_ROPE_WGMMA_D_OPERANDS(d)                                                                \
-                 : "l"(a), "l"(b), "r"(scale_d));                                                                 \
-  }                                                                                                              \
-  template <>                                                                                                    \
-  __device__ __forceinline__ void wgmma_rs<T>(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int scale_d) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                   \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE "\n" SCALED_ROPE_WGMMA_D           \
-                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                 \
-                 : SCALED_ROPE_WGMMA_D_OPERANDS(d)                                                                \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));                             \
-  }
-SCALED_ROPE_WGMMA(__nv_bfloat16, "bf16")
-SCALED_ROPE_WGMMA(__half, "f16")
-#undef SCALED_ROPE_WGMMA
-#undef SCALED_ROPE_WGMMA_D_OPERANDS
-#undef SCALED_ROPE_WGMMA_D
 
 // ---- visits, masks, softmax --------------------------------------------------------------------------------------
 // Keys allowed for a query at position pos where key positions are the columns (DESIGN.md section 3: col < seqlen_k,
@@ -191,44 +108,6 @@ constexpr int kConsumerWarps = 8;   // arrivals that free a stage: lane 0 of eac
 struct TileMaps {
   CUtensorMap q, k, v, q_far, k_far;
 };
-
-// ---- mbarrier, TMA, named barriers, register budget (sm_90) ---------------------------------------------------------
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Returns once the phase of the given parity has completed (parity 1 of a fresh barrier counts as completed).
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done)
-                 : "r"(bar), "r"(parity)
-                 : "memory");
-  } while (!done);
-}
-// One box of `map` at coordinates (column, row, head, batch) into shared memory at dst; completes on bar.
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, uint32_t bar, int col, int row,
-                                         int head, int batch) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
-      "[%2];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(&map)), "r"(bar), "r"(col), "r"(row), "r"(head), "r"(batch)
-      : "memory");
-}
-template <int REGS>
-__device__ __forceinline__ void regs_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
-}
-template <int REGS>
-__device__ __forceinline__ void regs_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
-}
 
 // The key tiles one query tile visits, in order: producer and consumers each walk it, so no visit list passes
 // between them.
@@ -593,97 +472,33 @@ std::string launch_error(const char* what) {
   return std::string("flash_fwd (sm_90a): ") + what + ": " + cudaGetErrorString(err);
 }
 
-// 1 when this build holds sm_90a code for the kernel and the current device runs it, else 0 (cached per kernel).
-template <typename T>
-bool sm90_available() {
-  static const bool available = [] {
-    int device = 0, major = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) {
-      cudaGetLastError();
-      return false;
-    }
-    cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, flash_fwd_sm90_kernel<T>) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return attr.binaryVersion == 90;
-  }();
-  return available;
-}
-
 bool env_flag(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && value[0] != '\0' && value[0] != '0';
 }
 
-// cuTensorMapEncodeTiled, taken through the runtime so that the extension needs no link against libcuda; nullptr
-// when the driver does not have it.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encoder;
-}
-
-// Tensor map of a (batch, rows, heads, 128) tensor of 2-byte elements with the given element strides: boxes of
-// 64 columns x 128 rows, 128-byte swizzle, rows past the end read as zeros. A stride of 0 (a dimension of size 1,
-// see scaled_rope._cuda._stride) becomes a valid one that is never stepped on. Returns "" or an error message.
-template <typename T>
-std::string encode_tile_map(CUtensorMap* map, const char* name, const void* base, int64_t batch, int64_t rows,
-                            int64_t heads, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr) return "flash_fwd (sm_90a): the CUDA driver has no cuTensorMapEncodeTiled";
-  const cuuint64_t row_bytes = row_stride ? row_stride * 2 : kD * 2;
-  const cuuint64_t head_bytes = head_stride ? head_stride * 2 : row_bytes * rows;
-  const cuuint64_t batch_bytes = batch_stride ? batch_stride * 2 : head_bytes * heads;
-  const cuuint64_t dims[4] = {kD, static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(batch)};
-  const cuuint64_t strides[3] = {row_bytes, head_bytes, batch_bytes};
-  const cuuint32_t box[4] = {64, kBlockN, 1, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult result = encode(
-      map, std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
-      const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (result != CUDA_SUCCESS) {
-    return std::string("flash_fwd (sm_90a): cannot build the tensor map of ") + name + " (CUresult " +
-           std::to_string(static_cast<int>(result)) + ")";
-  }
-  return "";
-}
-
 template <typename T>
 std::string launch_kernel(const FlashFwdParams& p, cudaStream_t stream) {
-  static_assert(kBlockM == kBlockN, "one box shape serves the q and the k/v tiles");
   const bool rerope = p.rerope_window > 0, keys = p.seqlen_k > 0;
   TileMaps maps;
-  std::string err = encode_tile_map<T>(&maps.q, "q", p.q, p.batch, p.seqlen_q, p.heads_q, p.q_batch_stride,
-                                       p.q_row_stride, p.q_head_stride);
+  constexpr const char* kWho = "flash_fwd (sm_90a)";
+  std::string err = encode_tile_map<T>(&maps.q, kWho, "q", p.q, p.batch, p.seqlen_q, p.heads_q, p.q_batch_stride,
+                                       p.q_row_stride, p.q_head_stride, kBlockM);
   if (err.empty() && rerope) {  // q_far is laid out with q's strides
-    err = encode_tile_map<T>(&maps.q_far, "q_far", p.q_far, p.batch, p.seqlen_q, p.heads_q, p.q_batch_stride,
-                             p.q_row_stride, p.q_head_stride);
+    err = encode_tile_map<T>(&maps.q_far, kWho, "q_far", p.q_far, p.batch, p.seqlen_q, p.heads_q,
+                             p.q_batch_stride, p.q_row_stride, p.q_head_stride, kBlockM);
   }
   if (err.empty() && keys) {
-    err = encode_tile_map<T>(&maps.k, "k", p.k, p.batch, p.seqlen_k, p.heads_kv, p.k_batch_stride, p.k_row_stride,
-                             p.k_head_stride);
+    err = encode_tile_map<T>(&maps.k, kWho, "k", p.k, p.batch, p.seqlen_k, p.heads_kv, p.k_batch_stride,
+                             p.k_row_stride, p.k_head_stride, kBlockN);
   }
   if (err.empty() && keys) {
-    err = encode_tile_map<T>(&maps.v, "v", p.v, p.batch, p.seqlen_k, p.heads_kv, p.v_batch_stride, p.v_row_stride,
-                             p.v_head_stride);
+    err = encode_tile_map<T>(&maps.v, kWho, "v", p.v, p.batch, p.seqlen_k, p.heads_kv, p.v_batch_stride,
+                             p.v_row_stride, p.v_head_stride, kBlockN);
   }
   if (err.empty() && keys && rerope) {
-    err = encode_tile_map<T>(&maps.k_far, "k_far", p.k_far, p.batch, p.seqlen_k, p.heads_kv, p.k_far_batch_stride,
-                             p.k_far_row_stride, p.k_far_head_stride);
+    err = encode_tile_map<T>(&maps.k_far, kWho, "k_far", p.k_far, p.batch, p.seqlen_k, p.heads_kv,
+                             p.k_far_batch_stride, p.k_far_row_stride, p.k_far_head_stride, kBlockN);
   }
   if (!err.empty()) return err;
   // Maps the kernel never reads (no keys, no ReRoPE) are copies of a valid one.
@@ -714,11 +529,11 @@ std::string flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream, bool* l
   if (p.head_dim != kD) return "";
   if (env_flag("SCALED_ROPE_FLASH_SM80")) return "";
   if (p.dtype == kFloat16) {
-    if (!sm90_available<__half>()) return "";
+    if (!has_sm90a_code<flash_fwd_sm90_kernel<__half>>()) return "";
     *launched = true;
     return launch_kernel<__half>(p, stream);
   }
-  if (!sm90_available<__nv_bfloat16>()) return "";
+  if (!has_sm90a_code<flash_fwd_sm90_kernel<__nv_bfloat16>>()) return "";
   *launched = true;
   return launch_kernel<__nv_bfloat16>(p, stream);
 }
