@@ -4,8 +4,13 @@ Cases (bf16, causal):
   longrope  B4 H32 N4k, B1 H32 N16k, B1 H32 N32k at D128 and B8 H16 N4k at D64; LongRoPE long factors, n_hat = 4
   rerope / leaky   ReRoPE and Leaky ReRoPE (w = 512, kappa = 16) at B1 H32 D128, N 4k, 16k, 64k, 128k (forward;
             forward+backward up to 16k), next to our own plain causal attention at the same shape
-Ours: backend="triton" ("ours", forward and forward+backward) and backend="cuda" ("ours (cuda)", forward only: its
-backward is the Triton one); "ours plain causal" is the Triton plain causal call at a ReRoPE case's shape.
+  models    the attention shapes and rope types of real models at B1 N16k and B4 N4k, forward and forward+backward:
+            Phi-3-mini-128k (D96, MHA 32, LongRoPE long set), Llama-3.1-8B (D128, GQA 32/8, llama3 bands),
+            Qwen2.5-7B (D128, GQA 28/4, YaRN x4), Llama-3.2-1B (D64, GQA 32/8, llama3 x32). "ours" is backend
+            "auto" as a user calls it (the backend it picked is recorded); the headline peer is what transformers
+            runs: eager rope + SDPA with its default backend (cuDNN on Hopper); the ceiling is SDPA cuDNN without rope
+Ours (longrope/rerope/leaky): backend="triton" ("ours", forward and forward+backward) and backend="cuda" ("ours
+(cuda)"); "ours plain causal" is the Triton plain causal call at a ReRoPE case's shape.
 Peers, in the same run (each one that cannot run is recorded as n/a with the reason):
   eager rope + SDPA flash    cos/sin computed per call (as transformers does), q and k rotated eagerly, SDPA flash
   compiled rope + SDPA flash the same rotation under torch.compile
@@ -43,7 +48,8 @@ if "--cpu" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be chosen before triton is imported
 
 ORIGINAL, MAXIMUM, N_HAT = 4096, 131072, 4
-FORWARD_ONLY = {"ours (cuda)"}  # the CUDA backend's backward is the Triton one: timed once, in "ours"
+# the CUDA backend's backward is the Triton one: timed once, in "ours" (the models cases time the pairing itself)
+FORWARD_ONLY = {"ours (cuda)"}
 WINDOW, LEAK = 512, 16.0
 
 
@@ -55,6 +61,22 @@ def longrope(dim: int):
     short = [1.0 + 0.2 * i / pairs for i in range(pairs)]
     long_ = [1.0 + 40.0 * (i / pairs) ** 2 for i in range(pairs)]
     return RopeScaling.longrope(dim, ORIGINAL, MAXIMUM, short, long_, n_hat=N_HAT)
+
+
+def model_ropes() -> dict:
+    """name -> (Hq, Hkv, D, RopeScaling) of the real models the "models" cases copy (Phi-3-like LongRoPE factors:
+    the shape of the published ones, 48 pairs, long set spread 1..~40)."""
+    from scaled_rope import RopeScaling
+
+    phi_pairs = 48
+    phi = RopeScaling.longrope(96, 4096, 131072, [1.0 + 0.2 * i / phi_pairs for i in range(phi_pairs)],
+                               [1.0 + 40.0 * (i / phi_pairs) ** 2 for i in range(phi_pairs)])
+    return {
+        "phi3-mini": (32, 32, 96, phi),
+        "llama3.1-8b": (32, 8, 128, RopeScaling.llama3(128, 8.0, 8192, 1.0, 4.0, base=500000.0)),
+        "qwen2.5-7b": (28, 4, 128, RopeScaling.yarn(128, 4.0, 32768, base=1000000.0)),
+        "llama3.2-1b": (32, 8, 64, RopeScaling.llama3(64, 32.0, 8192, 1.0, 4.0, base=500000.0)),
+    }
 
 
 # ---- the peers' rotation: what a user writes today --------------------------------------------------------------
@@ -103,14 +125,19 @@ def compiled_rope_qk():
 
 
 def sdpa(q, k, v, backend: str):
-    """q, k, v (B, N, H, D) -> (B, N, H, D), causal, with one SDPA backend."""
+    """q (B, N, Hq, D), k, v (B, N, Hkv, D) -> (B, N, Hq, D), causal, with one SDPA backend ("default": none forced,
+    what transformers gets). GQA through enable_gqa, as transformers calls it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    gqa = q.shape[2] != k.shape[2]
+    if backend == "default":
+        out = torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True, enable_gqa=gqa)
+        return out.transpose(1, 2)
     chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
               "math": SDPBackend.MATH}[backend]
     with sdpa_kernel(chosen):
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                               v.transpose(1, 2), is_causal=True)
+        out = torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
@@ -221,8 +248,10 @@ def describe(exc: BaseException) -> str:
 class Case:
     """One shape and variant; builds its inputs on first use and runs implementations on them."""
 
-    def __init__(self, kind, batch, heads, n, dim, device, dtype):
+    def __init__(self, kind, batch, heads, n, dim, device, dtype, kv_heads=None, model=None):
         self.kind, self.batch, self.heads, self.n, self.dim = kind, batch, heads, n, dim
+        self.kv_heads = heads if kv_heads is None else kv_heads
+        self.model = model
         self.device, self.dtype = device, dtype
         self.inputs = None
         self.outputs = {}
@@ -233,6 +262,8 @@ class Case:
 
     @property
     def label(self) -> str:
+        if self.model is not None:
+            return f"{self.model} B{self.batch} H{self.heads}/{self.kv_heads} N{self.n} D{self.dim}"
         return f"{self.kind} B{self.batch} H{self.heads} N{self.n} D{self.dim}"
 
     def flops(self, backward: bool) -> float:
@@ -242,9 +273,10 @@ class Case:
     def materialize(self):
         if self.inputs is None:
             gen = torch.Generator(device="cpu").manual_seed(0)
-            shape = (self.batch, self.n, self.heads, self.dim)
-            make = lambda: torch.randn(shape, generator=gen).to(self.device, self.dtype)  # noqa: E731
-            self.inputs = [make(), make(), make(), make()]  # q, k, v, dout
+            q_shape = (self.batch, self.n, self.heads, self.dim)
+            kv_shape = (self.batch, self.n, self.kv_heads, self.dim)
+            make = lambda shape: torch.randn(shape, generator=gen).to(self.device, self.dtype)  # noqa: E731
+            self.inputs = [make(q_shape), make(kv_shape), make(kv_shape), make(q_shape)]  # q, k, v, dout
         return self.inputs
 
     def release(self):
@@ -259,6 +291,17 @@ def implementations(case: Case) -> dict:
 
     on_gpu = case.on_gpu
     backend = "triton"
+    if case.kind == "models":
+        rope = model_ropes()[case.model][3]
+        rot = rotation_tensors(rope, case.n, case.device)
+        pos = torch.arange(case.n, device=case.device, dtype=torch.float32)
+        impls = {"ours": lambda q, k, v: scaled_rope_attention(q, k, v, rope),
+                 "ours (triton)": lambda q, k, v: scaled_rope_attention(q, k, v, rope, backend="triton"),
+                 "ours (cuda)": lambda q, k, v: scaled_rope_attention(q, k, v, rope, backend="cuda"),
+                 "eager rope + SDPA default": lambda q, k, v: sdpa(*rope_qk(q, k, pos, pos, **rot), v, "default"),
+                 "SDPA cuDNN (no rope)": lambda q, k, v: sdpa(q, k, v, "cudnn"),
+                 "SDPA default (no rope)": lambda q, k, v: sdpa(q, k, v, "default")}
+        return impls
     if case.kind == "longrope":
         rope = longrope(case.dim)
         rot = rotation_tensors(rope, case.n, case.device)
@@ -307,9 +350,23 @@ def too_big(case: Case, name: str) -> str | None:
     return None
 
 
+def auto_backend(case: Case, backward: bool) -> str:
+    """The backend "auto" takes for this case (explain_backend on a probe of q's shape)."""
+    from scaled_rope import explain_backend
+
+    probe = torch.empty((case.batch, 1, case.heads, case.dim), device=case.device, dtype=case.dtype)
+    try:
+        return explain_backend(probe, needs_grad=backward)[0]
+    except TypeError:  # an explain_backend without needs_grad
+        return explain_backend(probe)[0]
+
+
 def run_one(case: Case, name: str, fn, backward: bool) -> dict:
-    entry = {"case": case.label, "kind": case.kind, "batch": case.batch, "heads": case.heads, "n": case.n,
-             "head_dim": case.dim, "direction": "fwd+bwd" if backward else "fwd", "impl": name}
+    entry = {"case": case.label, "kind": case.kind, "batch": case.batch, "heads": case.heads,
+             "kv_heads": case.kv_heads, "n": case.n, "head_dim": case.dim, "model": case.model,
+             "direction": "fwd+bwd" if backward else "fwd", "impl": name}
+    if name == "ours" and case.kind == "models":
+        entry["backend"] = auto_backend(case, backward)
     reason = too_big(case, name)
     if reason:
         return {**entry, "ms": None, "error": reason}
@@ -353,6 +410,9 @@ def plan(quick: bool, device: str):
         for kind in ("rerope", "leaky"):
             directions = (False, True) if n <= 16384 and not quick else (False,)
             cases.append((Case(kind, 1, 32, n, 128, "cuda", bf16), directions))
+    for model, (hq, hkv, dim, _) in model_ropes().items():
+        for batch, n in [(1, 16384)] if quick else [(1, 16384), (4, 4096)]:
+            cases.append((Case("models", batch, hq, n, dim, "cuda", bf16, kv_heads=hkv, model=model), (False, True)))
     return cases
 
 
@@ -397,7 +457,8 @@ def main() -> int:
                         help="seconds after which remaining peers are skipped (default 110 quick, 330 full)")
     parser.add_argument("--no-autotune", action="store_true", help="our kernels use their first config")
     parser.add_argument("--label", default="", help="kernel versions measured, recorded as kernel_version")
-    parser.add_argument("--only", default="", help="comma-separated case kinds to run (longrope, rerope, leaky)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated case kinds to run (longrope, rerope, leaky, models)")
     parser.add_argument("--max-n", type=int, default=None, help="skip cases longer than this")
     args = parser.parse_args()
     if args.no_autotune:
@@ -418,16 +479,16 @@ def main() -> int:
     start = time.time()
     rows, checks = [], {}
     kinds = {kind for kind in args.only.split(",") if kind}
-    unknown = kinds - {"longrope", "rerope", "leaky"}
+    unknown = kinds - {"longrope", "rerope", "leaky", "models"}
     if unknown:
-        parser.error(f"--only takes longrope, rerope, leaky; got {sorted(unknown)}")
+        parser.error(f"--only takes longrope, rerope, leaky, models; got {sorted(unknown)}")
     for case, directions in plan(args.quick, device):
         if (kinds and case.kind not in kinds) or (args.max_n is not None and case.n > args.max_n):
             continue
         impls = implementations(case)
         for backward in directions:
             for name, fn in impls.items():
-                if backward and name in FORWARD_ONLY:
+                if backward and name in FORWARD_ONLY and case.kind != "models":
                     continue
                 elapsed = time.time() - start
                 if not name.startswith("ours") and elapsed > budget and device == "cuda":
