@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "flash_bwd.h"
 #include "flash_fwd.h"
 #include "rope.h"
 
@@ -128,6 +129,75 @@ void flash_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_far, uintptr_t
   if (!err.empty()) throw std::runtime_error(err);
 }
 
+void flash_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t dout, uintptr_t lse, uintptr_t dlse,
+               uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dq_accum, uintptr_t row_info, int64_t batch,
+               int64_t seqlen_q, int64_t seqlen_k, int64_t heads_q, int64_t heads_kv, int64_t head_dim,
+               int64_t q_batch_stride, int64_t q_row_stride, int64_t q_head_stride, int64_t k_batch_stride,
+               int64_t k_row_stride, int64_t k_head_stride, int64_t v_batch_stride, int64_t v_row_stride,
+               int64_t v_head_stride, int64_t o_batch_stride, int64_t o_row_stride, int64_t o_head_stride,
+               int64_t do_batch_stride, int64_t do_row_stride, int64_t do_head_stride, int64_t dq_batch_stride,
+               int64_t dq_row_stride, int64_t dq_head_stride, int64_t dk_batch_stride, int64_t dk_row_stride,
+               int64_t dk_head_stride, int64_t dv_batch_stride, int64_t dv_row_stride, int64_t dv_head_stride,
+               int64_t lse_batch_stride, int64_t lse_head_stride, int64_t dlse_batch_stride, int64_t dlse_head_stride,
+               double softmax_scale, bool causal, int64_t window, double logn_base, int dtype, int device,
+               uintptr_t stream) {
+  scaled_rope::FlashBwdParams p;
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.out = reinterpret_cast<const void*>(out);
+  p.dout = reinterpret_cast<const void*>(dout);
+  p.lse = reinterpret_cast<const float*>(lse);
+  p.dlse = reinterpret_cast<const float*>(dlse);
+  p.dq = reinterpret_cast<void*>(dq);
+  p.dk = reinterpret_cast<void*>(dk);
+  p.dv = reinterpret_cast<void*>(dv);
+  p.dq_accum = reinterpret_cast<float*>(dq_accum);
+  p.row_info = reinterpret_cast<float*>(row_info);
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.heads_q = heads_q;
+  p.heads_kv = heads_kv;
+  p.head_dim = head_dim;
+  p.q_batch_stride = q_batch_stride;
+  p.q_row_stride = q_row_stride;
+  p.q_head_stride = q_head_stride;
+  p.k_batch_stride = k_batch_stride;
+  p.k_row_stride = k_row_stride;
+  p.k_head_stride = k_head_stride;
+  p.v_batch_stride = v_batch_stride;
+  p.v_row_stride = v_row_stride;
+  p.v_head_stride = v_head_stride;
+  p.o_batch_stride = o_batch_stride;
+  p.o_row_stride = o_row_stride;
+  p.o_head_stride = o_head_stride;
+  p.do_batch_stride = do_batch_stride;
+  p.do_row_stride = do_row_stride;
+  p.do_head_stride = do_head_stride;
+  p.dq_batch_stride = dq_batch_stride;
+  p.dq_row_stride = dq_row_stride;
+  p.dq_head_stride = dq_head_stride;
+  p.dk_batch_stride = dk_batch_stride;
+  p.dk_row_stride = dk_row_stride;
+  p.dk_head_stride = dk_head_stride;
+  p.dv_batch_stride = dv_batch_stride;
+  p.dv_row_stride = dv_row_stride;
+  p.dv_head_stride = dv_head_stride;
+  p.lse_batch_stride = lse_batch_stride;
+  p.lse_head_stride = lse_head_stride;
+  p.dlse_batch_stride = dlse_batch_stride;
+  p.dlse_head_stride = dlse_head_stride;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.causal = causal;
+  p.window = window;
+  p.logn_base = static_cast<float>(logn_base);
+  p.dtype = static_cast<scaled_rope::DType>(dtype);
+  use_device(device);
+  const std::string err = scaled_rope::flash_bwd(p, reinterpret_cast<cudaStream_t>(stream));
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
 int runtime_version() {
   int version = 0;
   check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
@@ -157,6 +227,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lse_batch_stride"), py::arg("lse_head_stride"), py::arg("q_positions_batch_stride"),
         py::arg("k_positions_batch_stride"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window"),
         py::arg("rerope_window"), py::arg("logn_base"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("flash_bwd", &flash_bwd,
+        "FlashAttention backward over rotated q/k (sm_90a, head_dim 128, default positions); dlse 0 = none; "
+        "window, logn_base: 0 = off",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("dlse"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dq_accum"), py::arg("row_info"), py::arg("batch"),
+        py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("head_dim"),
+        py::arg("q_batch_stride"), py::arg("q_row_stride"), py::arg("q_head_stride"), py::arg("k_batch_stride"),
+        py::arg("k_row_stride"), py::arg("k_head_stride"), py::arg("v_batch_stride"), py::arg("v_row_stride"),
+        py::arg("v_head_stride"), py::arg("o_batch_stride"), py::arg("o_row_stride"), py::arg("o_head_stride"),
+        py::arg("do_batch_stride"), py::arg("do_row_stride"), py::arg("do_head_stride"), py::arg("dq_batch_stride"),
+        py::arg("dq_row_stride"), py::arg("dq_head_stride"), py::arg("dk_batch_stride"), py::arg("dk_row_stride"),
+        py::arg("dk_head_stride"), py::arg("dv_batch_stride"), py::arg("dv_row_stride"), py::arg("dv_head_stride"),
+        py::arg("lse_batch_stride"), py::arg("lse_head_stride"), py::arg("dlse_batch_stride"),
+        py::arg("dlse_head_stride"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window"),
+        py::arg("logn_base"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("cuda_version", &runtime_version, "CUDA runtime version this module was built with (e.g. 13000)");
   m.def("compiled_archs", []() { return std::string(SCALED_ROPE_CUDA_ARCHS); },
         "SCALED_ROPE_CUDA_ARCHS at build time, e.g. '80;90a'");
