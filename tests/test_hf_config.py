@@ -389,3 +389,20 @@ def test_unsupported_rope_type_is_named(rope_type):
 def test_unsupported_config_attribute_is_named(top, key):
     with pytest.raises(ValueError, match=key):
         RopeScaling.from_hf_config(dict_config(dict(rope_type="linear", factor=2.0), **top))
+
+
+def test_any_integer_length_is_accepted():
+    """Rows whose keys all sit at negative positions have a length <= 0: short set, L0 base (docs/DESIGN.md §3.7)."""
+    split = RopeScaling.longrope(16, 16, 64, short_factors(8), long_factors(8), short_attention_factor=1.0,
+                                 long_attention_factor=1.2)
+    dyn = RopeScaling.dynamic_ntk(16, 2.0, 16)
+    for rope in (split, dyn):
+        for length in (-5, torch.tensor(-1)):
+            got, m = rope.frequencies(length)
+            expect, expect_m = rope.frequencies(0)
+            torch.testing.assert_close(got, expect, rtol=0, atol=0)
+            assert m == expect_m
+    assert split.frequencies(torch.tensor(17))[1] == 1.2
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="seq_len"):
+            split.frequencies(bad)

@@ -280,9 +280,13 @@ class RopeScaling:
     def frequencies(self, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
         """(inv_freq float64 [rotary_dim/2], attention_factor) for a sequence of `seq_len` tokens, as transformers'
         rope init functions return them. LongRoPE: the short set and its factor for seq_len None or <=
-        original_max_position, the long set and its factor above. Dynamic NTK: the base of max(seq_len, L0)."""
+        original_max_position, the long set and its factor above. Dynamic NTK: the base of max(seq_len, L0).
+        Any integer length is accepted: a row whose keys all sit at negative positions has a length <= 0, which
+        is short (docs/DESIGN.md §3.7)."""
         if seq_len is not None:
-            _check_position("seq_len", int(seq_len), 0)
+            if isinstance(seq_len, bool) or int(seq_len) != seq_len:
+                raise ValueError(f"seq_len must be an integer or None, got {seq_len!r}")
+            seq_len = int(seq_len)
         kind, dim = self.kind, self.rotary_dim
         inv_freq = self.unscaled_frequencies()
         factor = self.param("factor")
