@@ -33,6 +33,14 @@ def random_ids(n, seed=1, vocab=VOCAB):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: threads only add overhead (and a lot of it when the machine is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
