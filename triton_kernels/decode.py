@@ -12,8 +12,9 @@ between (every tile exact for float32). Tiles are walked in segments of one kind
 all-near, exact per-element rotation below LongRoPE's n_hat), each a compile-time specialisation. The frequencies
 are the row's own (LongRoPE short/long set or dynamic NTK base picked from the row's length by `build_tables`), so
 nothing in the cache depends on them. Scores are sums of partial dots: the two halves of the pairs plus the
-pass-through dims. Each program writes its partial output with its running max and sum; `_merge_kernel` combines
-the splits (skipped when there is one split).
+pass-through dims. With several splits each program writes its partial output with its running max and sum, and the
+last split of a row to finish merges them (`_merge_rows`, counted on a per-stream counter that it resets): one
+launch per call whatever the split count.
 """
 from __future__ import annotations
 
@@ -212,7 +213,7 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
 def _decode_kernel(
     Q, K, V, SEQLENS, BLOCK_TABLE,
     TURNS, TURNS_UNSCALED, FACTOR, TURNS_QF, OFFSET_QF, TURNS_KF,
-    OUT, LSE, STATUS,
+    OUT, LSE, STATUS, COUNTER, OUT_FINAL, LSE_FINAL,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -220,6 +221,7 @@ def _decode_kernel(
     stride_tb, stride_tqb, stride_oqb, stride_tkb,
     stride_ob, stride_om, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_lm, stride_ls, stride_lx,
+    stride_fb, stride_fm, stride_fh, stride_fd, stride_gb, stride_gh, stride_gm,
     n_q, n_new, capacity, n_m_blocks, num_splits, sm_scale_log2, inv_ln_logn_base, window, rerope_window, n_hat,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -227,7 +229,7 @@ def _decode_kernel(
     HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, LEAKY: tl.constexpr,
     HAS_NHAT: tl.constexpr, HAS_LOGN: tl.constexpr, SPLIT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ANCHOR: tl.constexpr,
+    ANCHOR: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -395,42 +397,54 @@ def _decode_kernel(
     if SPLIT_OUT:  # the merge needs (max, sum) in full precision: an lse rounded per split loses ulps
         tl.store(l_ptrs, m_i, mask=row_valid)
         tl.store(l_ptrs + stride_lx, l_i, mask=row_valid)
+        # the last split of this (row, kv head, m block) to finish merges them all: one launch, no merge kernel.
+        # Every thread's partial stores precede the barrier; the counter's release/acquire orders them for the
+        # merging program, which resets the counter for the next launch (and CUDA-graph replay).
+        tl.debug_barrier()
+        counter = COUNTER + (b * tl.num_programs(1) + pid_h) * n_m_blocks + m_block
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            _merge_rows(OUT, LSE, OUT_FINAL, LSE_FINAL, b64, tok, head, row_valid, dcol, d_mask,
+                        stride_ob, stride_om, stride_oh, stride_os, stride_od,
+                        stride_lb, stride_lh, stride_lm, stride_ls, stride_lx,
+                        stride_fb, stride_fm, stride_fh, stride_fd, stride_gb, stride_gh, stride_gm,
+                        num_splits, BLOCK_M, D_PAD, SPLITS_PAD)
     else:
         tl.store(l_ptrs, _lse(m_i, l_i), mask=row_valid)
 
 
 @triton.jit
-def _merge_kernel(
-    OP, ML, OUT, LSE,
-    stride_pb, stride_pm, stride_ph, stride_ps, stride_pd,
-    stride_mb, stride_mm, stride_mh, stride_ms, stride_mx,
-    stride_ob, stride_om, stride_oh, stride_od,
-    stride_lb, stride_lh, stride_lm,
-    n_q, n_heads, num_splits,
-    SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-):
-    """One program per (b, token, q head). Split s has max m_s (log2 units), sum l_s and normalised out o_s:
-    w_s = l_s * 2^(m_s - M), out = sum_s w_s o_s / sum_s w_s, lse = ln 2 * (M + log2 sum_s w_s)."""
-    pid = tl.program_id(0)
-    head = pid % n_heads
-    tok = (pid // n_heads) % n_q
-    b = (pid // n_heads // n_q).to(tl.int64)
+def _merge_rows(OP, ML, OUT, LSE, b64, tok, head, row_valid, dcol, d_mask,
+                stride_pb, stride_pm, stride_ph, stride_ps, stride_pd,
+                stride_mb, stride_mh, stride_mm, stride_ms, stride_mx,
+                stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh, stride_lm,
+                num_splits, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Merge the splits of BLOCK_M rows (token tok, head head): split s has max m_s (log2 units), sum l_s and
+    normalised out o_s; w_s = l_s 2^(m_s - M), out = sum_s w_s o_s / sum_s w_s, lse = ln 2 (M + log2 sum_s w_s).
+    Loads bypass L1 (.cg): other programs wrote the partials."""
+    tok64 = tok.to(tl.int64)
+    head64 = head.to(tl.int64)
     splits = tl.arange(0, SPLITS_PAD)
-    dcol = tl.arange(0, D_PAD)
-    ml = ML + b * stride_mb + tok * stride_mm + head * stride_mh + splits * stride_ms
-    m_s = tl.load(ml, mask=splits < num_splits, other=float("-inf"))
-    l_s = tl.load(ml + stride_mx, mask=splits < num_splits, other=0.0)
-    m = tl.max(m_s, 0)
+    ml = (ML + b64 * stride_mb + tok64[:, None] * stride_mm + head64[:, None] * stride_mh
+          + splits[None, :].to(tl.int64) * stride_ms)
+    split_mask = row_valid[:, None] & (splits < num_splits)[None, :]
+    m_s = tl.load(ml, mask=split_mask, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(ml + stride_mx, mask=split_mask, other=0.0, cache_modifier=".cg")
+    m = tl.max(m_s, 1)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
-    w = l_s * tl.exp2(m_s - m_ref)
-    total = tl.sum(w, 0)
-    o_s = tl.load(OP + b * stride_pb + tok * stride_pm + head * stride_ph + splits[:, None] * stride_ps
-                  + dcol[None, :] * stride_pd, mask=(splits < num_splits)[:, None] & (dcol < HEAD_DIM)[None, :],
-                  other=0.0)
-    out = tl.sum(o_s * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(OUT + b * stride_ob + tok * stride_om + head * stride_oh + dcol * stride_od,
-             out.to(OUT.dtype.element_ty), mask=dcol < HEAD_DIM)
-    tl.store(LSE + b * stride_lb + head * stride_lh + tok * stride_lm, _lse(m_ref, total))
+    w = l_s * tl.exp2(m_s - m_ref[:, None])
+    total = tl.sum(w, 1)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    op = OP + b64 * stride_pb + tok64[:, None] * stride_pm + head64[:, None] * stride_ph + dcol[None, :] * stride_pd
+    o_mask = row_valid[:, None] & d_mask[None, :]
+    for s in range(0, num_splits):
+        w_s = tl.sum(tl.where(splits[None, :] == s, w, 0.0), 1)
+        o_s = tl.load(op + s * stride_ps, mask=o_mask, other=0.0, cache_modifier=".cg")
+        acc += o_s * w_s[:, None]
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(OUT + b64 * stride_ob + tok64[:, None] * stride_om + head64[:, None] * stride_oh
+             + dcol[None, :] * stride_od, out.to(OUT.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + b64 * stride_lb + head64 * stride_lh + tok64 * stride_lm, _lse(m_ref, total), mask=row_valid)
 
 
 @triton.jit
@@ -564,6 +578,120 @@ def append_to_cache(k_cache, v_cache, k_new, v_new, seqlens, block_table=None, s
     )
 
 
+class DecodePlan:
+    """What `decode_attention` decides from shapes, strides, options and tables (split count, config, constexprs,
+    the argument list), made once and launched many times: every layer of a model's decode step has the same
+    shapes, so a step builds one plan and each layer only swaps q, k_cache and v_cache (`plan(q, k_cache,
+    v_cache)`). A call with other shapes or strides than the plan's raises ValueError. Arguments as for
+    `decode_attention`; the tables, seqlens, block_table and status tensors are the plan's own."""
+
+    def __init__(self, q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=None, block_table=None,
+                 q_far_tables=None, k_far_tables=None, causal=True, window=None, softmax_scale=None,
+                 rerope_window=None, rerope_leak=None, logn_base=None, max_seqlen=None, num_splits=None,
+                 config=None):
+        B, n_q, n_heads, head_dim = q.shape
+        n_kv = k_cache.shape[2]
+        group = n_heads // n_kv
+        paged = block_table is not None
+        page_size = k_cache.shape[1] if paged else None
+        rotary_dim = tables.rotary_dim if tables is not None else 0
+        rows = group * n_q
+        block_m = min(64, _pow2(rows))
+        n_m_blocks = cdiv(rows, block_m)
+        heavy = tables is not None and (tables.n_hat > 0 or (rerope_window is not None and rerope_leak is not None))
+        cfg = dict(default_config(head_dim, q.element_size(), block_m, page_size, heavy), **(config or {}))
+        if paged:  # a tile must lie in one page
+            cfg["BLOCK_N"] = min(cfg["BLOCK_N"], page_size)
+        capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+        if num_splits is None:
+            num_splits = choose_num_splits(B * n_kv * n_m_blocks, capacity if max_seqlen is None else max_seqlen,
+                                           _num_sms(q.device))
+        has_rot = tables is not None
+        rerope = rerope_window is not None
+        dummy_i64, dummy_f32, dummy_status = _scratch(q.device)
+        turns = _last_dim_contiguous(tables.turns) if has_rot else dummy_i64  # rows may be stride-0 views
+        turns_un = tables.turns_unscaled if has_rot and tables.turns_unscaled is not None else dummy_i64
+        factor = tables.attention_factor.contiguous() if has_rot else dummy_f32
+        if rerope and has_rot:
+            turns_qf = _last_dim_contiguous(q_far_tables.turns)
+            offset_qf = _last_dim_contiguous(q_far_tables.offset)
+            turns_kf = _last_dim_contiguous(k_far_tables.turns)
+        else:
+            turns_qf = offset_qf = turns_kf = dummy_i64
+        n_hat = tables.n_hat if has_rot else 0
+        scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+        self.shapes = (tuple(q.shape), q.stride(), tuple(k_cache.shape), k_cache.stride(), v_cache.stride(),
+                       q.dtype, k_cache.dtype, q.device)
+        self.num_splits = num_splits
+        self.grid = (num_splits, n_kv, B * n_m_blocks)
+        self.out_shape, self.lse_shape = tuple(q.shape), (B, n_heads, n_q)
+        self.part_shape = (B, n_q, n_heads, num_splits, head_dim)
+        self.counter_size = B * n_kv * n_m_blocks
+        # tensors and integers in the kernel's argument order; None marks the per-call tensors
+        self.head = [None, None, None, seqlens, block_table if paged else seqlens,
+                     turns, turns_un, factor, turns_qf, offset_qf, turns_kf]
+        self.status = dummy_status if status is None else status
+        self.strides = [*q.stride(), *k_cache.stride(), *v_cache.stride(),
+                        block_table.stride(0) if paged else 0, block_table.stride(1) if paged else 0,
+                        _row_stride(turns), _row_stride(turns_qf), _row_stride(offset_qf), _row_stride(turns_kf)]
+        self.scalars = [n_q, n_new, capacity, n_m_blocks, num_splits, scale * LOG2E,
+                        1.0 / math.log(logn_base) if logn_base is not None else 0.0,
+                        window if window is not None else 0, rerope_window if rerope else 0, n_hat]
+        self.constexprs = dict(
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
+            HALF=rotary_dim // 2, HALF_PAD=_pow2(rotary_dim // 2), PASS=head_dim - rotary_dim,
+            PASS_PAD=_pow2(head_dim - rotary_dim), HAS_ROT=has_rot, INTERLEAVED=bool(has_rot and tables.interleaved),
+            PAGED=paged, PAGE_SIZE=page_size if paged else 1, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+            REROPE=rerope and has_rot, LEAKY=rerope and has_rot and rerope_leak is not None, HAS_NHAT=n_hat > 0,
+            HAS_LOGN=logn_base is not None, SPLIT_OUT=num_splits > 1,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            ANCHOR=1 if q.dtype == torch.float32 else 8,  # float32: every tile base exact
+            SPLITS_PAD=next_power_of_2(num_splits),
+            **{k: v for k, v in cfg.items() if k != "BLOCK_N"},
+        )
+
+    def __call__(self, q, k_cache, v_cache):
+        """(out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32) for these tensors."""
+        shapes = (tuple(q.shape), q.stride(), tuple(k_cache.shape), k_cache.stride(), v_cache.stride(), q.dtype,
+                  k_cache.dtype, q.device)
+        if shapes != self.shapes:
+            raise ValueError(f"this DecodePlan was made for (q shape, q strides, cache shape, k strides, v strides, "
+                             f"dtypes, device) {self.shapes}, got {shapes}")
+        device = q.device
+        out = empty(self.out_shape, q.dtype, device)
+        lse = empty(self.lse_shape, torch.float32, device)
+        out_strides = (*out.stride()[:3], 0, out.stride(3))
+        lse_strides = (*lse.stride(), 0, 0)
+        if self.num_splits > 1:
+            o_part = empty(self.part_shape, torch.float32, device)
+            l_part = empty((*self.part_shape[:4], 2), torch.float32, device)  # (max, sum) per split
+            part = (o_part, l_part, self.status, _counter(device, self.counter_size), out, lse,
+                    *o_part.stride(), l_part.stride(0), l_part.stride(2), l_part.stride(1), l_part.stride(3),
+                    l_part.stride(4), *out.stride(), *lse.stride())
+        else:
+            part = (out, lse, self.status, self.status, out, lse, *out_strides, *lse_strides, *out.stride(),
+                    *lse.stride())
+        _decode_kernel[self.grid](q, k_cache, v_cache, *self.head[3:], *part[:6], *self.strides[:12],
+                                  *self.strides[12:], *part[6:], *self.scalars, **self.constexprs)
+        return out, lse
+
+
+_COUNTERS: dict = {}
+
+
+def _counter(device: torch.device, size: int) -> torch.Tensor:
+    """Per (device, stream) int32 split counters, zero between launches (the merging program resets its own).
+    Made outside CUDA-graph capture and kept; inside a capture a fresh one is made (and zeroed) instead."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    found = _COUNTERS.get(key)
+    if found is None or found.numel() < size:
+        found = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _COUNTERS[key] = found
+    return found
+
+
 def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=None, block_table=None,
                      q_far_tables=None, k_far_tables=None, causal=True, window=None, softmax_scale=None,
                      rerope_window=None, rerope_leak=None, logn_base=None, max_seqlen=None, num_splits=None,
@@ -579,85 +707,12 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=No
     far sides (with rerope_window; rerope_leak only says whether far k rotates). max_seqlen: the longest row if
     known (else the capacity stands in), for the split count. num_splits (default: by SM count and length)
     and config (BLOCK_N, num_warps, num_stages, maxnreg; default `default_config`) are for tests and tuning.
-    Inputs are assumed validated (`scaled_rope.kvcache` does it).
+    Inputs are assumed validated (`scaled_rope.kvcache` does it). One launch (`DecodePlan` keeps the decisions
+    for repeated calls with the same shapes).
     Returns out (B, Nq, Hq, D) in q's dtype and lse (B, Hq, Nq) float32.
     """
-    B, n_q, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[2]
-    group = n_heads // n_kv
-    paged = block_table is not None
-    page_size = k_cache.shape[1] if paged else None
-    rotary_dim = tables.rotary_dim if tables is not None else 0
-    half = rotary_dim // 2
-    rows = group * n_q
-    block_m = min(64, _pow2(rows))
-    n_m_blocks = cdiv(rows, block_m)
-    heavy = tables is not None and (tables.n_hat > 0 or (rerope_window is not None and rerope_leak is not None))
-    cfg = dict(default_config(head_dim, q.element_size(), block_m, page_size, heavy), **(config or {}))
-    if paged:  # a tile must lie in one page
-        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], page_size)
-    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
-    if max_seqlen is None:
-        max_seqlen = capacity
-    if num_splits is None:
-        num_splits = choose_num_splits(B * n_kv * n_m_blocks, max_seqlen, _num_sms(q.device))
-    out = empty(q.shape, q.dtype, q.device)
-    lse = empty((B, n_heads, n_q), torch.float32, q.device)
-    if num_splits > 1:
-        o_part = empty((B, n_q, n_heads, num_splits, head_dim), torch.float32, q.device)
-        l_part = empty((B, n_q, n_heads, num_splits, 2), torch.float32, q.device)  # (max, sum) per split
-        o_dst, l_dst = o_part, l_part
-        o_strides = o_part.stride()
-        l_strides = (l_part.stride(0), l_part.stride(2), l_part.stride(1), l_part.stride(3), l_part.stride(4))
-    else:
-        o_dst, l_dst = out, lse
-        o_strides = (*out.stride()[:3], 0, out.stride(3))
-        l_strides = (*lse.stride(), 0, 0)
-
-    has_rot = tables is not None
-    rerope = rerope_window is not None
-    dummy_i64, dummy_f32, dummy_status = _scratch(q.device)
-    status = dummy_status if status is None else status
-    turns = _last_dim_contiguous(tables.turns) if has_rot else dummy_i64  # rows may be stride-0 views
-    turns_un = tables.turns_unscaled if has_rot and tables.turns_unscaled is not None else dummy_i64
-    factor = tables.attention_factor.contiguous() if has_rot else dummy_f32
-    if rerope and has_rot:
-        turns_qf = _last_dim_contiguous(q_far_tables.turns)
-        offset_qf = _last_dim_contiguous(q_far_tables.offset)
-        turns_kf = _last_dim_contiguous(k_far_tables.turns)
-    else:
-        turns_qf = offset_qf = turns_kf = dummy_i64
-    n_hat = tables.n_hat if has_rot else 0
-    block_table_arg = block_table if paged else seqlens
-    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
-    grid = (num_splits, n_kv, B * n_m_blocks)
-    _decode_kernel[grid](
-        q, k_cache, v_cache, seqlens, block_table_arg,
-        turns, turns_un, factor, turns_qf, offset_qf, turns_kf,
-        o_dst, l_dst, status,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        block_table.stride(0) if paged else 0, block_table.stride(1) if paged else 0,
-        _row_stride(turns), _row_stride(turns_qf), _row_stride(offset_qf), _row_stride(turns_kf),
-        *o_strides, *l_strides,
-        n_q, n_new, capacity, n_m_blocks, num_splits, scale * LOG2E,
-        1.0 / math.log(logn_base) if logn_base is not None else 0.0,
-        window if window is not None else 0, rerope_window if rerope else 0, n_hat,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
-        HALF=half, HALF_PAD=_pow2(half), PASS=head_dim - rotary_dim, PASS_PAD=_pow2(head_dim - rotary_dim),
-        HAS_ROT=has_rot, INTERLEAVED=bool(has_rot and tables.interleaved), PAGED=paged,
-        PAGE_SIZE=page_size if paged else 1, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-        REROPE=rerope and has_rot, LEAKY=rerope and has_rot and rerope_leak is not None,
-        HAS_NHAT=n_hat > 0, HAS_LOGN=logn_base is not None, SPLIT_OUT=num_splits > 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ANCHOR=1 if q.dtype == torch.float32 else 8,  # float32: every tile base exact
-        **{k: v for k, v in cfg.items() if k != "BLOCK_N"},
-    )
-    if num_splits > 1:
-        _merge_kernel[(B * n_q * n_heads,)](
-            o_part, l_part, out, lse,
-            *o_part.stride(), *l_part.stride(), *out.stride(), *lse.stride(),
-            n_q, n_heads, num_splits,
-            SPLITS_PAD=next_power_of_2(num_splits), HEAD_DIM=head_dim,
-            D_PAD=_pow2(head_dim), num_warps=4,
-        )
-    return out, lse
+    plan = DecodePlan(q, k_cache, v_cache, seqlens, tables, n_new=n_new, status=status, block_table=block_table,
+                      q_far_tables=q_far_tables, k_far_tables=k_far_tables, causal=causal, window=window,
+                      softmax_scale=softmax_scale, rerope_window=rerope_window, rerope_leak=rerope_leak,
+                      logn_base=logn_base, max_seqlen=max_seqlen, num_splits=num_splits, config=config)
+    return plan(q, k_cache, v_cache)
