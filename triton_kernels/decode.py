@@ -611,7 +611,8 @@ class DecodePlan:
         dummy_i64, dummy_f32, dummy_status = _scratch(q.device)
         turns = _last_dim_contiguous(tables.turns) if has_rot else dummy_i64  # rows may be stride-0 views
         turns_un = tables.turns_unscaled if has_rot and tables.turns_unscaled is not None else dummy_i64
-        factor = tables.attention_factor.contiguous() if has_rot else dummy_f32
+        # one factor per row (a table of one row serves every row)
+        factor = tables.attention_factor.reshape(-1).expand(B).contiguous() if has_rot else dummy_f32
         if rerope and has_rot:
             turns_qf = _last_dim_contiguous(q_far_tables.turns)
             offset_qf = _last_dim_contiguous(q_far_tables.offset)
