@@ -14,7 +14,7 @@ import torch
 from helpers import GOLD_DTYPE, assert_close_to_gold, random_inputs
 from scaled_rope import RopeScaling, reference, scaled_rope_attention
 from scaled_rope._cuda_backward import cuda_attention_backward, cuda_backward_support, cuda_flash_backward
-from scaled_rope.attention import kernel_tables
+from scaled_rope.tables import build_tables
 
 pytestmark = pytest.mark.gpu
 
@@ -52,10 +52,10 @@ def cuda_grads(q, k, v, rope, dout, dlse, *, causal=True, window=None, logn_base
     options = dict(causal=causal, window=window, logn_base=logn_base, softmax_scale=softmax_scale)
     with torch.no_grad():
         out, lse = scaled_rope_attention(q, k, v, rope, return_lse=True, backend="cuda", **options)
-    q_tables, k_tables, _, _ = kernel_tables(rope, q, k, q_positions=None, k_positions=None, rerope_window=None,
-                                             rerope_leak=None)
+    # default positions: every row has length Nk; q and k share the tables
+    tables = None if rope is None else build_tables(rope, q.shape[0], q.device, seq_lens=k.shape[1])
     options["softmax_scale"] = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return cuda_attention_backward(q, k, v, out, lse, dout, dlse, q_tables=q_tables, k_tables=k_tables, **options)
+    return cuda_attention_backward(q, k, v, out, lse, dout, dlse, q_tables=tables, k_tables=tables, **options)
 
 
 def check_grads(q, k, v, rope, *, seed, with_dlse=True, **options):

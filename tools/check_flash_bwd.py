@@ -5,11 +5,12 @@ backward.
 
 Each case runs the CUDA forward (out, lse), then the CUDA backward with a random dlse, and prints the max |error| of
 dq, dk, dv against the float32 reference next to the baseline's (the reference in the inputs' dtype) and the max
-|difference| from the Triton backward (both without dlse, which the Triton entry point does not take); a case is ok
-when the DESIGN.md rule of tests/helpers.py holds. The last line of that part is "all ok" or "MISMATCH". Timing:
-triton.testing.do_bench medians at B1, causal, bf16, head_dim 128, LongRoPE: ours end to end (rotations, kernel,
-inverse rotations), our kernel alone (on unrotated q and k: same work), the Triton backward end to end; TFLOP/s
-count the backward as 2.5x the causal forward's 4 B H N^2 D / 2.
+|difference| from the Triton backend's gradients (its own forward and backward through autograd, same dout and
+dlse); a case is ok when the DESIGN.md rule of tests/helpers.py holds. The last line of that part is "all ok" or
+"MISMATCH". Timing: triton.testing.do_bench medians at B1, causal, bf16, head_dim 128, LongRoPE: ours end to end
+(rotations, kernel, inverse rotations), our kernel alone (on unrotated q and k: same work), and the Triton backward
+(autograd backward of the Triton backend's forward, rotations included); TFLOP/s count the backward as 2.5x the
+causal forward's 4 B H N^2 D / 2.
 """
 import argparse
 import sys
@@ -23,8 +24,7 @@ from helpers import GOLD_DTYPE, assert_close_to_gold, random_inputs  # noqa: E40
 
 from scaled_rope import RopeScaling, reference, scaled_rope_attention  # noqa: E402
 from scaled_rope._cuda_backward import cuda_attention_backward, cuda_backward_support, cuda_flash_backward  # noqa: E402
-from scaled_rope.attention import kernel_tables  # noqa: E402
-from scaled_rope.triton_kernels.attention import triton_attention_backward  # noqa: E402
+from scaled_rope.tables import build_tables  # noqa: E402
 
 
 def longrope(original=4096):
@@ -56,11 +56,17 @@ def reference_grads(q, k, v, rope, dout, dlse, compute_dtype, **options):
 
 
 def backward_args(q, k, rope, options):
-    q_tables, k_tables, _, _ = kernel_tables(rope, q, k, q_positions=None, k_positions=None, rerope_window=None,
-                                             rerope_leak=None)
-    return dict(q_tables=q_tables, k_tables=k_tables, causal=options.get("causal", True),
-                window=options.get("window"), logn_base=options.get("logn_base"),
-                softmax_scale=options.get("softmax_scale", q.shape[-1] ** -0.5))
+    """cuda_attention_backward's keyword arguments; default positions: q and k share tables of length Nk."""
+    tables = None if rope is None else build_tables(rope, q.shape[0], q.device, seq_lens=k.shape[1])
+    return dict(q_tables=tables, k_tables=tables, causal=options.get("causal", True), window=options.get("window"),
+                logn_base=options.get("logn_base"), softmax_scale=options.get("softmax_scale", q.shape[-1] ** -0.5))
+
+
+def triton_graph(q, k, v, rope, options):
+    """(inputs with grad, out, lse) of the Triton backend's forward, for its backward through autograd."""
+    qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
+    out, lse = scaled_rope_attention(qg, kg, vg, rope, return_lse=True, backend="triton", **options)
+    return (qg, kg, vg), out, lse
 
 
 def run_case(label, batch, nq, nk, hq, hkv, dtype, rope, options, seed):
@@ -72,17 +78,17 @@ def run_case(label, batch, nq, nk, hq, hkv, dtype, rope, options, seed):
         out, lse = scaled_rope_attention(q, k, v, rope, return_lse=True, backend="cuda", **options)
     args = backward_args(q, k, rope, options)
     mine = cuda_attention_backward(q, k, v, out, lse, dout, dlse, **args)
-    mine_plain = cuda_attention_backward(q, k, v, out, lse, dout, None, **args)
-    triton_grads = triton_attention_backward(q, k, v, out, lse, dout, rerope_window=None, **args)
+    inputs, t_out, t_lse = triton_graph(q, k, v, rope, options)
+    triton_grads = torch.autograd.grad((t_out, t_lse), inputs, (dout, dlse))
     gold = reference_grads(q, k, v, rope, dout, dlse, GOLD_DTYPE[dtype], **options)
     base = reference_grads(q, k, v, rope, dout, dlse, dtype, **options)
     torch.cuda.synchronize()
     ok = True
     print(f"{label}: B{batch} Nq{nq} Nk{nk} H{hq}/{hkv} {str(dtype).removeprefix('torch.')}")
-    for name, x, gx, bx, plain, tx in zip(("dq", "dk", "dv"), mine, gold, base, mine_plain, triton_grads):
+    for name, x, gx, bx, tx in zip(("dq", "dk", "dv"), mine, gold, base, triton_grads):
         err = (x.double() - gx.double()).abs().max().item()
         err_base = (bx.double() - gx.double()).abs().max().item()
-        diff_triton = (plain.double() - tx.double()).abs().max().item()
+        diff_triton = (x.double() - tx.double()).abs().max().item()
         try:
             assert_close_to_gold(name, x, gx, bx, dtype)
             verdict = "ok"
@@ -110,9 +116,9 @@ def timing(n, heads, kv_heads):
         "cuda backward kernel only": lambda: cuda_flash_backward(
             q, k, v, out, lse, dout, None, causal=True, window=None, softmax_scale=args["softmax_scale"],
             logn_base=None),
-        "triton backward (end to end)": lambda: triton_attention_backward(q, k, v, out, lse, dout,
-                                                                          rerope_window=None, **args),
     }
+    inputs, t_out, _ = triton_graph(q, k, v, rope, options)
+    runs["triton backward (autograd)"] = lambda: torch.autograd.grad(t_out, inputs, dout, retain_graph=True)
     print(f"\ntiming: B{b} N{n} H{heads}/{kv_heads} D{d} causal bf16, LongRoPE (do_bench median)")
     for label, fn in runs.items():
         ms = triton.testing.do_bench(fn, return_mode="median")
