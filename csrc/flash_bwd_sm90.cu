@@ -2,11 +2,13 @@
 // TMA and wgmma, in the manner of FlashAttention-3's backward. Semantics: csrc/flash_bwd.h.
 //
 // Three launches. (1) A preprocess kernel writes, per query row, the exponent scale c = softmax_scale log2(e) g(pos),
-// lse in log2 units L (+inf on empty and padding rows, so that p = 2^(c s - L) = 0 there), the dS scale
-// e = softmax_scale g(pos) and Delta e, Delta = rowsum(dout * out) - dlse; it also zeroes dq_accum. (2) The main
+// lse in log2 units L (+inf on empty and padding rows, so that p = 2^(c s - L) = 0 there), the log-n factor g(pos)
+// and Delta g, Delta = rowsum(dout * out) - dlse; it also zeroes dq_accum. (2) The main
 // kernel takes one key tile of kBlockN = 128 keys of one (batch, kv head) per CTA (first key tiles first: under the
 // causal mask they see the most queries) and walks the query tiles of kBlockM = 64 rows of every q head of the GQA
-// group that can see them. (3) A small kernel converts dq_accum to dq in the input dtype.
+// group that can see them. (3) A small kernel converts dq_accum to dq in the input dtype. The constant softmax_scale
+// of dS is applied in float32 at the end (dK's epilogue, the conversion of dq), as the Triton backward does: folded
+// into the 16-bit dS it would push small gradients ~11x further into float16's subnormal range.
 //
 // Main kernel: warpgroup 0 is the producer. Its warp 0 (one thread) loads K and V once and then, per step, Q, dO and
 // the step's row info through a two-stage ring (TMA, mbarriers: full[stage] counts the bytes in, empty[stage] the
@@ -16,7 +18,7 @@
 // them 16 instructions a step and partial-line atomics). Warpgroups 1 and 2 are the consumers, 64 keys each, with
 // setmaxnreg moving the producer's registers to them. A consumer step, all products m64 wgmma with fp32 accumulators:
 //   S^T = K Q^T, dP^T = V dO^T            (A = K, V rows; B = Q, dO rows, K-major: both from shared memory)
-//   P^T = 2^(c S^T - L), masked on tiles that need it; dS^T = P^T (e dP^T - e Delta)
+//   P^T = 2^(c S^T - L), masked on tiles that need it; dS^T = P^T (g dP^T - g Delta) (softmax_scale comes later)
 //   dV += P^T dO, dK += dS^T Q            (A = P^T, dS^T from registers: an m64 accumulator is an A fragment; B = dO,
 //                                          Q read N-major through the transpose flag: no tile is ever transposed)
 //   dQ = dS K                             (A = dS^T stored to shared memory and read M-major, B = K N-major; each
@@ -56,7 +58,7 @@ constexpr int kQBlock = kBlockM * 128;          // one 64-column block of a Q or
 constexpr int kQBytes = 2 * kQBlock;            // 16 KB a stage
 constexpr int kDsBytes = kBlockN * kBlockM * 2;  // dS^T: 128 key rows of 64 queries (one 128-byte row each)
 constexpr int kDqBytes = kBlockM * kD * 4;       // a step's float32 dQ, laid out as dq_accum_index says
-constexpr int kRowInfoBytes = kBlockM * 16;      // per query row (c, L) then (e, Delta e): float2 x 64 each
+constexpr int kRowInfoBytes = kBlockM * 16;      // per query row (c, L) then (g, Delta g): float2 x 64 each
 constexpr int kRowInfoF4 = kRowInfoBytes / 16;   // float4s a stage
 constexpr int kOffK = 0;
 constexpr int kOffV = kOffK + kKVBytes;
@@ -197,9 +199,8 @@ __global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const FlashBw
     const float g = p.logn_base > 0.0f ? fmaxf(1.0f, logf(static_cast<float>(pos) + 1.0f) / logf(p.logn_base)) : 1.0f;
     const float lse = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row];
     const float dlse = p.dlse ? p.dlse[b * p.dlse_batch_stride + h * p.dlse_head_stride + row] : 0.0f;
-    const float e = p.softmax_scale * g;
     exponent = make_float2(p.softmax_scale * kLog2e * g, lse == -INFINITY ? INFINITY : lse * kLog2e);
-    ds = make_float2(e, (dot - dlse) * e);
+    ds = make_float2(g, (dot - dlse) * g);
   }
   float2* info = reinterpret_cast<float2*>(p.row_info + tile * (kBlockM * 4));
   info[r] = exponent;
@@ -402,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<1>();  // dP^T done (dV may still run)
         fence_regs(dpt);
 
-        // dS^T = P^T (e dP^T - e Delta) in place of dP^T, (e, e Delta) of columns 8 nb + 2 t and + 1 in one float4.
+        // dS^T = P^T (g dP^T - g Delta) in place of dP^T, (g, g Delta) of columns 8 nb + 2 t and + 1 in one float4.
         const float4* scale = row_info + s * kRowInfoF4 + kRowInfoF4 / 2 + t;
 #pragma unroll
         for (int nb = 0; nb < kBlockM / 8; ++nb) {
@@ -469,7 +470,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // Epilogue: dK and dV rows key_row (+ 8) of the tile, columns 8 db + 2 t (+ 1), in the input dtype.
+    // Epilogue: dK (times softmax_scale) and dV rows key_row (+ 8) of the tile, columns 8 db + 2 t (+ 1), in the
+    // input dtype.
+    const float scale = p.softmax_scale;
     T* dk_base = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
     T* dv_base = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
 #pragma unroll
@@ -480,7 +483,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       T* dv_row = dv_base + key * p.dv_row_stride;
 #pragma unroll
       for (int db = 0; db < kD / 8; ++db) {
-        *reinterpret_cast<uint32_t*>(dk_row + db * 8 + 2 * t) = pack2<T>(dk[4 * db + 2 * r], dk[4 * db + 2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(dk_row + db * 8 + 2 * t) =
+            pack2<T>(dk[4 * db + 2 * r] * scale, dk[4 * db + 2 * r + 1] * scale);
         *reinterpret_cast<uint32_t*>(dv_row + db * 8 + 2 * t) = pack2<T>(dv[4 * db + 2 * r], dv[4 * db + 2 * r + 1]);
       }
     }
@@ -489,7 +493,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- dq_accum -> dq ---------------------------------------------------------------------------------------------
-// One CTA of 256 threads per (batch, q head, query tile); each thread converts float4s: a warp covers one row.
+// dq = softmax_scale * dq_accum in the input dtype. One CTA of 256 threads per (batch, q head, query tile); each
+// thread converts float4s: a warp covers one row.
 template <typename T>
 __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const FlashBwdParams p, int n_query_tiles) {
   const int64_t tile = blockIdx.x;
@@ -504,8 +509,8 @@ __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const FlashBw
     if (row >= p.seqlen_q) break;  // rows only grow with f
     const float4 x = *reinterpret_cast<const float4*>(acc + dq_accum_index(r, col));
     uint2 packed;
-    packed.x = pack2<T>(x.x, x.y);
-    packed.y = pack2<T>(x.z, x.w);
+    packed.x = pack2<T>(x.x * p.softmax_scale, x.y * p.softmax_scale);
+    packed.y = pack2<T>(x.z * p.softmax_scale, x.w * p.softmax_scale);
     *reinterpret_cast<uint2*>(dq + row * p.dq_row_stride + col) = packed;
   }
 }
