@@ -87,7 +87,8 @@ CASES_4 = {
     "ring-causal-zigzag": case(causal=True),
     "ring-causal-contiguous-gqa-longrope": case(sharding="contiguous", hq=4, hkv=2, rope="longrope", causal=True),
     "ring-leaky-zigzag": case(causal=True, rerope_window=7, rerope_leak=2.0, n=48),
-    "ring-window-contiguous": case(sharding="contiguous", causal=True, window=4, trace="window"),
+    # window 6: rank r's first query segment and rank r-1's first key segment are exactly 5 apart (one pair in)
+    "ring-window-contiguous": case(sharding="contiguous", causal=True, window=6, trace="window"),
     "ring-explicit-rows": case(sharding="zigzag", batch=2, n=16, rope="longrope", positions="rows", causal=True),
     "ring-noncausal": case(causal=False, rope="dynamic_ntk"),
     "ulysses-causal-zigzag-gqa": case(scheme="ulysses", hq=8, hkv=4, rope="longrope", causal=True),
@@ -149,8 +150,7 @@ def run_case(name, spec, rank, world, seed):
     else:
         call_kwargs.update(q_positions=shard(q_pos), k_positions=shard(k_pos))
     fn = context_parallel_attention if spec["scheme"] == "ring" else ulysses_attention
-    if spec["trace"]:
-        sd._TRACE = []
+    sd._TRACE = []
     try:
         out, lse = fn(*local, rope, **call_kwargs)
         loss = (out * shard(dout)).sum()
@@ -167,6 +167,9 @@ def run_case(name, spec, rank, world, seed):
         assert_close_to_gold(name_, got, shard(g, dim), shard(b, dim), dtype)
     if spec["positions"] == "rows" and spec["scheme"] == "ring":  # the empty rows are really there
         assert torch.isneginf(gold[1]).any(), "case meant to have rows without keys has none"
+    if spec["scheme"] == "ring":  # the kernel path wherever a kernel backend runs the blocks
+        want = "kernel" if spec["backend"] == "triton" else "recompute"
+        assert [e for e in trace if e[0] == "method"] == [("method", want)], trace[:3]
     if spec["trace"]:
         check_trace(spec, trace, rank, world)
 
@@ -196,7 +199,7 @@ def check_trace(spec, trace, rank, world):
             # causal: only earlier blocks and the own one
             assert sorted(by_src) == list(range(rank + 1)), (pass_, by_src)
         elif spec["trace"] == "window":
-            # window 4 < N_local: only the own block and the previous rank's
+            # window 6 < N_local: only the own block and the previous rank's
             assert sorted(by_src) == sorted({rank, max(rank - 1, 0)}), (pass_, by_src)
         # the next block's transfer is posted before the current block is computed and awaited after it
         events = [e for e in trace if e[0] in ("call", "post", "wait") and e[1] == pass_]
@@ -446,6 +449,18 @@ def test_plan_causal_contiguous_and_window():
     # non-causal with no window: everything, whole blocks
     plan = sd._make_plan(ranges, ranges, 0, n, n, False, None)
     assert all(c == ((0, 8, 0, 8),) for c in plan.calls) and plan.last_hop == (3, 3, 3, 3)
+
+
+def test_may_attend_boundaries():
+    # causal: a query at the key's own position is allowed, one before it is not
+    assert sd._may_attend((5, 9), (9, 12), True, None)
+    assert not sd._may_attend((5, 8), (9, 12), True, None)
+    # window w: distance w - 1 is allowed, w is not
+    assert sd._may_attend((10, 12), (2, 7), True, 4)
+    assert not sd._may_attend((11, 12), (2, 7), True, 4)
+    # no causal mask: keys after the query count, and a window bounds only P - Q from above
+    assert sd._may_attend((0, 1), (5, 9), False, 2)
+    assert not sd._may_attend((20, 21), (5, 9), False, 11)
 
 
 def test_plan_zigzag_halves():

@@ -43,7 +43,6 @@ gives it to every block call, so a block that sees only early keys still uses th
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -452,44 +451,44 @@ def _merge(out_acc, lse_acc, out_b, lse_b) -> None:
 
 
 def _kernel_backward_api():
-    """(triton_attention_backward, kernel_tables, accepts_dlse), or None where this install lacks them."""
+    """(attention_plan, triton backend, lse2_from_natural) where this install has the backend plug-ins, else None."""
     try:
-        from .attention import kernel_tables
-        from .triton_kernels.attention import triton_attention_backward
+        from . import _backends
+        from ._plan import attention_plan
+        from .triton_kernels.attention import lse2_from_natural
     except ImportError:
         return None
-    accepts_dlse = "dlse" in inspect.signature(triton_attention_backward).parameters
-    return triton_attention_backward, kernel_tables, accepts_dlse
+    return attention_plan, _backends, lse2_from_natural
 
 
-def block_backward_method(backend: str, q: torch.Tensor, rerope_window=None, has_dlse: bool = False) -> str:
-    """How the ring's backward gets a block's gradients: "kernel" (the Triton backward fed the merged out and lse,
-    so P = exp(S - lse_global) directly) or "recompute" (the block's forward again under autograd, with the
-    upstream gradients rescaled; any backend, and needed for an lse gradient where the kernel takes none)."""
+def block_backward_method(backend: str, q: torch.Tensor) -> str:
+    """How the ring's backward gets a block's gradients: "kernel" (the Triton backward fed the merged out, lse and
+    the upstream gradients of out and lse: its P = exp(S - lse) is then the global softmax restricted to the block
+    and its Delta = dO.O - dlse the global one, so it gives the block's share of the gradients directly) or
+    "recompute" (the block's forward again under autograd, with rescaled upstream gradients; any backend)."""
     from .attention import explain_backend
 
-    chosen = explain_backend(q, rerope_window, needs_grad=True)[0] if backend == "auto" else backend
+    chosen = explain_backend(q, None, needs_grad=True)[0] if backend == "auto" else backend
     if chosen not in ("triton", "cuda"):
         return "recompute"
     api = _kernel_backward_api()
-    if api is None or (has_dlse and not api[2]):
+    if api is None:
+        return "recompute"
+    if api[1].choose("attention", "triton", q.device, q.dtype, q.shape[-1], True).backend != "triton":
         return "recompute"
     return "kernel"
 
 
 def _grads_kernel(cfg: _Config, q, k, v, q_pos, k_pos, out, lse, dout, dlse):
-    backward, kernel_tables, accepts_dlse = _kernel_backward_api()
-    opts = dict(cfg.options)
-    rerope_leak = opts.pop("rerope_leak")
+    attention_plan, backends, lse2_from_natural = _kernel_backward_api()
+    triton = backends.get("triton")
     results = []
     for rope, rows in cfg.row_groups:
         qr, kr, vr, qp, kp = (_rows(x, rows) for x in (q, k, v, q_pos, k_pos))
-        q_t, k_t, q_far, k_far = kernel_tables(rope, qr, kr, q_positions=qp, k_positions=kp,
-                                               rerope_window=opts["rerope_window"], rerope_leak=rerope_leak)
-        extra = {"dlse": _rows(dlse, rows)} if accepts_dlse and dlse is not None else {}
-        grads = backward(qr, kr, vr, _rows(out, rows), _rows(lse, rows), _rows(dout, rows).contiguous(),
-                         q_tables=q_t, k_tables=k_t, q_far_tables=q_far, k_far_tables=k_far, q_positions=qp,
-                         k_positions=kp, **opts, **extra)
+        plan = attention_plan(qr, kr, vr, rope, q_positions=qp, k_positions=kp, backend="triton", **cfg.options)
+        lse_r = _rows(lse, rows)
+        grads = triton.attention_backward(plan.call, _rows(out, rows), lse_r, lse2_from_natural(lse_r),
+                                          _rows(dout, rows), None if dlse is None else _rows(dlse, rows))
         results.append((rows, grads))
     return _scatter_rows(results, (q, k, v))
 
@@ -678,12 +677,10 @@ class _RingAttention(torch.autograd.Function):
         # every rank takes part even when its own output got no gradient: the others need its K/V and dK/dV
         if dout is None:
             dout = torch.zeros_like(out)
-        method = block_backward_method(cfg.backend, q, cfg.options["rerope_window"], dlse is not None)
-        backend = cfg.backend
-        if method == "recompute" and backend in ("cuda", "auto") and q.is_cuda:
-            backend = "triton"  # the lse of the CUDA forward carries no gradient; Triton's does
+        method = block_backward_method(cfg.backend, q)
+        _trace("method", method)
         dq, dk, dv = _ring_backward(cfg, q, k, v, q_pos, _positions_of(k_pos_all), out, lse, dout.contiguous(),
-                                    dlse, method, backend)
+                                    dlse, method, cfg.backend)
         return dq, dk, dv, None, None, None
 
 
