@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StaticCache)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 from scaled_rope import RopeScaling  # noqa: E402
@@ -258,6 +258,87 @@ def test_greedy_generation_identical(family):
     options = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(patched.generate(ids, **options), stock.generate(ids, **options))
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_greedy_64_tokens_every_rope_float32(rope):
+    """float32, 64 greedy tokens: the patched model (cached, keys rotated on the fly with each step's frequencies)
+    gives the tokens of the stock model recomputing the whole sequence every step (use_cache=False: the exact
+    function; with its cache, stock keeps keys rotated with a length-dependent schedule's old frequencies). One
+    layer, so that no cached value depends on the schedule; the prompt (20) ends below LongRoPE's original length
+    (32) and generation crosses it."""
+    stock, patched = make_pair("llama", rope, dtype=torch.float32, num_hidden_layers=1)
+    patch_model(patched, backend="reference")
+    ids = tokens(1, 20, seed=11)
+    options = dict(max_new_tokens=64, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        got = patched.generate(ids, **options)
+        want = stock.generate(ids, use_cache=False, **options)
+    assert torch.equal(got, want)
+
+
+# ---- StaticCache, CUDA graphs, torch.compile -------------------------------------------------------------------
+def _static_cache(model, batch, length):
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_static_cache_prefill_and_decode_exact(family):
+    """A StaticCache holds the unrotated keys in its fixed buffers; each decode step reads the cache's own length
+    tensor. Logits equal stock transformers with its own StaticCache."""
+    stock, patched = make_pair(family, exact=True)
+    patch_model(patched, rope=own_rope(stock), backend="reference")
+    ids = tokens(2, 13)
+    caches = _static_cache(stock, 2, 24), _static_cache(patched, 2, 24)
+    with torch.no_grad():
+        outs = [m(ids, past_key_values=c, use_cache=True).logits for m, c in zip((stock, patched), caches)]
+        assert max_diff(*outs) < EXACT
+        for step in range(6):
+            nxt = outs[0][:, -1:].argmax(-1)
+            position = torch.full((2, 1), 13 + step)
+            outs = [m(nxt, past_key_values=c, use_cache=True, position_ids=position).logits
+                    for m, c in zip((stock, patched), caches)]
+            assert max_diff(*outs) < EXACT, step
+
+
+def test_static_cache_generate_and_limits():
+    stock, patched = make_pair("llama", "yarn")
+    patch_model(patched, backend="reference")
+    ids = tokens(1, 11)
+    options = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(patched.generate(ids, cache_implementation="static", **options),
+                           stock.generate(ids, **options))
+    # rows with padding and sliding-window layers are refused by name, never attended wrongly
+    ids2, mask = _left_padded([11, 7], 11)
+    with pytest.raises(RuntimeError, match="padded rows"):
+        with torch.no_grad():
+            patched(ids2, attention_mask=mask, past_key_values=_static_cache(patched, 2, 16), use_cache=True)
+    _, sliding = make_pair("mistral")
+    patch_model(sliding, backend="reference")
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        logits(sliding, ids, past_key_values=_static_cache(sliding, 1, 16), use_cache=True)
+
+
+def test_compiled_static_decode_has_no_graph_break():
+    """torch.compile(fullgraph=True) of the patched model's decode step over a StaticCache traces in one graph (the
+    attention is a torch.library op) and gives the eager logits."""
+    torch._dynamo.reset()
+    _, patched = make_pair("llama", "longrope", dtype=torch.float32)
+    patch_model(patched, backend="reference")
+    ids = tokens(1, 9)
+    cache = _static_cache(patched, 1, 16)
+    eager_cache = _static_cache(patched, 1, 16)
+    step = torch.compile(patched.forward, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        patched(ids, past_key_values=cache, use_cache=True)
+        patched(ids, past_key_values=eager_cache, use_cache=True)
+        token = torch.ones(1, 1, dtype=torch.long)
+        for i in range(3):
+            position = torch.full((1, 1), 9 + i)
+            got = step(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True).logits
+            want = patched(token, past_key_values=eager_cache, position_ids=position, use_cache=True).logits
+            assert max_diff(got, want) < 1e-5, i
 
 
 # ---- length-dependent schedules: crossing the original length needs no re-prefill -----------------------------
@@ -508,6 +589,38 @@ def test_gpu_prefill_decode_and_padding(family, rope, dtype):
     recompute = torch.stack([logits(gold, sequences[:, :40 + i])[:, -1] for i in range(12)], dim=1)
     baseline = torch.stack([logits(stock, sequences[:, :40 + i])[:, -1] for i in range(12)], dim=1)
     _assert_rule("decode", steps, recompute, baseline)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_static_cache_decode_step_captured_in_cuda_graph(dtype):
+    """A patched decode step over a StaticCache has no host synchronisation and fixed shapes: it is captured in a
+    CUDA graph, and replays of the graph give the logits of the same steps run eagerly."""
+    _, _, patched = _gpu_pair("llama", "llama3", dtype)
+    patch_model(patched)
+    ids = tokens(1, 40).cuda()
+    graphed_cache, eager_cache = _static_cache(patched, 1, 64), _static_cache(patched, 1, 64)
+    token = torch.ones(1, 1, dtype=torch.long, device="cuda")
+    position = torch.full((1, 1), 40, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        patched(ids, past_key_values=graphed_cache, use_cache=True)
+        patched(ids, past_key_values=eager_cache, use_cache=True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up step outside the capture (kernels compiled, tables cached)
+            warm = patched(token, past_key_values=graphed_cache, position_ids=position, use_cache=True).logits
+        torch.cuda.current_stream().wait_stream(side)
+        want = patched(token, past_key_values=eager_cache, position_ids=position, use_cache=True).logits
+        assert max_diff(warm.float(), want.float()) == 0
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = patched(token, past_key_values=graphed_cache, position_ids=position, use_cache=True).logits
+        for step in range(1, 4):
+            position.fill_(40 + step)
+            token.fill_(step + 1)
+            graph.replay()
+            want = patched(token, past_key_values=eager_cache, position_ids=position, use_cache=True).logits
+            assert max_diff(captured.float(), want.float()) == 0, step
 
 
 @pytest.mark.gpu

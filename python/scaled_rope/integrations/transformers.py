@@ -18,8 +18,22 @@ PAD = -2**29 and the layer runs with window = 2**29 (or its sliding window): a q
 at distance P + 2**29 >= window, so padded keys are excluded by the window rule while the row's length (largest
 key position + 1) is untouched. Rows without padding and with positions 0..T-1 take the fast default positions.
 
+Per-step work happens once per model step, not once per layer: the first layer of a forward works out the query and
+key positions (and, for decode steps, one `DecodePlan`: split count, tables, kernel arguments) and the other layers
+reuse them; each decode layer then costs one kernel launch. Decode steps over a cache whose keys all sit at their
+default positions (no padding) run without a host synchronisation: their position_ids and attention_mask are
+checked on the device (`torch._assert_async`), so a step that breaks the pattern fails loudly instead of attending
+wrongly.
+
+Caches: `DynamicCache` (with its sliding-window layers) and `StaticCache` (full-attention layers). With a static
+cache every step reads the cache's own length tensor, so a decode step has fixed shapes, no host synchronisation
+and no allocation that varies: it can be captured in a CUDA graph, and `torch.compile(model.forward,
+mode="reduce-overhead", fullgraph=True)` compiles it (the attention is a registered torch.library op). Static caches
+take rows without padding (checked on the device); prefill into an empty static cache runs the fused prefill kernel.
+
 The model's config gets `_attn_implementation = "scaled_rope"`, registered with transformers' AttentionInterface
-and AttentionMaskInterface: the mask handed to the layers is the 2D padding mask (no 4D mask is built).
+and AttentionMaskInterface: the mask handed to the layers is the 2D padding mask (no 4D mask is built; with a
+static cache it is padded to the cache's length so that its shape does not change between steps).
 `unpatch_model` restores the layers and the config; a cache filled by a patched model holds unrotated keys and
 must not be reused by the unpatched model.
 """
@@ -30,6 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .._env import triton_interpret
 
 from ..attention import scaled_rope_attention
 from ..kvcache import scaled_rope_attention_with_kvcache
@@ -75,9 +91,16 @@ class _Patch:
 class _Record:
     """Positions of every key a cache has seen (PAD for padded tokens), stored on the cache object."""
 
-    positions: torch.Tensor  # int64 (B, T)
-    standard: bool           # every row is 0..T-1 with no padding
+    positions: torch.Tensor | None  # int64 (B, T); None while every row is 0..T-1 (standard)
+    standard: bool                  # every row is 0..T-1 with no padding
     has_pad: bool
+    length: int                     # T
+
+    def key_positions(self, batch: int, seen: int, device) -> torch.Tensor:
+        """int64 (B, seen): the positions of the first `seen` keys."""
+        if self.positions is None:
+            return torch.arange(seen, device=device).expand(batch, seen)
+        return self.positions[:, :seen]
 
 
 @dataclass
@@ -88,31 +111,80 @@ class _Step:
     position_ids: Any
     cache_id: int
     seen: int
-    q_positions: torch.Tensor  # int64 (B, n)
-    k_positions: torch.Tensor  # int64 (B, T): every key this forward attends to (the cache's keys + the new ones)
+    q_positions: torch.Tensor | None  # int64 (B, n); None for a standard step (seen .. seen + n - 1)
+    k_positions: torch.Tensor | None  # int64 (B, T): every key this forward attends to; None when standard
     standard: bool
     has_pad: bool
-    seqlens: torch.Tensor | None = None  # int32 (B,) = T, for the decode kernel
+    total: int = 0                    # T: keys after this forward's tokens are added
+    decode: Any = None                # the step's DecodePlan (Triton decode kernel), made by its first layer
+
+    def positions(self, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_positions (B, n), k_positions (B, T)), materialised for a standard step."""
+        if self.k_positions is None:
+            keys = torch.arange(self.total, device=device).expand(batch, self.total)
+            return keys[:, self.total - n:], keys
+        return self.q_positions, self.k_positions
 
 
 def _check_cache(cache) -> None:
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     if not isinstance(cache, DynamicCache):
-        raise NotImplementedError(f"patched models support DynamicCache (generate()'s default), got "
-                                  f"{type(cache).__name__}")
+        raise NotImplementedError(f"patched models support DynamicCache (generate()'s default) and StaticCache, "
+                                  f"got {type(cache).__name__}")
     for layer in cache.layers:
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
             raise NotImplementedError(f"patched models support DynamicLayer and DynamicSlidingWindowLayer cache "
                                       f"layers, got {type(layer).__name__}")
 
 
+def _static_layer(cache, layer_idx: int):
+    """The cache's layer when it is a static one (StaticCache), else None; static sliding-window layers (a ring
+    buffer whose slots are not positions) raise NotImplementedError."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or not isinstance(layers[layer_idx], StaticLayer):
+        return None
+    layer = layers[layer_idx]
+    if isinstance(layer, StaticSlidingWindowLayer):
+        raise NotImplementedError("patched models do not support static sliding-window cache layers; use "
+                                  "DynamicCache for sliding-window models")
+    return layer
+
+
+def _continuing_step(position_ids, mask, cache, record: _Record, seen: int, batch: int, n: int, device) -> _Step:
+    """A decode step over a standard cache: positions seen .. seen + n - 1 and no padding, checked on the device
+    (no host synchronisation); a step that breaks the pattern fails its device-side assertion."""
+    expected = torch.arange(seen, seen + n, device=device)
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[-1] != n or position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must have shape ({batch}, {n}), got {tuple(position_ids.shape)}")
+        torch._assert_async((position_ids.to(device) == expected).all(),
+                            "patched model: a decode step's position_ids must continue the cache's positions "
+                            "(seen .. seen + n - 1) when the cache holds no padding")
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < n:
+            raise NotImplementedError(f"patched models take a 2D attention_mask (batch, length) of 0/1; got shape "
+                                      f"{tuple(mask.shape)} (custom 4D masks are not supported)")
+        torch._assert_async(mask.to(device).bool().all(),
+                            "patched model: padding appeared in a decode step of a cache that had none; start the "
+                            "generation with the padded prompt instead")
+    setattr(cache, _RECORD, _Record(None, True, False, seen + n))
+    return _Step(-1, position_ids, id(cache), seen, None, None, True, False, total=seen + n)
+
+
 def _make_step(position_ids, mask, cache, layer_idx: int, batch: int, n: int, device) -> _Step:
-    """Positions of this forward's queries and keys; one host synchronisation for the checks and flags."""
+    """Positions of this forward's queries and keys; one host synchronisation for the checks and flags, except for
+    decode steps over a standard cache (`_continuing_step`)."""
     seen = 0
     if cache is not None:
         _check_cache(cache)
         seen = cache.get_seq_length(layer_idx)
+        record = getattr(cache, _RECORD, None)
+        if seen and n <= DECODE_MAX_QUERIES and record is not None and record.standard and \
+                record.length == seen and record.positions is None:
+            return _continuing_step(position_ids, mask, cache, record, seen, batch, n, device)
     expected = torch.arange(seen, seen + n, device=device)
     if position_ids is None:
         pos = expected.expand(batch, n)
@@ -152,15 +224,16 @@ def _make_step(position_ids, mask, cache, layer_idx: int, batch: int, n: int, de
                 raise ValueError("this cache already holds keys that a patched model did not write (rotated keys "
                                  "from an unpatched model?); start from an empty cache")
         else:
-            if record.positions.shape[0] != batch or record.positions.shape[1] < seen:
-                raise ValueError(f"the cache's key positions ({tuple(record.positions.shape)}) do not match this "
+            rows = batch if record.positions is None else record.positions.shape[0]
+            if rows != batch or record.length < seen:
+                raise ValueError(f"the cache's key positions ({rows} rows, {record.length} keys) do not match this "
                                  f"forward (batch {batch}, {seen} cached tokens): was the cache reordered or "
                                  f"filled by an unpatched model?")
-            k_positions = torch.cat([record.positions[:, :seen], new_keys], dim=1)
+            k_positions = torch.cat([record.key_positions(batch, seen, device), new_keys], dim=1)
             standard = standard and record.standard
             has_pad = has_pad or record.has_pad
-        setattr(cache, _RECORD, _Record(k_positions, standard, has_pad))
-    return _Step(-1, position_ids, id(cache), seen, pos, k_positions, standard, has_pad)
+        setattr(cache, _RECORD, _Record(None if standard else k_positions, standard, has_pad, seen + n))
+    return _Step(-1, position_ids, id(cache), seen, pos, k_positions, standard, has_pad, total=seen + n)
 
 
 def _current_step(patch: _Patch, position_ids, mask, cache, layer_idx, batch, n, device) -> _Step:
@@ -203,6 +276,105 @@ def _sliding_window(module) -> int | None:
     return getattr(module.config, "sliding_window", None)  # Mistral, Phi-3: every layer
 
 
+def _options(module, patch: _Patch, window) -> dict:
+    return dict(causal=True, window=window, softmax_scale=module.scaling, rerope_window=patch.rerope_window,
+                rerope_leak=patch.rerope_leak, logn_base=patch.logn_base)
+
+
+def _decode_kernel_runs(patch: _Patch, q: torch.Tensor) -> bool:
+    """Whether a decode step goes straight to the Triton decode kernel (what backend "auto" or "triton" would run
+    through scaled_rope_attention_with_kvcache), skipping the public call's per-layer checks and table lookups."""
+    if patch.backend not in ("auto", "triton") or q.dtype == torch.float64:
+        return False
+    if not (q.is_cuda or (q.device.type == "cpu" and triton_interpret() and q.dtype != torch.bfloat16)):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decode_plan(patch: _Patch, step: _Step, q, k, v, options: dict):
+    """The step's DecodePlan, made by its first decode layer: tables of each row's length, split count and kernel
+    arguments; the other layers reuse it (a layer with other shapes gets its own)."""
+    from ..tables import build_tables
+    from ..triton_kernels.decode import DecodePlan
+
+    plan = step.decode
+    if plan is not None and plan.shapes[:5] == (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), v.stride()):
+        return plan
+    batch, device = q.shape[0], q.device
+    seqlens = torch.full((batch,), step.total, dtype=torch.int32, device=device)
+    rope = patch.rope
+    lens = seqlens if rope.length_dependent else step.total
+    tables = build_tables(rope, batch, device, seq_lens=lens)
+    far = {}
+    if patch.rerope_window is not None:
+        extra = dict(seq_lens=lens, rerope_window=patch.rerope_window, rerope_leak=patch.rerope_leak)
+        far = dict(q_far_tables=build_tables(rope, batch, device, far="q", **extra),
+                   k_far_tables=build_tables(rope, batch, device, far="k", **extra))
+    step.decode = DecodePlan(q, k, v, seqlens, tables, max_seqlen=step.total, **far, **options)
+    return step.decode
+
+
+def _dynamic_attention(module, patch: _Patch, q, k, v, attention_mask, cache, position_ids):
+    """DynamicCache (or no cache): positions from the step; decode steps through the step's DecodePlan."""
+    batch, n = q.shape[:2]
+    step = _current_step(patch, position_ids, attention_mask, cache, module.layer_idx, batch, n, q.device)
+    if cache is not None:
+        keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), module.layer_idx)
+        k, v = keys.transpose(1, 2), values.transpose(1, 2)  # (B, T_layer, Hkv, D) views of the cache
+    total, length = step.total, k.shape[1]  # sliding-window layers hold the last `length` keys
+    window = _sliding_window(module)
+    if step.has_pad:
+        window = window or PAD_WINDOW
+    options = _options(module, patch, window)
+    full = step.standard and length == total
+    if full and step.seen and n <= DECODE_MAX_QUERIES and patch.backend != "cuda":
+        if _decode_kernel_runs(patch, q):
+            return _decode_plan(patch, step, q, k, v, options)(q, k, v)[0]
+        seqlens = torch.full((batch,), total, dtype=torch.int32, device=q.device)
+        return scaled_rope_attention_with_kvcache(q, k, v, patch.rope, cache_seqlens=seqlens,
+                                                  backend=patch.backend, **options)
+    if full:
+        return scaled_rope_attention(q, k, v, patch.rope, backend=patch.backend, **options)
+    q_positions, k_positions = step.positions(batch, n, q.device)
+    return scaled_rope_attention(q, k, v, patch.rope, q_positions=q_positions,
+                                 k_positions=k_positions[:, total - length:], backend=patch.backend, **options)
+
+
+def _static_attention(module, patch: _Patch, layer, q, k, v, attention_mask, cache, position_ids):
+    """StaticCache: the cache's slots are the positions (rows without padding, checked on the device). Decode steps
+    read the cache's own length tensor: fixed shapes, no host synchronisation, CUDA-graph capturable; prefill into
+    an empty cache runs the prefill kernel over the new tokens."""
+    batch, n = q.shape[:2]
+    compiling = torch.compiler.is_compiling()
+    if n > DECODE_MAX_QUERIES and not compiling and int(layer.cumulative_length if layer.is_initialized else 0):
+        raise NotImplementedError("patched models prefill a StaticCache in one forward from empty (chunked "
+                                  "prefill into a static cache is not supported); use DynamicCache")
+    keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), module.layer_idx)
+    total = layer.cumulative_length  # tokens in the cache after this forward's (a 0-d device tensor)
+    slots = torch.arange(n, device=q.device) + (total - n)
+    if position_ids is not None:
+        torch._assert_async((position_ids.to(q.device) == slots).all(),
+                            "patched model with a StaticCache: position_ids must be the cache slots (no padding)")
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise NotImplementedError(f"patched models take a 2D attention_mask (batch, length) of 0/1; got shape "
+                                      f"{tuple(attention_mask.shape)} (custom 4D masks are not supported)")
+        keys_in = torch.arange(attention_mask.shape[1], device=q.device) < total
+        torch._assert_async((attention_mask.to(q.device).bool() | ~keys_in).all(),
+                            "patched model with a StaticCache: padded rows are not supported; use DynamicCache")
+    options = _options(module, patch, _sliding_window(module))
+    if n > DECODE_MAX_QUERIES and not compiling:
+        return scaled_rope_attention(q, k, v, patch.rope, backend=patch.backend, **options)
+    k_all, v_all = keys.transpose(1, 2), values.transpose(1, 2)  # (B, max_len, Hkv, D) views of the cache
+    seqlens = total.to(torch.int32).expand(batch).contiguous()
+    return scaled_rope_attention_with_kvcache(q, k_all, v_all, patch.rope, cache_seqlens=seqlens,
+                                              backend=patch.backend, **options)
+
+
 def _patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                      past_key_values=None, **kwargs):
     patch: _Patch = self._scaled_rope_patch
@@ -211,37 +383,35 @@ def _patched_forward(self, hidden_states: torch.Tensor, position_embeddings=None
                                   "config.attention_dropout = 0 or call model.eval()")
     batch, n = hidden_states.shape[:2]
     q, k, v = _project(self, hidden_states)
-    step = _current_step(patch, kwargs.get("position_ids"), attention_mask, past_key_values, self.layer_idx, batch,
-                         n, hidden_states.device)
-    if past_key_values is not None:
-        keys, values = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-        k, v = keys.transpose(1, 2), values.transpose(1, 2)  # (B, T_layer, Hkv, D) views of the cache
-    total, length = step.k_positions.shape[1], k.shape[1]  # sliding-window layers hold the last `length` keys
-    window = _sliding_window(self)
-    if step.has_pad:
-        window = window or PAD_WINDOW
-    options = dict(causal=True, window=window, softmax_scale=self.scaling, rerope_window=patch.rerope_window,
-                   rerope_leak=patch.rerope_leak, logn_base=patch.logn_base)
-    full = step.standard and length == total
-    if full and step.seen and n <= DECODE_MAX_QUERIES and patch.backend != "cuda":
-        if step.seqlens is None:
-            step.seqlens = torch.full((batch,), total, dtype=torch.int32, device=q.device)
-        out = scaled_rope_attention_with_kvcache(q, k, v, patch.rope, cache_seqlens=step.seqlens,
-                                                 backend=patch.backend, **options)
-    elif full:
-        out = scaled_rope_attention(q, k, v, patch.rope, backend=patch.backend, **options)
+    position_ids = kwargs.get("position_ids")
+    layer = None if past_key_values is None else _static_layer(past_key_values, self.layer_idx)
+    if layer is not None:
+        out = _static_attention(self, patch, layer, q, k, v, attention_mask, past_key_values, position_ids)
     else:
-        out = scaled_rope_attention(q, k, v, patch.rope, q_positions=step.q_positions,
-                                    k_positions=step.k_positions[:, total - length:], backend=patch.backend,
-                                    **options)
+        out = _dynamic_attention(self, patch, q, k, v, attention_mask, past_key_values, position_ids)
     return self.o_proj(out.reshape(batch, n, -1)), None
 
 
 # ---- transformers registrations ---------------------------------------------------------------------------------
 def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, **kwargs):
-    """Mask function of the "scaled_rope" implementation: the 2D padding mask (batch, kv_length) or None."""
-    return None if attention_mask is None else attention_mask[:, -kv_length:]
+    """Mask function of the "scaled_rope" implementation: the 2D padding mask (batch, kv_length) or None. A mask
+    shorter than kv_length (a static cache's length) is padded with zeros, so its shape is the same every step."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[-1] < kv_length:
+        return torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
+    return attention_mask[:, -kv_length:]
+
+
+def _no_rotary_embedding(self, x, position_ids=None, *args, **kwargs):
+    """A patched model's rotary embedding: its layers rotate on-chip and read no cos/sin, so none are computed (a
+    few launches saved per forward, and no length-dependent branch for torch.compile to trace)."""
+    return None
+
+
+def _rotary_embeddings(model) -> list:
+    return [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
 
 
 def _unpatched_layer(module, *args, **kwargs):
@@ -252,6 +422,8 @@ def _unpatched_layer(module, *args, **kwargs):
 
 def _new_forward(patch: _Patch):
     def hook(module, args, kwargs):
+        if torch.compiler.is_compiling():  # compiled steps keep no per-step state (static caches only)
+            return
         patch.forward_id += 1
         patch.step = None  # let go of the previous forward's tensors
 
@@ -324,6 +496,9 @@ def patch_model(model, rope: RopeScaling | None = None, rerope_window: int | Non
     for module in layers:
         module._scaled_rope_patch = patch
         module.forward = types.MethodType(_patched_forward, module)
+    for module in _rotary_embeddings(model):
+        module._scaled_rope_patch = patch
+        module.forward = types.MethodType(_no_rotary_embedding, module)
     model._scaled_rope_patch = patch
     model.config._attn_implementation = ATTN_IMPLEMENTATION
     override = _phi3_generation_override(model)
