@@ -1,19 +1,28 @@
-"""End to end: prefill and decode tokens/s of a Llama-shaped model (random weights, bf16), patched vs transformers.
+"""End to end: prefill and decode tokens/s of real models' shapes (random weights, bf16), patched vs transformers.
 
-The model has Llama-3.2-1B's shape (16 layers, hidden 2048, 32 query / 8 KV heads of 64, MLP 8192, vocab 128256,
-tied embeddings, llama3 rope with factor 32: 1.24B parameters) and random weights. For each prompt length:
-  transformers-sdpa   the stock model with attn_implementation="sdpa" (rotated keys in a DynamicCache)
-  scaled_rope         the same model after `patch_model` (unrotated keys, rope inside the kernels, backend "auto")
-prefill = one forward over the prompt into an empty DynamicCache (logits of the last token only, as generate()
-does); decode = greedy steps of one token over that cache, timed together (host overhead included). Medians of
+Models (the attention shapes and rope types of the real ones; random weights, fewer layers where noted):
+  llama3.2-1b  16 layers, hidden 2048, 32 query / 8 KV heads of 64, MLP 8192, vocab 128256, llama3 rope x32 (1.24B)
+  llama3.1-8b  4 of 32 layers, hidden 4096, 32 / 8 heads of 128, MLP 14336, llama3 rope x8
+  qwen2.5-7b   4 of 28 layers, hidden 3584, 28 / 4 heads of 128, MLP 18944, YaRN x4 (original 32768)
+  phi3-mini    4 of 32 layers, hidden 3072, 32 / 32 heads of 96, MLP 8192, LongRoPE (original 4096: the 4k prompt is
+               4064 tokens, so generation crosses the original length and switches to the long factors)
+For each prompt length (4k, 32k), the same weights run as:
+  transformers          the stock model, attn_implementation="sdpa" (SDPA's default backend), DynamicCache
+  scaled_rope           the same model after `patch_model` (unrotated keys, rope inside the kernels, "auto")
+  transformers compiled StaticCache + torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) for the
+                        decode steps: transformers' own fast decode path (prefill eager, as generate() does)
+  scaled_rope compiled  the patched model the same way (the attention is a registered torch.library op)
+prefill = one forward over the prompt into an empty cache (logits of the last token only, as generate() does);
+decode = greedy steps of one token over that cache, timed together (host overhead included). Medians of
 CUDA-synchronised wall times. Also checks that both give the same next token after the prompt. A run that fails
-(out of memory, missing kernel) is recorded as n/a with the error. Prints versions and a markdown table; writes
-model-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
+(out of memory, missing kernel) is recorded as n/a with the error. Prints versions, progress and a markdown table;
+writes model-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
 
-    python bench/bench_model.py [--out DIR|PATH] [--quick]
+    python bench/bench_model.py [--out DIR|PATH] [--quick] [--models a,b] [--compiled a,b|all|none]
 
---quick: prompts 1k and 4k, fewer decode steps. Without a GPU it runs a tiny model on the CPU (reference backend)
-as a smoke test and says so.
+--quick: 4k prompts only, fewer decode steps. --models: which models (default all). --compiled: models that also
+get the compiled rows (default llama3.2-1b: each compiled row costs a compilation per prompt length). Without a
+GPU it runs a tiny model on the CPU (reference backend) as a smoke test and says so.
 """
 from __future__ import annotations
 
@@ -34,17 +43,39 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 8192})
+LLAMA_8B = dict(LLAMA_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, head_dim=128,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192})
+QWEN_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=4,
+               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                "original_max_position_embeddings": 32768})
+PHI3_PAIRS = 48
+PHI3_MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=4,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+                 original_max_position_embeddings=4096, rms_norm_eps=1e-5,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                  "short_factor": [1.0 + 0.2 * i / PHI3_PAIRS for i in range(PHI3_PAIRS)],
+                                  "long_factor": [1.0 + 40.0 * (i / PHI3_PAIRS) ** 2 for i in range(PHI3_PAIRS)],
+                                  "original_max_position_embeddings": 4096})
+MODELS = {"llama3.2-1b": ("llama", LLAMA_1B), "llama3.1-8b": ("llama", LLAMA_8B), "qwen2.5-7b": ("qwen2", QWEN_7B),
+          "phi3-mini": ("phi3", PHI3_MINI)}
 TINY = dict(LLAMA_1B, vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
-def build_model(shape: dict, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(family: str, shape: dict, device: str, dtype: torch.dtype):
+    import transformers
 
-    config = LlamaConfig(attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=0, **shape)
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[family]
+    config = config_cls(attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=0, **shape)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
     return model.to(dtype).eval()
 
 
@@ -73,14 +104,45 @@ def run_once(model, ids, steps: int, device: str):
     return t1 - t0, t2 - t1, first, first_logits
 
 
-def measure(model, prompt: int, steps: int, repeats: int, device: str) -> dict:
+def run_compiled(model, step_fn, cache, ids, steps: int, device: str):
+    """run_once over a StaticCache with the decode steps through step_fn (the compiled forward)."""
+    prompt = ids.shape[1]
+    cache.reset()
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    synchronize(device)
+    t1 = time.perf_counter()
+    first, first_logits = token.clone(), out.logits[:, -1].float()
+    for i in range(steps):
+        position = torch.full((1, 1), prompt + i, dtype=torch.long, device=device)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = step_fn(input_ids=token, past_key_values=cache, position_ids=position,
+                      cache_position=position[0], use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    synchronize(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, first, first_logits
+
+
+def measure(model, prompt: int, steps: int, repeats: int, device: str, compiled: bool = False) -> dict:
     ids = torch.randint(1, model.config.vocab_size, (1, prompt), device=device,
                         generator=torch.Generator(device).manual_seed(prompt))
     try:
         with torch.no_grad():
-            run_once(model, ids, min(steps, 4), device)  # compile / autotune / warm the allocator
-            runs = [run_once(model, ids, steps, device) for _ in range(repeats)]
-    except (torch.cuda.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError) as exc:
+            if compiled:
+                from transformers import StaticCache
+
+                torch._dynamo.reset()
+                cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+                step_fn = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+                run = lambda n: run_compiled(model, step_fn, cache, ids, n, device)  # noqa: E731
+            else:
+                run = lambda n: run_once(model, ids, n, device)  # noqa: E731
+            run(min(steps, 4))  # compile / autotune / record graphs / warm the allocator
+            runs = [run(steps) for _ in range(repeats)]
+    except Exception as exc:  # a configuration that cannot run here is recorded, not fatal
         if device == "cuda":
             torch.cuda.empty_cache()
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
@@ -97,12 +159,14 @@ def measure(model, prompt: int, steps: int, repeats: int, device: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="directory or .json path (default bench/results)")
-    parser.add_argument("--quick", action="store_true", help="prompts 1k and 4k, fewer decode steps")
+    parser.add_argument("--quick", action="store_true", help="4k prompts only, fewer decode steps")
+    parser.add_argument("--models", default="", help=f"comma-separated models (default all: {', '.join(MODELS)})")
+    parser.add_argument("--compiled", default="llama3.2-1b",
+                        help="models that also get the compiled StaticCache rows: a list, 'all' or 'none'")
     args = parser.parse_args()
 
     import transformers
 
-    from scaled_rope import explain_backend
     from scaled_rope.integrations.transformers import patch_model, unpatch_model
 
     cuda = torch.cuda.is_available()
@@ -116,60 +180,90 @@ def main() -> int:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     if cuda:
-        shape, dtype, backend = LLAMA_1B, torch.bfloat16, "auto"
-        prompts, steps, repeats = ([1024, 4096], 32, 2) if args.quick else ([4096, 32768], 64, 3)
+        names = [m for m in args.models.split(",") if m] or list(MODELS)
+        unknown = set(names) - set(MODELS)
+        if unknown:
+            parser.error(f"--models takes {', '.join(MODELS)}; got {sorted(unknown)}")
+        compiled = set(MODELS) if args.compiled == "all" else set() if args.compiled == "none" else \
+            set(args.compiled.split(","))
+        plans = [(name, *MODELS[name]) for name in names]
+        dtype, backend = torch.bfloat16, "auto"
+        prompts, steps, repeats = ([4096], 32, 2) if args.quick else ([4096, 32768], 64, 3)
     else:
         print("bench_model: no CUDA GPU; running a tiny model on the CPU with the reference backend (smoke test, "
               "timings mean nothing)")
-        shape, dtype, backend = TINY, torch.float32, "reference"
+        plans, compiled = [("tiny", "llama", TINY)], set()
+        dtype, backend = torch.float32, "reference"
         prompts, steps, repeats = [64, 128], 4, 1
-    model = build_model(shape, device, dtype)
-    params = sum(p.numel() for p in model.parameters())
-    probe = torch.empty(1, 1, shape["num_attention_heads"], shape["head_dim"], device=device, dtype=dtype)
-    chosen = backend if backend != "auto" else explain_backend(probe)[0]
-    env.update(dtype=str(dtype).replace("torch.", ""), params=params, backend=chosen)
-    print(f"model: Llama-shaped, {params / 1e9:.2f}B parameters, {env['dtype']}, scaled_rope backend {chosen}")
+    env.update(dtype=str(dtype).replace("torch.", ""), backend=backend)
 
     rows = []
-    for prompt in prompts:
-        stock = measure(model, prompt, steps, repeats, device)
-        patch_model(model, backend=backend)
-        ours = measure(model, prompt, steps, repeats, device)
-        unpatch_model(model)
-        check = {}
-        if "logits" in stock and "logits" in ours:
-            check = {"same_next_token": stock["next_token"] == ours["next_token"],
-                     "max_abs_logit_diff": (stock["logits"] - ours["logits"]).abs().max().item(),
-                     "logit_scale": stock["logits"].abs().max().item()}
-        for name, result in (("transformers-sdpa", stock), ("scaled_rope", ours)):
-            result.pop("logits", None)
-            rows.append({"prompt": prompt, "impl": name, "decode_steps": steps, **result, **check})
+    start = time.time()
+    for name, family, shape in plans:
+        model = build_model(family, shape, device, dtype)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"[{time.time() - start:6.0f}s] {name}: {params / 1e9:.2f}B parameters, {shape['num_hidden_layers']} "
+              f"layers", flush=True)
+        for prompt in prompts:
+            if name == "phi3-mini" and prompt == 4096:
+                prompt -= 32  # generation crosses the original length (4096) after 32 steps
+            variants = [("transformers", False, False), ("scaled_rope", True, False)]
+            if name in compiled:
+                variants += [("transformers compiled", False, True), ("scaled_rope compiled", True, True)]
+            results = {}
+            for impl, patched, compile_it in variants:
+                if patched:
+                    patch_model(model, backend=backend)
+                results[impl] = measure(model, prompt, steps, repeats, device, compiled=compile_it)
+                if patched:
+                    unpatch_model(model)
+                shown = results[impl].get("error") or (f"prefill {results[impl]['prefill_ms']:.1f} ms, decode "
+                                                      f"{results[impl]['decode_ms_per_token']:.2f} ms/token")
+                print(f"[{time.time() - start:6.0f}s] {name} prompt {prompt} {impl}: {shown}", flush=True)
+            for impl, result in results.items():
+                base = results["transformers compiled" if "compiled" in impl else "transformers"]
+                check = {}
+                if "logits" in base and "logits" in result and impl.startswith("scaled_rope"):
+                    check = {"same_next_token": base["next_token"] == result["next_token"],
+                             "max_abs_logit_diff": (base["logits"] - result["logits"]).abs().max().item(),
+                             "logit_scale": base["logits"].abs().max().item()}
+                rows.append({"model": name, "prompt": prompt, "impl": impl, "decode_steps": steps,
+                             "layers": shape["num_hidden_layers"], "params": params,
+                             **{k: v for k, v in result.items() if k != "logits"}, **check})
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
 
-    print("\n| prompt | impl | prefill tok/s | prefill ms | decode tok/s | decode ms/token | vs transformers "
-          "(prefill / decode) |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    print("\n| model | prompt | impl | prefill ms | decode ms/token | vs transformers (prefill / decode) | "
+          "vs transformers compiled (decode) |")
+    print("|---|---:|---|---:|---:|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['prompt']} | {row['impl']} | n/a | n/a | n/a | n/a | {row['error']} |")
+            print(f"| {row['model']} | {row['prompt']} | {row['impl']} | n/a | n/a | {row['error']} | |")
             continue
-        base = next(r for r in rows if r["prompt"] == row["prompt"] and r["impl"] == "transformers-sdpa")
-        ratio = ""
-        if row["impl"] != "transformers-sdpa" and "error" not in base:
-            ratio = (f"{row['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x / "
-                     f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x")
-        print(f"| {row['prompt']} | {row['impl']} | {row['prefill_tokens_per_s']:,.0f} | {row['prefill_ms']:.1f} | "
-              f"{row['decode_tokens_per_s']:.1f} | {row['decode_ms_per_token']:.2f} | {ratio} |")
+        same = [r for r in rows if r["model"] == row["model"] and r["prompt"] == row["prompt"] and "error" not in r]
+        eager = next((r for r in same if r["impl"] == "transformers"), None)
+        fast = next((r for r in same if r["impl"] == "transformers compiled"), None)
+        ratio = fast_ratio = ""
+        if eager is not None and row is not eager:
+            ratio = (f"{eager['prefill_ms'] / row['prefill_ms']:.2f}x / "
+                     f"{eager['decode_ms_per_token'] / row['decode_ms_per_token']:.2f}x")
+        if fast is not None and row is not fast:
+            fast_ratio = f"{fast['decode_ms_per_token'] / row['decode_ms_per_token']:.2f}x"
+        print(f"| {row['model']} | {row['prompt']} | {row['impl']} | {row['prefill_ms']:.1f} | "
+              f"{row['decode_ms_per_token']:.2f} | {ratio} | {fast_ratio} |")
     for row in rows:
-        if row["impl"] == "scaled_rope" and "same_next_token" in row:
-            print(f"prompt {row['prompt']}: same next token {row['same_next_token']}, max |logit diff| "
-                  f"{row['max_abs_logit_diff']:.3g} (logits up to {row['logit_scale']:.3g})")
+        if "same_next_token" in row:
+            print(f"{row['model']} prompt {row['prompt']} {row['impl']}: same next token {row['same_next_token']}, "
+                  f"max |logit diff| {row['max_abs_logit_diff']:.3g} (logits up to {row['logit_scale']:.3g})")
 
     path = write_results(args.out, "model", env["gpu"], {
-        "date": today(), "env": env, "model": dict(shape),
-        "method": "median wall time (CUDA-synchronised) of prefill into an empty DynamicCache and of greedy "
-                  "one-token decode steps, batch 1",
+        "date": today(), "env": env, "models": {name: dict(shape) for name, _, shape in plans},
+        "method": "median wall time (CUDA-synchronised) of prefill into an empty cache and of greedy one-token "
+                  "decode steps, batch 1; compiled rows: StaticCache + torch.compile(mode='reduce-overhead', "
+                  "fullgraph=True) for the decode steps",
         "results": rows})
     print(f"\nwrote {path}")
     return 0
