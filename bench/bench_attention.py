@@ -20,14 +20,17 @@ Peers, in the same run (each one that cannot run is recorded as n/a with the rea
 TFLOP/s = 4*B*H*N^2*D/2 (causal) forward, 3.5x that for forward+backward (backward = 2.5x forward); rope FLOPs not
 counted; do_bench medians. Ratio = peer time / our time (> 1: ours is faster). Peak memory of forward+backward
 is measured for ours and the SDPA pipelines. Prints the GPU, versions, progress and one markdown table; writes
-attention-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
+attention-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path); a run without a GPU writes
+to bench/results/cpu/ instead, which results_table.py does not read.
 
     python bench/bench_attention.py [--quick] [--cpu] [--out DIR|PATH] [--budget SECONDS] [--no-autotune]
                                      [--label 'kernel versions'] [--only longrope,rerope,leaky] [--max-n N]
 
 --quick: B4 N4k and B1 N16k plus ReRoPE/Leaky at N4k (about 2 minutes). Without a GPU (or with --cpu) it runs a
 small correctness and timing pass on the CPU instead: the reference, eager rope + SDPA (math) and our kernels in
-Triton's interpreter, and says so; those times say nothing about GPU performance. --budget: seconds after which
+Triton's interpreter, and says so; those times say nothing about GPU performance. Its correctness check holds our
+output and gradients to the rule of the tests (README, "Numerics": gold = the float64 reference, baseline = the
+float32 reference) and ends with a PASS or FAIL line; the exit status is 1 on FAIL. --budget: seconds after which
 peers not yet run are skipped (ours always runs).
 """
 from __future__ import annotations
@@ -255,6 +258,7 @@ class Case:
         self.device, self.dtype = device, dtype
         self.inputs = None
         self.outputs = {}
+        self.reference = None  # CPU pass: f(q, k, v, compute_dtype) -> out, the reference for the correctness check
 
     @property
     def on_gpu(self) -> bool:
@@ -318,6 +322,7 @@ def implementations(case: Case) -> dict:
         else:
             impls["eager rope + SDPA math"] = lambda q, k, v: sdpa(*rope_qk(q, k, pos, pos, **rot), v, "math")
             impls["reference"] = lambda q, k, v: reference.attention(q, k, v, rope)[0]
+            case.reference = lambda q, k, v, dtype: reference.attention(q, k, v, rope, compute_dtype=dtype)[0]
         return impls
     leak = LEAK if case.kind == "leaky" else None
     rope = RopeScaling.default(case.dim)
@@ -336,6 +341,8 @@ def implementations(case: Case) -> dict:
     else:
         impls["reference"] = lambda q, k, v: reference.attention(q, k, v, rope, rerope_window=window,
                                                                  rerope_leak=leak)[0]
+        case.reference = lambda q, k, v, dtype: reference.attention(q, k, v, rope, rerope_window=window,
+                                                                    rerope_leak=leak, compute_dtype=dtype)[0]
     return impls
 
 
@@ -430,6 +437,55 @@ def check(case: Case) -> dict:
     return diffs
 
 
+def cpu_check(case: Case, impls: dict, backward: bool) -> list[dict]:
+    """The CPU pass's correctness check, the tests' rule (README "Numerics", tests/helpers.py): gold = the reference
+    computed in float64, baseline = the reference computed in the inputs' dtype; our error must stay within 2x the
+    baseline's on the RMS and 4x on the largest element, plus one ulp of the inputs' dtype at the tensor's scale
+    (its RMS, its largest element); for the output and, with backward, dq, dk and dv."""
+    q, k, v, dout = case.materialize()
+
+    def run(fn, dtype):
+        xs = [x.detach().to(dtype).requires_grad_(backward) for x in (q, k, v)]
+        out = fn(*xs)
+        if not backward:
+            return {"out": out.detach()}
+        out.backward(dout.to(out.dtype))
+        return {"out": out.detach(), "dq": xs[0].grad, "dk": xs[1].grad, "dv": xs[2].grad}
+
+    gold = run(lambda *x: case.reference(*x, torch.float64), torch.float64)
+    base = run(lambda *x: case.reference(*x, case.dtype), case.dtype)
+    try:
+        ours = run(impls["ours"], case.dtype)
+    except Exception as exc:  # ours failing is a FAIL, with the reason
+        return [{"case": case.label, "tensor": "out", "ok": False, "error": describe(exc)}]
+    verdicts = []
+    for name, truth in gold.items():
+        err_ours = (ours[name].double() - truth).abs()
+        err_base = (base[name].double() - truth).abs()
+        ulp = torch.finfo(case.dtype).eps
+        rms_floor, max_floor = ulp * truth.square().mean().sqrt().item(), ulp * truth.abs().max().item()
+        rms_ours, rms_base = err_ours.square().mean().sqrt().item(), err_base.square().mean().sqrt().item()
+        max_ours, max_base = err_ours.max().item(), err_base.max().item()
+        ok = bool(torch.isfinite(ours[name]).all()) and rms_ours <= 2 * rms_base + rms_floor \
+            and max_ours <= 4 * max_base + max_floor
+        verdicts.append({"case": case.label, "tensor": name, "ok": ok, "rms_ours": rms_ours, "rms_reference": rms_base,
+                         "max_ours": max_ours, "max_reference": max_base, "rms_floor": rms_floor,
+                         "max_floor": max_floor})
+    return verdicts
+
+
+def verdict_table(verdicts: list[dict]) -> str:
+    lines = ["| case | tensor | RMS err ours | RMS err baseline | max err ours | max err baseline | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for v in verdicts:
+        if "error" in v:
+            lines.append(f"| {v['case']} | {v['tensor']} | {v['error']} | | | | FAIL |")
+            continue
+        lines.append(f"| {v['case']} | {v['tensor']} | {v['rms_ours']:.1e} | {v['rms_reference']:.1e} | "
+                     f"{v['max_ours']:.1e} | {v['max_reference']:.1e} | {'pass' if v['ok'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], checks: dict) -> str:
     lines = ["| case | dir | impl | ms | TFLOP/s | peer / ours | peak MB | max rel diff vs ours |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -452,7 +508,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short subset (about 2 minutes)")
     parser.add_argument("--cpu", action="store_true", help="CPU correctness and timing pass (interpreter)")
-    parser.add_argument("--out", type=Path, default=None, help="directory or .json path (default bench/results)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory or .json path (default bench/results; bench/results/cpu without a GPU)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which remaining peers are skipped (default 110 quick, 330 full)")
     parser.add_argument("--no-autotune", action="store_true", help="our kernels use their first config")
@@ -477,7 +534,7 @@ def main() -> int:
               "interpreter, fp32, tiny shapes). These times say nothing about GPU performance.")
     budget = args.budget if args.budget is not None else (110.0 if args.quick else 330.0)
     start = time.time()
-    rows, checks = [], {}
+    rows, checks, verdicts = [], {}, []
     kinds = {kind for kind in args.only.split(",") if kind}
     unknown = kinds - {"longrope", "rerope", "leaky", "models"}
     if unknown:
@@ -500,18 +557,33 @@ def main() -> int:
                 shown = f"{entry['ms']:.3f} ms, {entry['tflops']:.1f} TFLOP/s" if entry["ms"] else entry["error"]
                 print(f"[{time.time() - start:6.1f}s] {case.label} {entry['direction']}: {name}: {shown}", flush=True)
         checks[case.label] = check(case)
+        if device == "cpu":
+            verdicts += cpu_check(case, impls, backward=any(directions))
         case.release()
 
     print()
     print(table(rows, checks))
+    extra = {}
+    if device == "cpu":
+        passed = bool(verdicts) and all(v["ok"] for v in verdicts)
+        extra = {"cpu_check": verdicts, "verdict": "PASS" if passed else "FAIL"}
     path = write_results(args.out, "attention", env["device"],
                          {"date": today(), "env": env, "kernel_version": args.label, "quick": args.quick,
                           "seconds": time.time() - start,
                           "flops": "4*B*H*N^2*D/2 forward (causal), 3.5x for forward+backward",
-                          "results": rows, "max_rel_diff_vs_ours": checks},
+                          "results": rows, "max_rel_diff_vs_ours": checks, **extra},
                          suffix=("-quick" if args.quick else "") + ("-" + "-".join(sorted(kinds)) if kinds else "")
                          + (f"-max{args.max_n}" if args.max_n is not None else ""))
     print(f"\nwrote {path} ({time.time() - start:.0f} s)")
+    if device == "cpu":
+        print("\nCorrectness of our kernels (Triton interpreter), the tests' rule: error against the reference in "
+              "float64 <= 2x the error of the reference in float32 (baseline) on the RMS, 4x on the largest element, "
+              "+ one float32 ulp at the tensor's scale:\n")
+        print(verdict_table(verdicts))
+        failed = sum(not v["ok"] for v in verdicts)
+        print(f"\nCPU correctness check: {extra['verdict']} ({len(verdicts) - failed} of {len(verdicts)} checks "
+              "passed)" + ("" if verdicts else ": nothing was checked"))
+        return 0 if extra["verdict"] == "PASS" else 1
     return 0
 
 

@@ -6,6 +6,8 @@
 Attention: every full run in full, newest first; --quick subsets and runs superseded the same day (files named
 -quick / -before-...) as one line each. Other families (decode, model, rope): the newest file. Each
 table names its file, GPU and versions, so every number in the README traces back to one measured run.
+Only GPU runs are read: a JSON measured on a CPU or in Triton's interpreter (`_results.is_gpu_run` is False) is
+skipped with a note on stderr, and bench/results/cpu/, where the benchmarks put such runs, is not read at all.
 """
 from __future__ import annotations
 
@@ -14,14 +16,27 @@ import json
 import sys
 from pathlib import Path
 
+from _results import is_gpu_run
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+def gpu_results(prefix: str) -> list[Path]:
+    """bench/results/<prefix>-*.json measured on a GPU; any other JSON there is skipped with a note on stderr."""
+    files = []
+    for path in sorted(RESULTS.glob(f"{prefix}-*.json")):
+        if is_gpu_run(json.loads(path.read_text())):
+            files.append(path)
+        else:
+            print(f"results_table: skipping {path.relative_to(ROOT)}: not a GPU run", file=sys.stderr)
+    return files
+
+
 def newest(prefix: str) -> Path | None:
-    files = sorted(RESULTS.glob(f"{prefix}-*.json"), key=lambda p: (json.loads(p.read_text()).get("date", ""),
-                                                                     "quick" not in p.name, p.name))
+    files = sorted(gpu_results(prefix), key=lambda p: (json.loads(p.read_text()).get("date", ""),
+                                                       "quick" not in p.name, p.name))
     return files[-1] if files else None
 
 
@@ -79,8 +94,8 @@ def generic_table(path: Path, title: str, columns: tuple[str, ...]) -> list[str]
 
 def build() -> str:
     blocks = []
-    attention = sorted(RESULTS.glob("attention-*.json"), key=lambda p: (json.loads(p.read_text()).get("date", ""),
-                                                                         p.name), reverse=True)
+    attention = sorted(gpu_results("attention"), key=lambda p: (json.loads(p.read_text()).get("date", ""), p.name),
+                       reverse=True)
     current = [p for p in attention if "-quick" not in p.name and "-before-" not in p.name]
     for path in current:  # full runs, newest first: each with every peer it met
         blocks.append(attention_table(path))
