@@ -47,9 +47,9 @@ def make_rope(name: str):
 # ---- cases run in the spawned groups --------------------------------------------------------------------------
 # scheme, sharding of the data, B, N (whole sequence), Hq, Hkv, rope, keywords, positions, lse gradient, backend
 def case(scheme="ring", sharding="zigzag", batch=1, n=32, hq=2, hkv=2, rope="default", positions="default",
-         lse_grad=True, backend="reference", trace=None, **kwargs):
+         lse_grad=True, backend="reference", trace=None, dtype=torch.float32, **kwargs):
     return dict(scheme=scheme, sharding=sharding, batch=batch, n=n, hq=hq, hkv=hkv, rope=rope, positions=positions,
-                lse_grad=lse_grad, backend=backend, trace=trace, kwargs=kwargs)
+                lse_grad=lse_grad, backend=backend, trace=trace, dtype=dtype, kwargs=kwargs)
 
 
 CASES_2 = {
@@ -65,6 +65,8 @@ CASES_2 = {
     "ring-rerope-logn": case(causal=True, rerope_window=6, logn_base=8.0),
     "ring-leaky-gqa": case(sharding="contiguous", causal=True, rerope_window=6, rerope_leak=4.0, hq=4, hkv=2),
     "ring-nope": case(rope="none", causal=True),
+    "ring-bfloat16-longrope-gqa": case(rope="longrope", causal=True, hq=4, hkv=2, dtype=torch.bfloat16),
+    "ulysses-bfloat16": case(scheme="ulysses", rope="longrope", causal=True, dtype=torch.bfloat16),
     # B=2: row 0 stays under LongRoPE's original length (short set), row 1 crosses it (long set); row 0's first
     # queries precede every key (no allowed key: out 0, lse -inf)
     "ring-explicit-rows": case(sharding="contiguous", batch=2, n=12, rope="longrope", positions="rows",
@@ -124,7 +126,7 @@ def reference_run(q, k, v, rope, dout, dlse, compute_dtype, **kwargs):
 
 
 def run_case(name, spec, rank, world, seed):
-    dtype = torch.float32
+    dtype = spec["dtype"]
     rope = make_rope(spec["rope"])
     q, k, v = random_inputs(spec["batch"], spec["n"], spec["n"], spec["hq"], spec["hkv"], D, dtype, seed=seed)
     generator = torch.Generator().manual_seed(seed + 7)

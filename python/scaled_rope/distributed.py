@@ -135,6 +135,7 @@ def gather_sequence(x: torch.Tensor, group=None, *, sharding: str = "zigzag", di
 
 
 # ---- frequencies of the global length -----------------------------------------------------------------------
+@lru_cache(maxsize=256)
 def fixed_length_rope(rope: RopeScaling | None, seq_len: int) -> RopeScaling | None:
     """A RopeScaling whose rotation equals `rope`'s for a row of length seq_len, whatever the keys a call sees.
 
@@ -446,7 +447,7 @@ def _merge(out_acc, lse_acc, out_b, lse_b) -> None:
     safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
     w_acc = torch.exp(lse_acc - safe).transpose(1, 2).unsqueeze(-1)
     w_b = torch.exp(lse_b - safe).transpose(1, 2).unsqueeze(-1)
-    out_acc.mul_(w_acc).add_(out_b.to(out_acc.dtype) * w_b)
+    out_acc.mul_(w_acc).addcmul_(out_b, w_b)
     lse_acc.copy_(new)
 
 
@@ -614,9 +615,8 @@ def _ring_backward(cfg: _Config, q, k, v, q_pos, k_pos_of, out, lse, dout, dlse,
     for step in range(world):
         src = (r - step) % world
         kv_exchange, incoming = _post_kv(cfg, step, held, (k, v), "bwd")
-        part = None
-        if held is not None and cfg.plan.calls[src]:
-            part = zeros()
+        parts = []  # (k_lo, k_hi, dk, dv) of this step's calls, added to the accumulator once it has arrived
+        if held is not None:
             for q_lo, q_hi, k_lo, k_hi in cfg.plan.calls[src]:
                 _trace("call", "bwd", step, src, q_lo, q_hi, k_lo, k_hi)
                 args = (q[:, q_lo:q_hi], held[0][:, k_lo:k_hi], held[1][:, k_lo:k_hi], q_pos[:, q_lo:q_hi],
@@ -627,16 +627,15 @@ def _ring_backward(cfg: _Config, q, k, v, q_pos, k_pos_of, out, lse, dout, dlse,
                 else:
                     g = _grads_recompute(cfg, backend, *args)
                 dq[:, q_lo:q_hi] += g[0]
-                part[0][:, k_lo:k_hi] += g[1]
-                part[1][:, k_lo:k_hi] += g[2]
+                parts.append((k_lo, k_hi, g[1], g[2]))
         if pending is not None:
             pending.wait()
         acc = None
         if held is not None:
-            if traveling is not None:
-                acc = traveling if part is None else (traveling[0].add_(part[0]), traveling[1].add_(part[1]))
-            else:
-                acc = part if part is not None else zeros()
+            acc = traveling if traveling is not None else zeros()
+            for k_lo, k_hi, dk, dv in parts:
+                acc[0][:, k_lo:k_hi] += dk
+                acc[1][:, k_lo:k_hi] += dv
         sends, recvs = [], []
         if held is not None and hops[src] >= step + 1:
             sends = [(acc[0], (r + 1) % world, _TAG_DK), (acc[1], (r + 1) % world, _TAG_DV)]
@@ -688,8 +687,19 @@ def _positions_of(k_pos_all):
     return lambda s: k_pos_all[s]
 
 
+@lru_cache(maxsize=256)
+def _device_positions(n_local: int, world: int, rank: int, sharding: str, device: torch.device) -> torch.Tensor:
+    """sequence_indices built on the device (no host-to-device copy, which would wait for the GPU); read-only."""
+    if sharding == "contiguous":
+        return torch.arange(rank * n_local, (rank + 1) * n_local, device=device)
+    c = n_local // 2
+    back = 2 * world - 1 - rank
+    return torch.cat([torch.arange(rank * c, (rank + 1) * c, device=device),
+                      torch.arange(back * c, (back + 1) * c, device=device)])
+
+
 def _default_positions(n_local: int, world: int, rank: int, sharding: str, batch: int, device) -> torch.Tensor:
-    return sequence_indices(n_local * world, rank, world, sharding).to(device).expand(batch, n_local)
+    return _device_positions(n_local, world, rank, sharding, torch.device(device)).expand(batch, n_local)
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScaling | None, *,
