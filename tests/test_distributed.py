@@ -240,6 +240,8 @@ def check_errors(rank, world):
     with pytest.raises(ValueError, match="same q N_local"):
         context_parallel_attention(qq, qq, qq, None, q_positions=torch.arange(n).expand(1, n),
                                    k_positions=torch.arange(n).expand(1, n))
+    with pytest.raises(TypeError, match="group"):
+        context_parallel_attention(q, q, q, None, group="world")
     # the group still works afterwards
     out = context_parallel_attention(q, q, q, None, backend="reference")
     assert out.shape == q.shape
@@ -477,6 +479,25 @@ def test_plan_zigzag_halves():
             elif s > r:
                 assert plan.calls[s] == ((4, 8, 0, 8),)
         assert plan.last_hop == (3, 3, 3, 3)
+
+
+def test_one_process_group(tmp_path):
+    """World size 1: both schemes reduce to one local call (no messages), gradients included."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rope = make_rope("longrope")
+        q, k, v = random_inputs(1, 24, 24, 2, 1, D, torch.float32, seed=9)
+        gold = reference_run(q, k, v, rope, torch.ones_like(q), None, torch.float32, causal=True)
+        for fn in (context_parallel_attention, ulysses_attention):
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            out, lse = fn(*leaves, rope, causal=True, backend="reference", return_lse=True)
+            out.sum().backward()
+            torch.testing.assert_close(out, gold[0], rtol=2e-6, atol=2e-6)
+            torch.testing.assert_close(lse, gold[1], rtol=2e-6, atol=2e-6)
+            for got, want in zip((x.grad for x in leaves), gold[2:]):
+                torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_validation_without_a_group():

@@ -18,11 +18,13 @@ Two schemes, both differentiable (out and lse) and both built on `scaled_rope_at
 
 Which wins (per layer, per rank, forward; D head dim, N the whole sequence, W ranks, b bytes per element):
     ring     sends its K and V blocks on W-1 times: 2*(W-1)*(N/W)*Hkv*D*b, all of it overlapped with compute (each
-             step moves one block while the previous one is attended). Needs per step compute time >= transfer
-             time: attention over an (N/W) x (N/W) block (about 4*(N/W)^2*Hq*D FLOPs, half for a causal diagonal)
-             against 2*(N/W)*Hkv*D*b bytes, i.e. a block of N/W >= roughly b*Hkv/Hq * FLOP/s / (2 * bytes/s)
-             tokens; with H200 NVLink (~400 GB/s each way) and ~500 TFLOP/s bf16 that is N/W >= ~1.3k tokens (MHA),
-             so at 128k+ the ring is compute-bound. Works for any head count and any W.
+             step moves the next block while the current one is attended); backward moves K/V again plus float32
+             dK/dV accumulators (about 3x the forward's bytes, against 2.5x its FLOPs). The transfer hides behind
+             the compute when a step's attention (4*(N/W)^2*Hq*D FLOPs for a whole block pair, half of that for the
+             half pairs of zigzag causal sharding) takes longer than moving 2*(N/W)*Hkv*D*b bytes, i.e. for
+             N/W >= b*Hkv/Hq * FLOP/s / (2 * bytes/s) tokens (twice that for half pairs): with ~500 TFLOP/s bf16
+             and ~400 GB/s per direction of H200 NVLink, about 1.3k (2.5k) tokens per rank for MHA, fewer for GQA.
+             At 128k+ tokens on 2-8 GPUs the ring is compute-bound. Any head count, any W.
     ulysses  moves q, k, v and out once each through all-to-all: about (2*Hq + 2*Hkv)*(N/W)*D*b*(W-1)/W per rank,
              not overlapped with compute, independent of the number of steps. It is less data than the ring for
              MHA when W > 2 and keeps one full-sequence kernel per head shard (no merge passes, no per-block
@@ -172,6 +174,8 @@ def _rope_key(rope: RopeScaling, seq_len: int):
 def _group(group):
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized (call dist.init_process_group first)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     return dist.group.WORLD if group is None else group
 
 
@@ -539,7 +543,7 @@ class _Exchange:
         ops = [dist.P2POp(dist.isend, t, cfg.peers[p], cfg.group, tag) for t, p, tag in sends]
         ops += [dist.P2POp(dist.irecv, t, cfg.peers[p], cfg.group, tag) for t, p, tag in recvs]
         self.works = dist.batch_isend_irecv(ops) if ops else []
-        if ops:
+        if ops and _TRACE is not None:
             _trace("post", pass_, step, phase, tuple((p, tag, t.numel() * t.element_size()) for t, p, tag in sends),
                    tuple((p, tag) for _, p, tag in recvs))
 
