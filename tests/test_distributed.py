@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import tempfile
 import time
@@ -245,6 +244,11 @@ def check_errors(rank, world):
     # the group still works afterwards
     out = context_parallel_attention(q, q, q, None, backend="reference")
     assert out.shape == q.shape
+    # gather_sequence puts the shards back together on every rank
+    full = torch.arange(2 * 8 * world * 3, dtype=torch.float32).reshape(2, 8 * world, 3)
+    for sharding in ("zigzag", "contiguous"):
+        mine = shard_sequence(full, rank, world, sharding=sharding)
+        assert torch.equal(sd.gather_sequence(mine, sharding=sharding), full)
 
 
 def worker(rank, world, init_file, out_dir, names):
