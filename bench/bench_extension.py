@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -71,8 +72,9 @@ def versions(device: str) -> dict:
     except ImportError:
         env["triton"] = None
     if device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu"] = env["device"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
+    env["interpreter"] = os.environ.get("TRITON_INTERPRET") == "1"
     return env
 
 
@@ -128,11 +130,18 @@ def run_searches(model, search_docs, scales, l0, args, budget: float) -> tuple[d
     targets = [s for s in scales if s > 1]
     if not targets:
         return searched, records
-    per_search = budget / (2 * len(targets))
+    # budget shares grow with the scale (log2(2s): a longer target costs more per candidate and has a larger space);
+    # time a search leaves unused goes to the ones after it
+    jobs = [(variant, s) for variant in ("longrope", "longrope_no_nhat") for s in targets]
+    weights = [math.log2(2 * s) for _, s in jobs]
+    started = time.perf_counter()
     sizes = search_sizes(args)
     for variant in ("longrope", "longrope_no_nhat"):
         previous = None
         for s in targets:
+            index = jobs.index((variant, s))
+            left = budget - (time.perf_counter() - started)
+            per_search = max(0.0, left) * weights[index] / sum(weights[index:])
             length = s * l0
             seeds = {}
             if previous is not None:  # progressive: the previous scale's factors, stretched by the ratio
@@ -141,11 +150,17 @@ def run_searches(model, search_docs, scales, l0, args, budget: float) -> tuple[d
             checkpoint = None
             if args.checkpoint_dir is not None:
                 checkpoint = args.checkpoint_dir / f"search-{variant}-{s}x.json"
-            found = search_longrope(
-                model, [d[:length] for d in search_docs], target_length=length, original_length=l0,
-                n_hat_choices=None if variant == "longrope" else (0,), seeds=seeds, batch_size=len(search_docs),
-                backend=args.backend, seed=args.seed, progress=False, max_seconds=per_search,
-                checkpoint=checkpoint, **sizes)
+            try:
+                found = search_longrope(
+                    model, [d[:length] for d in search_docs], target_length=length, original_length=l0,
+                    n_hat_choices=None if variant == "longrope" else (0,), seeds=seeds, batch_size=len(search_docs),
+                    backend=args.backend, seed=args.seed, progress=False, max_seconds=per_search,
+                    checkpoint=checkpoint, **sizes)
+            except Exception as exc:  # noqa: BLE001 - recorded; the method is then reported as not searched
+                records.append({"method": variant, "scale": s, "target_length": length,
+                                "error": f"{type(exc).__name__}: {exc}"})
+                say(f"search {variant} {s}x: FAILED {records[-1]['error']}")
+                continue
             searched[variant][s] = found
             previous = (s, found)
             say(f"search {variant} {s}x: perplexity {found.fitness:.4f}, n_hat {found.n_hat}, "
@@ -157,6 +172,8 @@ def run_searches(model, search_docs, scales, l0, args, budget: float) -> tuple[d
                             "stopped_early": found.stopped_early,
                             "candidates_per_minute": found.candidates_per_minute,
                             "rope_parameters": found.rope_parameters(),
+                            "seed_fitness": {h["origin"]: h["fitness"] for h in found.history
+                                             if h["origin"].startswith("seed:")},
                             "best_by_generation": best_by_generation(found.history)})
     return searched, records
 
@@ -213,8 +230,10 @@ def run_throughput(model, search_docs, scales, l0, args, budget: float) -> dict:
     return out
 
 
-def evaluate_all(model, eval_docs, lengths, l0, template, searched, args) -> list[dict]:
-    from scaled_rope.evaluate import TASK, passkey_accuracy, passkey_prompt, perplexity, ByteTokenizer
+def evaluate_all(model, eval_docs, lengths, l0, template, searched, args, rows: list, saved) -> list[dict]:
+    """Perplexity and passkey of every method at every length, appended to `rows`; `saved()` after each method. A
+    failure (an unsupported combination, out of memory) is recorded in its row and the run goes on."""
+    from scaled_rope.evaluate import TASK, ByteTokenizer, passkey_accuracy, passkey_prompt, perplexity
     from scaled_rope.integrations.transformers import patch_model, unpatch_model
 
     tokenizer = ByteTokenizer()
@@ -225,31 +244,37 @@ def evaluate_all(model, eval_docs, lengths, l0, template, searched, args) -> lis
         task = None
     max_len = max(lengths)
     docs = [d[:max_len] for d in eval_docs]
-    rows = []
     for name in METHODS:
         for length in lengths:
             setting = method_setting(name, length, l0, template, searched, args.dynamic_factor)
-            row = {"method": name, "length": length, "scale": length / l0}
-            if not setting:
-                row.update(perplexity=None, passkey=None, config="not searched")
-                rows.append(row)
-                continue
-            patch_model(model, backend=args.backend, **setting)
-            t = time.perf_counter()
-            row["perplexity"] = perplexity(model, docs, length=length, batch_size=max(1, args.tokens_per_batch
-                                                                                        // length))
-            row["perplexity_seconds"] = time.perf_counter() - t
-            t = time.perf_counter()
-            try:
-                row["passkey"] = passkey_accuracy(model, length=length, trials=args.trials, seed=args.seed,
-                                                  tokenizer=tokenizer, task=task, batch_size=args.passkey_batch)
-            except ValueError as exc:  # prompt does not fit at this length
-                row["passkey"], row["passkey_error"] = None, str(exc)
-            row["passkey_seconds"] = time.perf_counter() - t
-            row["config"] = describe(setting)
+            row = {"method": name, "length": length, "scale": length / l0, "perplexity": None, "passkey": None}
             rows.append(row)
+            if not setting:
+                row["config"] = "not searched"
+                continue
+            row["config"] = describe(setting)
+            try:
+                patch_model(model, backend=args.backend, **setting)
+                t = time.perf_counter()
+                row["perplexity"] = perplexity(model, docs, length=length,
+                                               batch_size=max(1, args.tokens_per_batch // length))
+                row["perplexity_seconds"] = time.perf_counter() - t
+                t = time.perf_counter()
+                try:
+                    row["passkey"] = passkey_accuracy(model, length=length, trials=args.trials, seed=args.seed,
+                                                      tokenizer=tokenizer, task=task, batch_size=args.passkey_batch)
+                except ValueError as exc:  # the prompt does not fit at this length
+                    row["passkey_error"] = str(exc)
+                row["passkey_seconds"] = time.perf_counter() - t
+            except Exception as exc:  # noqa: BLE001 - recorded, the other methods still run
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                say(f"{name:17s} {length:6d}: FAILED {row['error']}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
             passkey = "n/a" if row["passkey"] is None else f"{row['passkey']:.2f}"
             say(f"{name:17s} {length:6d}: perplexity {row['perplexity']:10.4f}  passkey {passkey}")
+        saved()
     unpatch_model(model)
     return rows
 
@@ -269,17 +294,23 @@ def markdown(rows, lengths, l0, searches, throughput, claim, env, meta) -> str:
         for n in lengths:
             r = by.get((name, n))
             if r is None or r.get("perplexity") is None:
-                cells.append("n/a")
+                cells.append("failed" if r is not None and r.get("error") else "n/a")
                 continue
             pk = "n/a" if r.get("passkey") is None else f"{100 * r['passkey']:.0f}%"
             cells.append(f"{r['perplexity']:.3f} / {pk}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if searches:
         lines += ["", "LongRoPE searches (fitness = perplexity at the target on the search files):", "",
-                  "| variant | scale | fitness | n_hat | candidates | generations | seconds | candidates/min |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | scale | fitness | seeds PI / NTK / YaRN | n_hat | candidates | generations | seconds | "
+                  "candidates/min |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
         for s in searches:
-            lines.append(f"| {s['method']} | {s['scale']}x | {s['fitness']:.4f} | {s['n_hat']} | {s['evaluations']} | "
+            if "error" in s:
+                lines.append(f"| {s['method']} | {s['scale']}x | failed: {s['error'][:80]} | | | | | | |")
+                continue
+            seeds = " / ".join(f"{s['seed_fitness'][k]:.4f}" if k in s["seed_fitness"] else "-"
+                               for k in ("seed:pi", "seed:ntk", "seed:yarn"))
+            lines.append(f"| {s['method']} | {s['scale']}x | {s['fitness']:.4f} | {seeds} | {s['n_hat']} | "
+                         f"{s['evaluations']} | "
                          f"{s['generations']}{' (budget)' if s['stopped_early'] else ''} | {s['seconds']:.1f} | "
                          f"{s['candidates_per_minute']:.0f} |")
     if throughput:
@@ -302,11 +333,15 @@ def claim_at(rows, l0, scale: int = 8) -> dict | None:
     others = {k: by.get(k) for k in ("pi", "ntk", "yarn")}
     beats = all(v is not None and by["longrope"] < v for v in others.values())
     best_lr = min(v for v in (by.get("longrope"), by.get("longrope_no_nhat")) if v is not None)
+    best_other = min((v for v in others.values() if v is not None), default=math.nan)
+    margin = (best_other - by["longrope"]) / best_other
     sentence = (f"At {scale}x ({length} tokens) the searched LongRoPE factors "
-                f"{'beat' if beats else 'do not beat'} PI, NTK and YaRN: LongRoPE {by['longrope']:.3f} "
+                f"{'beat' if beats else 'do not beat'} PI, NTK and YaRN ({100 * margin:+.2f}% against the best of "
+                f"them, positive = LongRoPE lower): LongRoPE {by['longrope']:.3f} "
                 f"(without n̂ {by.get('longrope_no_nhat') or float('nan'):.3f}) vs PI {others['pi']:.3f}, NTK "
                 f"{others['ntk']:.3f}, YaRN {others['yarn']:.3f}.")
     return {"scale": scale, "length": length, "perplexity": by, "longrope_beats_pi_ntk_yarn": beats,
+            "relative_margin": margin,
             "best_longrope": best_lr, "sentence": sentence}
 
 
@@ -422,24 +457,34 @@ def main(argv=None) -> int:
     unpatch_model(model)
     say(f"check at {l0}: stock {stock_ppl:.5f}, patched {ours_ppl:.5f}")
 
-    search_budget = args.budget_seconds * (0.5 if not args.skip_throughput else 0.7)
-    searched, search_records = run_searches(model, search_docs, args.scales, l0, args, search_budget)
-    throughput = None
-    if not args.skip_throughput and any(s > 1 for s in args.scales):
-        throughput = run_throughput(model, search_docs, args.scales, l0, args, args.budget_seconds / 6)
-    rows = evaluate_all(model, eval_docs, lengths, l0, template, searched, args)
-    claim = claim_at(rows, l0, 8 if 8 in args.scales else max(args.scales))
-
     payload = {"date": today(), "env": env, "model": {k: v for k, v in meta.items() if k != "heldout_files"},
                "model_dir": str(model_dir), "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                          for k, v in vars(args).items()},
                "search_files": search_names, "eval_files": eval_names, "lengths": lengths,
                "check": {"length": l0, "stock_perplexity": stock_ppl, "patched_perplexity": ours_ppl},
-               "results": rows, "searches": search_records, "throughput": throughput, "claim": claim,
-               "seconds": time.perf_counter() - START}
+               "results": [], "searches": [], "throughput": None, "claim": None, "complete": False}
     device_name = env.get("gpu") or "cpu"
-    path = write_results(args.out, "extension", device_name, payload, suffix="-tiny" if tiny else "")
-    table = markdown(rows, lengths, l0, search_records, throughput, claim, env, meta)
+
+    def saved() -> Path:  # the JSON is rewritten after every phase, so a run cut short still leaves its numbers
+        payload["seconds"] = time.perf_counter() - START
+        return write_results(args.out, "extension", device_name, payload, suffix="-tiny" if tiny else "")
+
+    search_budget = args.budget_seconds * (0.5 if not args.skip_throughput else 0.7)
+    searched, payload["searches"] = run_searches(model, search_docs, args.scales, l0, args, search_budget)
+    saved()
+    if not args.skip_throughput and any(s > 1 for s in args.scales):
+        try:
+            payload["throughput"] = run_throughput(model, search_docs, args.scales, l0, args, args.budget_seconds / 6)
+        except Exception as exc:  # noqa: BLE001 - recorded; the evaluations still run
+            payload["throughput"] = {"error": f"{type(exc).__name__}: {exc}"}
+            say(f"throughput: FAILED {payload['throughput']['error']}")
+        saved()
+    rows = evaluate_all(model, eval_docs, lengths, l0, template, searched, args, payload["results"], saved)
+    claim = payload["claim"] = claim_at(rows, l0, 8 if 8 in args.scales else max(args.scales))
+    payload["complete"] = True
+    path = saved()
+    throughput = payload["throughput"] if payload["throughput"] and "error" not in payload["throughput"] else None
+    table = markdown(rows, lengths, l0, payload["searches"], throughput, claim, env, meta)
     path.with_suffix(".md").write_text(table)
     note = plot(rows, lengths, path.with_suffix(".png"))
     print()

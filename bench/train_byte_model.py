@@ -79,7 +79,13 @@ def read_bytes(rel: str, root: Path | None = None) -> bytes:
 
 def document(rel: str, root: Path | None = None) -> torch.Tensor:
     """One file as token ids (bytes, no end marker), int64."""
-    return torch.frombuffer(bytearray(read_bytes(rel, root)), dtype=torch.uint8).long()
+    return _bytes_tensor(read_bytes(rel, root)).long()
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    if not data:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def training_stream(files: list[str], root: Path | None = None) -> tuple[torch.Tensor, str]:
@@ -88,7 +94,7 @@ def training_stream(files: list[str], root: Path | None = None) -> tuple[torch.T
     for rel in files:
         data = read_bytes(rel, root)
         digest.update(rel.encode() + b"\0" + data + b"\0")
-        parts.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int16))
+        parts.append(_bytes_tensor(data).to(torch.int16))
         parts.append(torch.tensor([EOS], dtype=torch.int16))
     return torch.cat(parts), digest.hexdigest()
 
@@ -215,7 +221,7 @@ def train(out: Path, *, tiny: bool = False, steps: int | None = None, batch: int
     train_seconds = time.perf_counter() - t0
     model.eval()
 
-    eval_docs = [document(f, root) for f in heldout[: (4 if tiny else 40)]]
+    eval_docs = [d for d in (document(f, root) for f in heldout[: (4 if tiny else 40)]) if d.numel() >= 2]
     with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                            else torch.autocast("cpu", enabled=False)):
         ppl = perplexity(model, eval_docs, length=context, batch_size=16)

@@ -31,8 +31,8 @@ Reproducible: one `random.Random(seed)` drives every choice, and the evaluation 
 Resumable: with `checkpoint=PATH` the state (generation, parents, pending children and their fitness so far, the
 random state, history) is written as JSON after every generation and every `checkpoint_seconds` within one; calling
 again with the same arguments continues from it and ends exactly where an uninterrupted run ends (`generations` may
-be raised to search further). `max_seconds` / `max_evaluations` stop early (the result says so; the checkpoint
-resumes it).
+be raised to search further). `max_seconds` (checked between evaluations, after at least one) and
+`max_evaluations` stop a call early (the result says so; the checkpoint resumes it).
 
 `search_short_factors` searches the short set the same way with fitness at the original length (the long set, n̂
 and everything else fixed), as the paper does to restore short-context quality after extension.
@@ -406,7 +406,7 @@ class _Evolution:
                     if c.fitness is not None:
                         continue
                     if (max_evaluations is not None and evaluations >= max_evaluations) or \
-                            (max_seconds is not None and time.perf_counter() - start >= max_seconds):
+                            (max_seconds is not None and evaluations and time.perf_counter() - start >= max_seconds):
                         stopped = True
                         break
                     self._evaluate(c)
