@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 from pathlib import Path
 
 from _results import today, write_results
@@ -87,6 +88,18 @@ def copy_ceiling(do_bench) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * 2 ** 32 / ms / 1e9
+
+
+def host_time_us(fn, calls: int = 50) -> float:
+    """Host time per call: wall time of `calls` back-to-back calls without a synchronisation (the launches queue
+    up on the GPU), after the queue has drained. Where it exceeds the GPU time, the call is host-bound."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def sweep_configs(configs, shape, n_splits_default, run):
@@ -185,7 +198,7 @@ def main() -> int:
                 fn()
                 torch.cuda.synchronize()
                 ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
-                entry.update(ms=ms, tbps=kv_bytes / ms / 1e9)
+                entry.update(ms=ms, tbps=kv_bytes / ms / 1e9, host_us=host_time_us(fn))
             except Exception as exc:  # a peer that cannot run here is recorded, not fatal
                 entry.update(ms=None, tbps=None, error=f"{type(exc).__name__}: {exc}"[:300])
             rows.append(entry)
@@ -211,18 +224,18 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     print()
-    print("| shape | method | time (us) | KV TB/s | of copy | method time / ours api |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| shape | method | time (us) | host (us/call) | KV TB/s | of copy | method time / ours api |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         if "value" in row:
-            print(f"| {row['shape']} | {row['method']} | {row['value']:.2e} | | |")
+            print(f"| {row['shape']} | {row['method']} | {row['value']:.2e} | | | | |")
             continue
         ours = next(r for r in rows if r["shape"] == row["shape"] and r["method"] == "ours api longrope")
         if row["ms"] is None:
-            print(f"| {row['shape']} | {row['method']} | n/a | n/a | {row['error']} |")
+            print(f"| {row['shape']} | {row['method']} | n/a | | n/a | | {row['error']} |")
             continue
         ratio = f"{row['ms'] / ours['ms']:.2f}x" if ours["ms"] else "n/a"
-        print(f"| {row['shape']} | {row['method']} | {row['ms'] * 1e3:.0f} | {row['tbps']:.2f} | "
+        print(f"| {row['shape']} | {row['method']} | {row['ms'] * 1e3:.0f} | {row['host_us']:.0f} | {row['tbps']:.2f} | "
               f"{row['tbps'] / env['copy_tbps']:.0%} | {ratio} |")
     if sweep:
         print("\n| shape | method | BLOCK_N | warps | stages | maxnreg | splits | us |")
