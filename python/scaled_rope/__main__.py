@@ -71,7 +71,7 @@ def report() -> list[str]:
     add(f"platform      {platform.platform()}")
     import torch
 
-    add(f"torch         {torch.__version__} (built for CUDA {torch.version.cuda})" if torch.version.cuda
+    add(f"torch         {torch.__version__} (CUDA runtime {torch.version.cuda})" if torch.version.cuda
         else f"torch         {torch.__version__} (CPU build: no CUDA)")
     triton_version = _version("triton", "triton")
     add(f"triton        {triton_version}")
