@@ -29,6 +29,7 @@ held-out files, settings, loss curve, held-out perplexity and bits per byte at t
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -59,14 +60,18 @@ def stdlib_root() -> Path:
 
 def stdlib_files(root: Path | None = None) -> list[str]:
     """Relative POSIX paths of the standard library's .py files (no site-/dist-packages), sorted."""
-    root = stdlib_root() if root is None else root
+    return list(_listing(stdlib_root() if root is None else Path(root)))
+
+
+@functools.lru_cache(maxsize=4)
+def _listing(root: Path) -> tuple[str, ...]:
     files = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
         if {"site-packages", "dist-packages", "__pycache__"} & set(rel.parts) or not path.is_file():
             continue
         files.append(rel.as_posix())
-    return sorted(files)
+    return tuple(sorted(files))
 
 
 def is_heldout(rel: str) -> bool:
@@ -221,7 +226,9 @@ def train(out: Path, *, tiny: bool = False, steps: int | None = None, batch: int
     train_seconds = time.perf_counter() - t0
     model.eval()
 
-    eval_docs = [d for d in (document(f, root) for f in heldout[: (4 if tiny else 40)]) if d.numel() >= 2]
+    # held-out loss at the training context: the first 40 held-out files (4 with --tiny), each cut to 64 windows
+    eval_docs = [d[:64 * context] for d in (document(f, root) for f in heldout[: (4 if tiny else 40)])
+                 if d.numel() >= 2]
     with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                            else torch.autocast("cpu", enabled=False)):
         ppl = perplexity(model, eval_docs, length=context, batch_size=16)

@@ -127,7 +127,7 @@ def test_perplexity_rejects_bad_tokens(model):
         perplexity(model, torch.rand(10), length=8)
 
 
-# ---- greedy decoding --------------------------------------------------------------------------------------------------
+# ---- greedy decoding ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("patched", [False, True])
 def test_greedy_generate_matches_transformers_generate(patched):
     model = tiny_model(seed=5, max_position=64)

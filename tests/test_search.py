@@ -243,3 +243,25 @@ def test_bench_extension_tiny(tmp_path):
     assert data["throughput"]["scaled_rope"]["candidates"] >= 1 and data["throughput"]["stock"]["candidates"] >= 1
     assert data["check"]["patched_perplexity"] == pytest.approx(data["check"]["stock_perplexity"], rel=1e-4)
     assert path.with_suffix(".md").exists()
+
+
+def test_train_byte_model_is_deterministic(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_byte_model as tbm
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    files = tbm.stdlib_files()
+    assert files == sorted(files) and files and all(f.endswith(".py") for f in files)
+    heldout = [f for f in files if tbm.is_heldout(f)]
+    assert 0 < len(heldout) < len(files) / 10
+    a = tbm.train(tmp_path / "a", tiny=True, steps=3, device="cpu", quiet=True)
+    b = tbm.train(tmp_path / "b", tiny=True, steps=3, device="cpu", quiet=True)
+    assert a["heldout_files"] == heldout
+    trained = [f for f in files if not tbm.is_heldout(f)][:tbm.TINY_TRAIN_FILES]
+    assert a["training_sha256"] == tbm.training_stream(trained)[1]  # no held-out file in the training bytes
+    assert a["training_sha256"] == b["training_sha256"] and a["loss_curve"] == b["loss_curve"]
+    assert a["heldout_perplexity"] == b["heldout_perplexity"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    c = tbm.train(tmp_path / "c", tiny=True, steps=3, device="cpu", quiet=True, seed=1)
+    assert c["loss_curve"] != a["loss_curve"]

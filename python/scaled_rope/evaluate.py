@@ -11,13 +11,15 @@ Both take any causal LM whose forward returns an object with `.logits` (a transf
 perplexity: the standard transformers sliding-window recipe. Each document is cut into windows of `length` tokens
 starting every `stride` tokens (default: `length`, non-overlapping); a window scores only the tokens that no
 earlier window scored, with all the tokens before them in the window as context. A token with no context in its
-window is not scored: the first token of a document, and with stride == length the first token of every window. Windows of equal length are batched. Returns exp(total NLL / scored tokens).
+window is not scored: the first token of a document, and with stride == length the first token of every window.
+Windows of equal length are batched. Returns exp(total NLL / scored tokens).
 
 passkey: the prompt of the landmark-attention / YaRN / LongRoPE evaluations. An optional task sentence, then filler
 ("The grass is green. The sky is blue. ...") repeated, with "The pass key is 68235. Remember it. 68235 is the pass
 key." inserted at a random depth, and "What is the pass key? The pass key is" at the end; the prompt is exactly
-`length` tokens (the end of one filler repetition, cut to fit, comes first). The model decodes greedily; a trial counts when the first number it writes is the key, digit for
-digit (one extra token is decoded, so "682351" is wrong).
+`length` tokens (the end of one filler repetition, cut to fit, comes first). The model decodes greedily; a trial
+counts when the first number it writes is the key, digit for digit (one extra token is decoded, so "682351" is
+wrong).
 """
 from __future__ import annotations
 

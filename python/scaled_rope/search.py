@@ -48,7 +48,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -532,9 +532,10 @@ def search_longrope(model, tokens, *, target_length: int, original_length: int |
 
     Defaults are the paper's: population 64, top-k parents 32, 16 mutations and 16 crossovers per generation, 40
     generations, mutation probability 0.3, grid step 0.01, max_factor 1.25 * target/original, n̂ from
-    N_HAT_CHOICES below the original length. short_factors: the short set of the returned rope (default all 1.0, the model as trained);
-    attention_factor: as RopeScaling.longrope (default sqrt(1 + ln s / ln original)). seeds: extra initial
-    candidates (e.g. a previous search's factors, for progressive extension), by name or as a list. base_rope: the
+    N_HAT_CHOICES below the original length. short_factors: the short set of the returned rope (default all 1.0,
+    the model as trained); attention_factor: as RopeScaling.longrope (default sqrt(1 + ln s / ln original)).
+    seeds: extra initial candidates (e.g. a previous search's factors, for progressive extension), by name or as a
+    list. base_rope: the
     model's unscaled rope (head_dim, rotary_dim, base; default read from model.config). evaluator: "scaled_rope"
     (the model patched with each candidate, `backend`) or "stock" (transformers' own rope from rope_parameters;
     n_hat_choices must be (0,)). The model is restored afterwards (unpatched if it was, else its previous patch).
