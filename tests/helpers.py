@@ -1,9 +1,9 @@
-"""Shared test machinery: the DESIGN.md section 5 rule and random inputs.
+"""Shared test machinery: the docs/DESIGN.md §6 rule and random inputs.
 
 gold     = the reference one precision above the inputs (float64 for float32, float32 for float16/bfloat16)
 baseline = the reference computed in the inputs' own dtype
 rule     : for out, lse and every gradient, with u the unit roundoff of the inputs' dtype,
-             rms(kernel - gold) <= 2 * rms(baseline - gold) + 2u * rms(gold)     (the DESIGN.md rule, on RMS)
+             rms(kernel - gold) <= 2 * rms(baseline - gold) + 2u * rms(gold)     (the docs/DESIGN.md rule, on RMS)
              max|kernel - gold| <= 4 * max|baseline - gold| + 2u * max|gold|   (no single element far off)
            The floors are one ulp at the tensor's scale: what a kernel's own final rounding costs where the
            baseline happens to round exactly. The 2x rule is taken on the RMS because on small tensors the max

@@ -1,4 +1,4 @@
-"""CUDA attention (csrc/flash_fwd.cu forward, Triton backward) against the reference, DESIGN.md section 5 rule.
+"""CUDA attention (csrc/flash_fwd.cu forward, Triton backward) against the reference, docs/DESIGN.md §6 rule.
 
 GPU tier only. The kernels work on tiles of 128 queries x 64 keys (sm_80) or 128 x 128 (sm_90a, head_dim 128 on
 compute capability 9.x), so the lengths below put partial tiles, diagonal tiles and (for ReRoPE windows of 64-200)
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import assert_close_to_gold, compare_attention, random_inputs
-from scaled_rope import RopeScaling, explain_backend, reference, scaled_rope_attention
+from scaled_rope import BackendUnsupported, RopeScaling, explain_backend, reference, scaled_rope_attention
 from scaled_rope import _cuda
 
 pytestmark = pytest.mark.gpu
@@ -187,23 +187,41 @@ def test_grads_through_triton_backward(dtype):
     check(1, 200, 300, 2, 2, 64, dtype, RopeScaling.default(64), seed=43, grads=True, rerope_window=100)
 
 
+def test_lse_gradient():
+    """A loss through out and lse: the CUDA backend's backward takes the lse gradient (the Triton backward fed the
+    CUDA forward's out and lse), by the rule for every gradient."""
+    dtype, rope = torch.bfloat16, longrope(128)
+    g = torch.Generator().manual_seed(45)
+    q, k, v = random_inputs(2, 200, 300, 4, 2, 128, dtype, device="cuda", seed=45)
+    w_out = torch.randn(2, 200, 4, 128, generator=g).cuda()
+    w_lse = torch.randn(2, 4, 200, generator=g).cuda()
+
+    def run(fn, cast):
+        x = [t.to(cast).detach().requires_grad_(True) for t in (q, k, v)]
+        out, lse = fn(*x)
+        ((out.float() * w_out).sum() + (lse * w_lse).sum()).backward()
+        return [out.detach(), lse.detach()] + [t.grad for t in x]
+
+    gold = run(lambda *x: reference.attention(*x, rope, compute_dtype=torch.float32), torch.float32)
+    base = run(lambda *x: reference.attention(*x, rope, compute_dtype=dtype), dtype)
+    got = run(lambda *x: scaled_rope_attention(*x, rope, return_lse=True, backend="cuda"), dtype)
+    for name, a, gx, bx in zip(("out", "lse", "dq", "dk", "dv"), got, gold, base):
+        assert_close_to_gold(name, a, gx, bx, dtype)
+
+
 def test_unsupported_head_dim_and_dtype():
     for dim, dtype, word in ((96, torch.bfloat16, "head_dim 96"), (64, torch.float32, "float32")):
         q, k, v = random_inputs(1, 17, 17, 2, 2, dim, dtype, device="cuda")
-        with pytest.raises(NotImplementedError, match=word):
-            _cuda.cuda_attention(q, k, v, q_tables=None, k_tables=None, causal=True, window=None,
-                                 softmax_scale=0.1, rerope_window=None, logn_base=None)
-        # the public API names the same reason (ValueError from the backend choice, or NotImplementedError)
-        with pytest.raises((NotImplementedError, ValueError), match=word):
+        assert word in _cuda.attention_support(q.device, q.dtype, dim)
+        with pytest.raises(BackendUnsupported, match=word):
             scaled_rope_attention(q, k, v, RopeScaling.default(dim), backend="cuda")
-        assert _cuda.attention_support(q) is not None
 
 
 def test_auto_order():
     """"auto" takes the CUDA backend for a gradient-free forward on the sm_90a kernel (head_dim 128 on a Hopper
-    GPU), Triton for training and for head_dim 64 (the measurements behind it: attention._auto_order)."""
+    GPU), Triton for training and for head_dim 64 (the measurements behind it: scaled_rope._backends.auto_order)."""
     q = torch.empty(1, 1, 2, 128, device="cuda", dtype=torch.bfloat16)
-    on_sm90 = _cuda.sm90_kernel_applies(q)
+    on_sm90 = _cuda.sm90_kernel_applies(q.device, q.dtype, 128)
     if torch.cuda.get_device_capability()[0] == 9:
         assert on_sm90, "the GPU tier builds sm_90a (tools/gpu_session.sh): the sm_90a kernel should apply"
     assert explain_backend(q)[0] == ("cuda" if on_sm90 else "triton")

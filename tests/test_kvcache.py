@@ -1,7 +1,7 @@
 """Decode / chunked prefill over an unrotated KV cache (`scaled_rope_attention_with_kvcache`).
 
 Every case keeps the whole sequence of each row (K, V: (B, max_len, Hkv, D)) and checks the kernel against
-`reference.attention` run on that row's prefix with explicit positions (DESIGN.md section 5 rule). CPU tier under
+`reference.attention` run on that row's prefix with explicit positions (docs/DESIGN.md §6 rule). CPU tier under
 TRITON_INTERPRET=1 (float32/float16, small shapes); GPU tier marked `gpu`.
 """
 import os
@@ -293,6 +293,17 @@ def test_positions_near_two_million(n_q):
     assert_close_to_gold("lse", lse, expected[0][1], expected[1][1], torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_int64_lengths_and_block_table(backend, page_size):
+    """cache_seqlens and block_table as int64 (what torch.tensor([...]) gives) work like int32."""
+    case = Case([30, 70], n_new=2, n_q=2, seed=59, page_size=page_size)
+    case.cache_seqlens = case.cache_seqlens.long()
+    if page_size is not None:
+        case.block_table = case.block_table.long()
+    case.check(longrope(64), backend=backend)
+
+
 # ---- device-side length checks (no host synchronisation on CUDA) and cached tables ----------------------------
 @needs_triton
 @pytest.mark.parametrize("page_size", [None, 16])
@@ -345,29 +356,45 @@ def test_append_refuses_pages_outside_the_cache():
     assert torch.equal(case.k_cache[mask].isnan(), before[mask].isnan())
 
 
-@pytest.mark.parametrize("name", ["default", "longrope", "dynamic_ntk", "yarn", "llama3", "n_hat", "interleaved"])
-@pytest.mark.parametrize("far, leak", [(None, None), ("q", None), ("k", None), ("q", 4.0), ("k", 4.0)])
+@pytest.mark.parametrize("name", ["default", "longrope", "dynamic_ntk", "yarn", "llama3", "n_hat", "interleaved",
+                                  "longrope_factors"])
+@pytest.mark.parametrize("rerope_window, leak", [(None, None), (24, None), (24, 4.0)])
 @pytest.mark.parametrize("added", [0, 3])
-def test_cached_tables_equal_build_tables(name, far, leak, added):
-    from scaled_rope.tables import build_tables, cached_tables
+def test_table_set_equals_build_tables(name, rerope_window, leak, added):
+    """The plan's tables (kept per hashable key, selected per row with tensor ops) equal tables built afresh at each
+    row's length, for per-row lengths (negative ones included), one length for every row, and none."""
+    from scaled_rope.tables import build_tables, table_set
 
-    extra = {"n_hat": longrope(64, n_hat=6), "interleaved": longrope(64, layout="interleaved")}
+    extra = {"n_hat": longrope(64, n_hat=6), "interleaved": longrope(64, layout="interleaved"),
+             "longrope_factors": RopeScaling.longrope(64, ORIGINAL, 8 * ORIGINAL, [1.0] * 32, [1.0] * 32,
+                                                      short_attention_factor=1.1, long_attention_factor=1.4)}
     rope = {**schedules(64), **extra}[name]
-    if far is not None and rope.n_hat:
+    if rerope_window is not None and rope.n_hat:
         return
-    window = 24 if far is not None else None
-    lens = torch.tensor([0, 44, 45, 46, 47, 48, 200], dtype=torch.int32)
-    for seq_lens in (lens, None):
+    lens = torch.tensor([-5, 0, 44, 45, 46, 47, 48, 200], dtype=torch.int32)
+    batch = lens.shape[0]
+    for lengths in (lens, 46, None):
         for _ in range(2):  # the second call comes from the cache
-            got = cached_tables(rope, 7, "cpu", seq_lens=seq_lens, added=added, far=far, rerope_window=window,
-                                rerope_leak=leak)
-            want = build_tables(rope, 7, "cpu", seq_lens=None if seq_lens is None else seq_lens + added, far=far,
-                                rerope_window=window, rerope_leak=leak)
-            for field in ("turns", "offset", "turns_unscaled", "attention_factor"):
-                a, b = getattr(got, field), getattr(want, field)
-                assert (a is None) == (b is None), field
-                assert a is None or (a.shape == b.shape and torch.equal(a, b)), field
-            assert (got.n_hat, got.rotary_dim, got.interleaved) == (want.n_hat, want.rotary_dim, want.interleaved)
+            got = table_set(rope, torch.device("cpu"), lengths=lengths, added=added, rerope_window=rerope_window,
+                            rerope_leak=leak)
+            seq_lens = None if lengths is None else lengths + added
+            sides = (("near", None), ("far_q", "q"), ("far_k", "k")) if rerope_window else (("near", None),)
+            assert rerope_window or (got.far_q, got.far_k) == (None, None)
+            for side, far in sides:
+                tables = getattr(got, side)
+                want = build_tables(rope, batch, "cpu", seq_lens=seq_lens, far=far, rerope_window=rerope_window,
+                                    rerope_leak=leak)
+                for field in ("turns", "offset", "turns_unscaled", "attention_factor"):
+                    a, b = getattr(tables, field), getattr(want, field)
+                    assert (a is None) == (b is None), (side, field)
+                    assert a is None or torch.equal(a.expand_as(b), b), (side, field)
+                assert (tables.n_hat, tables.rotary_dim, tables.interleaved) == \
+                    (want.n_hat, want.rotary_dim, want.interleaved)
+            if rerope_window is not None and leak is None:  # far q with k's attention factor too
+                factor = got.far_q.attention_factor
+                assert torch.equal(got.far_q_both.attention_factor, factor * factor)
+            else:
+                assert got.far_q_both is None
 
 
 # ---- argument checks ----------------------------------------------------------------------------------------
@@ -387,7 +414,7 @@ def _call(args, **kwargs):
 
 
 @pytest.mark.parametrize("over, kwargs, word", [
-    (dict(cache_seqlens=torch.tensor([3, 5])), {}, "cache_seqlens"),
+    (dict(cache_seqlens=torch.tensor([3.0, 5.0])), {}, "cache_seqlens"),
     (dict(cache_seqlens=torch.tensor([3], dtype=torch.int32)), {}, "cache_seqlens"),
     (dict(cache_seqlens=torch.tensor([3, 40], dtype=torch.int32)), {}, "capacity"),
     (dict(cache_seqlens=torch.tensor([3, -1], dtype=torch.int32)), {}, "cache_seqlens"),

@@ -1,4 +1,5 @@
-"""Standalone rotation kernels (Triton `rotate`, CUDA `cuda_rotate`) against the float64 definition of the tables.
+"""Standalone rotation kernels (Triton `rotate`, CUDA `cuda_rotate`) against the float64 definition of the tables,
+and `apply_scaled_rope` (its plan, every backend) against the reference.
 
 Definition (team interfaces, "Rotation tables"): T = p * turns + offset (int64, wrapping), angle = T * 2pi / 2**64,
 pair -> m' (x1 cos - x2 sin, x1 sin + x2 cos); m' = 1 and turns_unscaled below n_hat; inverse = the transpose.
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from helpers import assert_close_to_gold
+from scaled_rope import BackendUnsupported, RopeScaling, apply_scaled_rope, reference
 from scaled_rope.tables import RotaryTables, frequency_to_turns
 
 triton = pytest.importorskip("triton")
@@ -258,24 +260,54 @@ def test_unit_vector_precision_interpreter(interleaved):
     run_unit_vector_rotation(rotate, "cpu", interleaved)
 
 
-def test_bad_arguments():
-    x, positions, tables = case_inputs(2, 5, 2, 64, 64, torch.float32, {})
+def test_bad_arguments_name_the_argument():
+    """The rotation is checked once, by its plan (the launchers check nothing)."""
+    rope = RopeScaling.default(64)
+    x = torch.randn(2, 5, 2, 64)
     with pytest.raises(ValueError, match="x must be float16"):
-        rotate(x.double(), positions, tables)
+        apply_scaled_rope(x.to(torch.int32), rope)
     with pytest.raises(ValueError, match="contiguous last dimension"):
-        rotate(x.transpose(2, 3), positions, tables)
+        apply_scaled_rope(torch.randn(2, 5, 64, 2).transpose(2, 3), rope)
     with pytest.raises(ValueError, match="positions must have shape"):
-        rotate(x, positions[:, :3], tables)
-    with pytest.raises(ValueError, match="positions must be int32 or int64"):
-        rotate(x, positions.float(), tables)
-    with pytest.raises(ValueError, match="tables.turns must have shape"):
-        rotate(x, positions, RotaryTables(tables.turns[:, :4], None, None, 0, tables.attention_factor, 64, False))
-    with pytest.raises(ValueError, match="tables.rotary_dim"):
-        rotate(x, positions, RotaryTables(tables.turns, None, None, 0, tables.attention_factor, 66, False))
-    with pytest.raises(ValueError, match="turns_unscaled is required"):
-        rotate(x, positions, RotaryTables(tables.turns, None, None, 8, tables.attention_factor, 64, False))
-    with pytest.raises(ValueError, match="out must match x"):
-        rotate(x, positions, tables, out=torch.empty_like(x, dtype=torch.float16))
+        apply_scaled_rope(x, rope, torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="positions must be an int32 or int64"):
+        apply_scaled_rope(x, rope, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="head_dim"):
+        apply_scaled_rope(x, RopeScaling.default(32))
+    with pytest.raises(ValueError, match="seq_lens"):
+        apply_scaled_rope(x, rope, seq_lens=torch.tensor([3]))
+    with pytest.raises(ValueError, match="seq_lens"):
+        apply_scaled_rope(x, rope, seq_lens=2.5)
+    with pytest.raises(ValueError, match="backend"):
+        apply_scaled_rope(x, rope, backend="fast")
+    with pytest.raises(BackendUnsupported, match="float64"):
+        apply_scaled_rope(x.double(), rope, backend="triton")
+    with pytest.raises(BackendUnsupported, match="CUDA tensors"):
+        apply_scaled_rope(x, rope, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=cpu_tier)])
+@pytest.mark.parametrize("seq_lens", [None, 40, -3, "rows"])
+def test_apply_scaled_rope_against_the_reference(backend, seq_lens):
+    """Each row's frequency set from seq_lens (LongRoPE with separate short and long attention factors; a length
+    below 0 is short), an int or an int32 tensor, and the gradient (the transposed rotation)."""
+    rope = RopeScaling.longrope(64, 16, 256, [1.0 + 0.05 * i for i in range(32)], [1.5 + 0.3 * i for i in range(32)],
+                                short_attention_factor=1.1, long_attention_factor=1.3)
+    if seq_lens == "rows":
+        seq_lens = torch.tensor([3, 40, -8], dtype=torch.int32)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 9, 2, 64, generator=g, requires_grad=True)
+    positions = torch.randint(-50, 300, (3, 9), generator=g)
+    grad = torch.randn(3, 9, 2, 64, generator=g)
+    y = apply_scaled_rope(x, rope, positions, seq_lens=seq_lens, backend=backend)
+    y.backward(grad)
+    lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else None if seq_lens is None else [seq_lens] * 3
+    gold = reference.rotate(x.detach(), positions, rope, seq_lens=lens, compute_dtype=torch.float64)
+    base = reference.rotate(x.detach(), positions, rope, seq_lens=lens, compute_dtype=torch.float32)
+    assert_close_to_gold("rotate", y.detach(), gold, base, torch.float32)
+    gold_grad = reference.apply_scaled_rope(grad.double(), rope, positions, seq_lens=lens, inverse=True)
+    base_grad = reference.apply_scaled_rope(grad, rope, positions, seq_lens=lens, inverse=True)
+    assert_close_to_gold("dx", x.grad, gold_grad, base_grad, torch.float32)
 
 
 def test_import_never_loads_extension():

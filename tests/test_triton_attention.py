@@ -1,4 +1,4 @@
-"""Triton attention (forward + backward) against the reference with the DESIGN.md section 5 rule.
+"""Triton attention (forward + backward) against the reference with the docs/DESIGN.md §6 rule.
 
 Interpreter tier: fp32/fp16 at small shapes; without a GPU it runs on the CPU under TRITON_INTERPRET=1 (one
 rectangular tile config, 16x32 / 32x16, so short sequences already span many tiles), with a GPU the same tests run
@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("triton")
 
 from helpers import LONG, SHORT, assert_close_to_gold, compare_attention, random_inputs, schedules  # noqa: E402
-from scaled_rope import RopeScaling, reference, scaled_rope_attention  # noqa: E402
-from scaled_rope.attention import kernel_tables  # noqa: E402
+from scaled_rope import BackendUnsupported, RopeScaling, reference, scaled_rope_attention  # noqa: E402
+from scaled_rope import _backends, _plan  # noqa: E402
 from scaled_rope.triton_kernels import attention as tattn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,6 +147,17 @@ def test_explicit_unsorted_positions(rerope):
           seed=11, q_positions=q_positions, k_positions=k_positions, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["longrope", "dynamic_ntk"])
+def test_negative_positions_with_length_dependent_schedules(name):
+    """Row 0 has every key at a negative position (length <= 0: LongRoPE's short set, dynamic NTK at its L0 base,
+    docs/DESIGN.md §3.7); row 1 mixes negative and positive positions and is longer than L0 = 16. Both backends
+    agree (LongRoPE's n_hat = 4 also takes the negative positions as early ones)."""
+    nk = 24
+    k_positions = torch.stack([torch.arange(nk) - 40, torch.arange(nk) * 2 - 10]).to(DEVICE)
+    check(2, 8, nk, 2, 1, 32, torch.float32, schedules(32)[name], seed=33, q_positions=k_positions[:, -8:],
+          k_positions=k_positions)
+
+
 def test_explicit_positions_fp16_window_noncausal():
     gen = torch.Generator().manual_seed(12)
     k_positions = torch.randint(0, 200, (1, 64), generator=gen).to(DEVICE)
@@ -222,33 +233,36 @@ def test_l2_sections_cover_every_tile(section_heads, rerope, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["longrope", "rerope explicit", "leaky window"])
-def test_backward_from_natural_lse(variant):
-    """triton_attention_backward (the CUDA backend's backward: out and the natural-log lse of another forward)
-    gives the gradients of the fused autograd path."""
+def test_cuda_backends_backward_from_natural_lse(variant):
+    """The CUDA backend's backward (the Triton kernels fed another forward's out and natural-log lse, and the lse
+    gradient) gives the gradients of the Triton autograd path, for a loss through out and lse. It runs here on the
+    CPU: it needs the Triton kernels only."""
     torch.manual_seed(5)
     dim, n = 32, 80
     rope = RopeScaling.longrope(dim, 48, 512, SHORT[:dim // 2], LONG[:dim // 2], n_hat=2)
-    extra = dict(rerope_window=None, window=None, q_positions=None, k_positions=None)
-    leak = 8.0 if variant == "leaky window" else None
+    extra = dict(rerope_window=None, rerope_leak=None, window=None, q_positions=None, k_positions=None)
     if variant != "longrope":
         rope = RopeScaling.default(dim)
-        extra.update(rerope_window=20, window=50 if leak else None)
+        extra.update(rerope_window=20)
+    if variant == "leaky window":
+        extra.update(rerope_leak=8.0, window=50)
     if variant == "rerope explicit":
         pos = torch.randperm(2 * n)[:n].sort().values[None].expand(2, n).to(DEVICE)
         extra.update(q_positions=pos, k_positions=pos)
     q, k, v = random_inputs(2, n, n, 4, 2, dim, torch.float32, device=DEVICE, seed=6)
-    q_t, k_t, q_far, k_far = kernel_tables(rope, q, k, q_positions=extra["q_positions"],
-                                           k_positions=extra["k_positions"], rerope_window=extra["rerope_window"],
-                                           rerope_leak=leak)
-    common = dict(q_tables=q_t, k_tables=k_t, q_far_tables=q_far, k_far_tables=k_far, causal=True,
-                  softmax_scale=dim ** -0.5, logn_base=None, **extra)
     qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
-    out, lse = tattn.triton_attention(qg, kg, vg, **common)
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    dq, dk, dv = tattn.triton_attention_backward(q, k, v, out.detach(), lse.detach(), dout, **common)
-    for name, mine, want in (("dq", dq, qg.grad), ("dk", dk, kg.grad), ("dv", dv, vg.grad)):
+    out, lse = scaled_rope_attention(qg, kg, vg, rope, return_lse=True, backend="triton", **extra)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    ((out * dout).sum() + (lse * dlse).sum()).backward()
+    plan = _plan.attention_plan(q, k, v, rope, causal=True, softmax_scale=None, logn_base=None, backend="triton",
+                                **extra)
+    grads = _backends.get("cuda").attention_backward(plan.call, out.detach(), lse.detach(), None, dout, dlse)
+    for name, mine, want in zip(("dq", "dk", "dv"), grads, (qg.grad, kg.grad, vg.grad)):
         assert torch.allclose(mine, want, rtol=1e-4, atol=1e-5), (name, (mine - want).abs().max().item())
+    if variant == "longrope":  # the test has teeth: the lse gradient changes dq
+        without_dlse = _backends.get("cuda").attention_backward(plan.call, out.detach(), lse.detach(), None, dout,
+                                                                None)
+        assert (without_dlse[0] - grads[0]).abs().max() > 1e-3
 
 
 def test_no_rotation():
@@ -256,27 +270,31 @@ def test_no_rotation():
 
 
 def test_nothing_rotated_is_saved_for_backward():
+    """The autograd node keeps q, k, v themselves, out, lse, the forward's lse in the backward's form and the
+    small rotation tables: no rotated copy of q or k."""
     q, k, v = random_inputs(1, 20, 20, 2, 1, 32, torch.float32, device=DEVICE, seed=18)
     q.requires_grad_(True)
     out = scaled_rope_attention(q, k, v, RopeScaling.default(32), rerope_window=5, backend="triton")
-    saved = out.grad_fn.saved_tensors
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
     assert saved[0] is q and saved[1] is k and saved[2] is v
-    assert [tuple(t.shape) for t in saved[3:5]] == [tuple(q.shape), (1, 2, 20, 2)]
+    shapes = sorted(tuple(t.shape) for t in saved[3:] if t.numel() > 16)  # tables hold (1, 16) entries
+    assert shapes == [(1, 2, 20), (1, 2, 20, 2), tuple(q.shape)]
 
 
 def test_bad_arguments_are_named():
     q, k, v = random_inputs(1, 4, 4, 1, 1, 16, torch.float32, device=DEVICE)
-    common = dict(q_tables=None, k_tables=None, causal=True, window=None, softmax_scale=1.0, rerope_window=None,
-                  logn_base=None)
-    with pytest.raises(ValueError, match="head_dim"):
+    rope = RopeScaling.default(16)
+    with pytest.raises(BackendUnsupported, match="head_dim"):
         big = torch.zeros(1, 4, 1, 264, device=DEVICE)
-        tattn.triton_attention(big, big, big, **common)
+        scaled_rope_attention(big, big, big, None, backend="triton")
     with pytest.raises(ValueError, match="q heads"):
-        tattn.triton_attention(q.expand(1, 4, 3, 16), k.expand(1, 4, 2, 16), v.expand(1, 4, 2, 16), **common)
+        scaled_rope_attention(q.expand(1, 4, 3, 16), k.expand(1, 4, 2, 16), v.expand(1, 4, 2, 16), rope,
+                              backend="triton")
     with pytest.raises(ValueError, match="q_positions"):
-        tattn.triton_attention(q, k, v, q_positions=torch.zeros(1, 5, dtype=torch.int64, device=DEVICE), **common)
-    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
-        tattn.triton_attention(q.double(), k.double(), v.double(), **common)
+        scaled_rope_attention(q, k, v, rope, q_positions=torch.zeros(1, 5, dtype=torch.int64, device=DEVICE),
+                              backend="triton")
+    with pytest.raises(BackendUnsupported, match="float16, bfloat16 or float32"):
+        scaled_rope_attention(q.double(), k.double(), v.double(), rope, backend="triton")
 
 
 # ---- GPU tier -------------------------------------------------------------------------------------------------
@@ -318,7 +336,7 @@ def test_gpu_longrope_row_switch_explicit_positions():
     q_positions = k_positions[:, -1000:]
     check(2, 1000, nk, 4, 1, 128, torch.bfloat16, LONGROPE_128, seed=22, device="cuda", q_positions=q_positions,
           k_positions=k_positions)
-    # ReRoPE excludes n_hat (DESIGN.md section 3): the same switch with n_hat = 0 and a ReRoPE window
+    # ReRoPE excludes n_hat (docs/DESIGN.md §3.5): the same switch with n_hat = 0 and a ReRoPE window
     rope = RopeScaling.longrope(128, 4096, 131072, SHORT, LONG)
     check(2, 1000, nk, 4, 1, 128, torch.bfloat16, rope, seed=23, device="cuda", q_positions=q_positions,
           k_positions=k_positions, rerope_window=700)

@@ -1,5 +1,9 @@
-"""Triton kernels of scaled_rope: rotation (rope), fused attention (attention), KV-cache decode (decode)."""
-import os
+"""Triton kernels of scaled_rope: rotation (rope), fused attention (attention), KV-cache decode (decode).
+
+The launchers here receive tensors, rotation tables and plain numbers, already checked by the package's plan
+(scaled_rope._plan); of the package they import only the leaf modules _env (switches) and _alloc (outputs).
+"""
+from .._env import triton_interpret
 
 
 def _fix_interpreter_loop_bounds():
@@ -19,5 +23,5 @@ def _fix_interpreter_loop_bounds():
     interpreter._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+if triton_interpret():
     _fix_interpreter_loop_bounds()

@@ -8,3 +8,11 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def signed(x, source, sign: float):
+    """x times sign (1, -1 or 0: softmax_scale's sign, folded into the rotated q): in place when x is a launcher's
+    scratch buffer, a copy when it is the caller's tensor (source)."""
+    if sign == 1.0:
+        return x
+    return x * sign if x is source else x.mul_(sign)

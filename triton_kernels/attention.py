@@ -6,7 +6,7 @@ rotations. The attention kernels then run over the rotated tensors; the backward
 gradients with respect to the rotated q and k (near and far apart for ReRoPE) and maps them back with the
 inverse rotation at the same positions. Nothing rotated is kept between forward and backward: memory is O(N*D).
 
-Semantics (DESIGN.md section 3): key allowed iff (not causal or delta >= 0) and (window is None or delta < window),
+Semantics (docs/DESIGN.md §3): key allowed iff (not causal or delta >= 0) and (window is None or delta < window),
 delta = P - Q; score = softmax_scale * g(P) * <q_rot, k_rot>; ReRoPE takes the far product when delta >= w.
 
 Key tiles are visited in segments whose kind is decided once per program from the positions: fully masked tiles
@@ -15,12 +15,13 @@ each tile is near (one product with the near operands), far (one product with th
 (both, selected per element). With default positions the segments come from arithmetic; with explicit positions
 each tile's min/max delta decides at run time.
 
-Order: jitted helpers, configs, kernels, launchers, autograd Function, entry point.
+Order: jitted helpers, configs, kernels, launchers. The launchers take tensors, rotation tables and plain numbers
+(LaunchArgs) that the package's Triton backend (scaled_rope._backend_triton) derives from its plan; they check
+nothing and keep no autograd state (the package registers one autograd for every backend).
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,13 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
-from .._scale import fold_scale_sign, signed
-from ..tables import far_q_with_both_factors
-from ._host import cdiv, next_power_of_2
+from .. import _alloc, _env
+from ._host import cdiv, next_power_of_2, signed
 from .rope import rotate
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = _env.triton_interpret()
 
 # ReRoPE tile kinds
 NEAR: tl.constexpr = tl.constexpr(0)
@@ -551,14 +550,13 @@ def _fits(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int
 def _forced_config(kind: str):
     """SCALED_ROPE_FWD_CONFIG / _DKDV_ / _DQ_CONFIG = "BLOCK_M,BLOCK_N,num_warps,num_stages": that config alone
     (for measurements; tools/probe_rerope.py sets it)."""
-    text = os.environ.get(f"SCALED_ROPE_{kind.upper()}_CONFIG", "")
+    name, text = _env.forced_config(kind)
     if not text:
         return None
     try:
         bm, bn, w, st = (int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"SCALED_ROPE_{kind.upper()}_CONFIG must be 'BLOCK_M,BLOCK_N,num_warps,num_stages', "
-                         f"got {text!r}") from None
+        raise ValueError(f"{name} must be 'BLOCK_M,BLOCK_N,num_warps,num_stages', got {text!r}") from None
     return _configs([(bm, bn, w, st)])[0]
 
 
@@ -579,7 +577,7 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
             if (getattr(c, "head_dims", None) is None or c.head_dims[0] <= head_dim <= c.head_dims[1])
             and _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, block_d, sets, elem)]
     kept = kept or [_FALLBACK[kind]]
-    if os.environ.get("SCALED_ROPE_AUTOTUNE", "1") == "0":
+    if not _env.autotune():
         kept = kept[:1]
     return kept
 
@@ -946,12 +944,12 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Plan:
-    """Everything the kernels need besides tensors, fixed once per call."""
-    q_tables: object
-    k_tables: object
-    q_far_tables: object
-    k_far_tables: object
+class LaunchArgs:
+    """Everything the kernels need besides q, k, v and positions, fixed once per call (`LaunchArgs.build`)."""
+    tables: object  # rotation tables of q and k (scaled_rope.tables.RotaryTables), None: no rotation
+    q_far_tables: object  # ReRoPE's far q
+    k_far_tables: object  # ReRoPE's far k
+    q_far_both_tables: object  # far q with k's attention factor too, when the forward reads k itself as far k
     causal: bool
     has_window: bool
     window: int
@@ -959,11 +957,28 @@ class _Plan:
     rerope_w: int
     k_far_unrotated: bool  # the far k tables rotate by 0 (plain ReRoPE): far k = k * attention factor
     explicit: bool
-    q_sign: float  # 1, -1 or 0, folded into the rotated q (scaled_rope._scale.fold_scale_sign)
+    q_sign: float  # 1, -1 or 0, folded into the rotated q
     logn: bool
     inv_ln_logn: float
     sm_scale: float  # > 0
     sm_scale_log2: float
+
+    @staticmethod
+    def build(tables, q_far_tables, k_far_tables, q_far_both_tables, *, nk: int, explicit: bool, causal: bool,
+              window: int | None, rerope_window: int | None, q_sign: float, sm_scale: float,
+              logn_base: float | None) -> "LaunchArgs":
+        """q_sign and sm_scale > 0: softmax_scale with its sign moved into q. With default positions every delta
+        is < nk: a window or ReRoPE window that large changes nothing and is dropped."""
+        has_window = window is not None and (explicit or window < nk)
+        rerope = rerope_window is not None and tables is not None and (explicit or rerope_window < nk)
+        return LaunchArgs(
+            tables=tables, q_far_tables=q_far_tables, k_far_tables=k_far_tables,
+            q_far_both_tables=q_far_both_tables, causal=bool(causal), has_window=has_window,
+            window=min(int(window), _MAX_WINDOW) if has_window else 0, rerope=rerope,
+            rerope_w=max(min(int(rerope_window), _MAX_WINDOW), -_MAX_WINDOW) if rerope else 0,
+            k_far_unrotated=q_far_both_tables is not None, explicit=explicit, q_sign=q_sign,
+            logn=logn_base is not None, inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
+            sm_scale=sm_scale, sm_scale_log2=sm_scale * 1.4426950408889634)
 
     def constexprs(self, head_dim: int, n_bucket: int, bh_bucket: int, dtype: torch.dtype) -> dict:
         return dict(N_BUCKET=n_bucket, BH_BUCKET=bh_bucket, HEAD_DIM=head_dim,
@@ -990,12 +1005,8 @@ def l2_section_heads(bh_count: int, group: int, bytes_per_shared_head: int) -> i
     per kv head, shared by group consecutive q heads; group 1 for a kv-head grid) within _L2_SECTION_BYTES, a
     multiple of group. SCALED_ROPE_L2_SECTION_HEADS overrides it for measurements (1: one head at a time; a
     large number: all heads tile-major)."""
-    forced = os.environ.get("SCALED_ROPE_L2_SECTION_HEADS")
-    if forced:
-        heads = int(forced)
-        if heads < 1:
-            raise ValueError(f"SCALED_ROPE_L2_SECTION_HEADS must be >= 1, got {forced!r}")
-    else:
+    heads = _env.l2_section_heads()
+    if heads is None:
         heads = max(1, _L2_SECTION_BYTES // max(bytes_per_shared_head, 1)) * group
     return max(1, min(heads, bh_count))
 
@@ -1022,9 +1033,8 @@ def _cached(key, device, make):
     return found
 
 
-def _positions(positions, batch: int, start: int, n: int, device) -> torch.Tensor:
-    if positions is not None:
-        return positions
+def default_positions(batch: int, start: int, n: int, device) -> torch.Tensor:
+    """start..start+n-1 for every row (a stride-0 view of one cached row)."""
     return _cached(("positions", str(device), start, n), device,
                    lambda: torch.arange(start, start + n, dtype=torch.int32, device=device)).expand(batch, n)
 
@@ -1040,42 +1050,42 @@ def _rotated_pair(x, positions, tables, far_tables):
     return rotate(x, positions, tables, out=_scratch_like(x), second_tables=far_tables, second_out=_scratch_like(x))
 
 
-def _shared_rotation(q, k, q_pos, k_pos, plan: _Plan) -> bool:
-    """q and k rotate with the same tables at the same positions (self-attention with default positions, or one
-    positions tensor for both): one launch can rotate both."""
-    if plan.q_tables is None or plan.q_tables is not plan.k_tables or q.shape[1] != k.shape[1]:
+def _shared_rotation(q, k, q_pos, k_pos, launch: LaunchArgs) -> bool:
+    """q and k rotate at the same positions (self-attention with default positions, or one positions tensor for
+    both): one launch can rotate both."""
+    if launch.tables is None or q.shape[1] != k.shape[1]:
         return False
-    return q_pos is k_pos if plan.explicit else True
+    return q_pos is k_pos if launch.explicit else True
 
 
-def _rotate_inputs(q, k, q_pos, k_pos, plan: _Plan):
+def _rotate_inputs(q, k, q_pos, k_pos, launch: LaunchArgs):
     """Rotated scratch (q near, k near, q far, k far); the far pair is the near pair without ReRoPE."""
-    if not plan.rerope:
-        if _shared_rotation(q, k, q_pos, k_pos, plan):
-            q_near, k_near = rotate(q, q_pos, plan.q_tables, out=_scratch_like(q), y=k, y_out=_scratch_like(k))
-            q_near = signed(q_near, q, plan.q_sign)
+    if not launch.rerope:
+        if _shared_rotation(q, k, q_pos, k_pos, launch):
+            q_near, k_near = rotate(q, q_pos, launch.tables, out=_scratch_like(q), y=k, y_out=_scratch_like(k))
+            q_near = signed(q_near, q, launch.q_sign)
         else:
-            q_near = signed(_rotated(q, q_pos, plan.q_tables), q, plan.q_sign)
-            k_near = _rotated(k, k_pos, plan.k_tables)
+            q_near = signed(_rotated(q, q_pos, launch.tables), q, launch.q_sign)
+            k_near = _rotated(k, k_pos, launch.tables)
         return q_near, k_near, q_near, k_near
-    q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, plan.q_far_tables)
-    k_near, k_far = _rotated_pair(k, k_pos, plan.k_tables, plan.k_far_tables)
-    return signed(q_near, q, plan.q_sign), k_near, signed(q_far, q, plan.q_sign), k_far
+    q_near, q_far = _rotated_pair(q, q_pos, launch.tables, launch.q_far_tables)
+    k_near, k_far = _rotated_pair(k, k_pos, launch.tables, launch.k_far_tables)
+    return signed(q_near, q, launch.q_sign), k_near, signed(q_far, q, launch.q_sign), k_far
 
 
-def _forward_operands(q, k, q_pos, k_pos, plan: _Plan):
+def _forward_operands(q, k, q_pos, k_pos, launch: LaunchArgs):
     """The forward's operands (q near, k near, q far, k far). For plain ReRoPE the far k is the caller's k itself:
     <m rot(q, w), m k> = <m^2 rot(q, w), k>, so the far q takes both attention factors and no far k is written."""
-    if not (plan.rerope and plan.k_far_unrotated):
-        return _rotate_inputs(q, k, q_pos, k_pos, plan)
-    far_q_tables = far_q_with_both_factors(plan.q_far_tables, plan.k_far_tables)
-    if _shared_rotation(q, k, q_pos, k_pos, plan):  # q near, q far and k near in one launch
-        q_near, q_far, k_near = rotate(q, q_pos, plan.q_tables, out=_scratch_like(q), second_tables=far_q_tables,
+    if not (launch.rerope and launch.k_far_unrotated):
+        return _rotate_inputs(q, k, q_pos, k_pos, launch)
+    far_q_tables = launch.q_far_both_tables
+    if _shared_rotation(q, k, q_pos, k_pos, launch):  # q near, q far and k near in one launch
+        q_near, q_far, k_near = rotate(q, q_pos, launch.tables, out=_scratch_like(q), second_tables=far_q_tables,
                                        second_out=_scratch_like(q), y=k, y_out=_scratch_like(k))
     else:
-        q_near, q_far = _rotated_pair(q, q_pos, plan.q_tables, far_q_tables)
-        k_near = _rotated(k, k_pos, plan.k_tables)
-    return signed(q_near, q, plan.q_sign), k_near, signed(q_far, q, plan.q_sign), k
+        q_near, q_far = _rotated_pair(q, q_pos, launch.tables, far_q_tables)
+        k_near = _rotated(k, k_pos, launch.tables)
+    return signed(q_near, q, launch.q_sign), k_near, signed(q_far, q, launch.q_sign), k
 
 
 def _pos_args(positions, explicit: bool, dummy: torch.Tensor):
@@ -1084,7 +1094,10 @@ def _pos_args(positions, explicit: bool, dummy: torch.Tensor):
     return dummy, 0, 0
 
 
-def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
+def forward(q, k, v, q_pos, k_pos, launch: LaunchArgs):
+    """(out (B, Nq, Hq, D), lse (B, Hq, Nq) float32 natural log, lse2 (B, Hq, Nq, 2) the log2-domain lse in two
+    parts that `backward` takes). q (B, Nq, Hq, D), k, v (B, Nk, Hkv, D) with contiguous last dims; q_pos, k_pos
+    int (B, N) tensors (`default_positions` when the call has none: then launch.explicit is False)."""
     batch, nq, heads, dim = q.shape
     nk, kv_heads = k.shape[1], k.shape[2]
     out = _alloc.empty((batch, nq, heads, dim), q.dtype, q.device)
@@ -1094,12 +1107,12 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
         return out, lse, lse2
     if nk == 0:
         return out.zero_(), lse.fill_(float("-inf")), lse2
-    q_r, k_r, q_f, k_f = _forward_operands(q, k, q_pos, k_pos, plan)
-    qp, stride_qpb, stride_qpn = _pos_args(q_pos, plan.explicit, q_r)
-    kp, stride_kpb, stride_kpn = _pos_args(k_pos, plan.explicit, q_r)
+    q_r, k_r, q_f, k_f = _forward_operands(q, k, q_pos, k_pos, launch)
+    qp, stride_qpb, stride_qpn = _pos_args(q_pos, launch.explicit, q_r)
+    kp, stride_kpb, stride_kpn = _pos_args(k_pos, launch.explicit, q_r)
     n_bucket = _length_bucket(nq, nk)
 
-    streamed = nk * dim * v.element_size() * (3 if plan.rerope else 2)  # K, V (and the far K) per kv head
+    streamed = nk * dim * v.element_size() * (3 if launch.rerope else 2)  # K, V (and the far K) per kv head
     section = l2_section_heads(batch * heads, heads // kv_heads, streamed)
 
     def grid(meta):
@@ -1111,20 +1124,22 @@ def _forward(q, k, v, q_pos, k_pos, plan: _Plan):
         k_f.stride(0), k_f.stride(2), k_f.stride(1), v.stride(0), v.stride(2), v.stride(1),
         out.stride(0), out.stride(2), out.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-        nq, nk, heads, heads // kv_heads, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
-        plan.rerope_w, section, **plan.constexprs(dim, n_bucket, _grid_bucket(batch, heads), q.dtype))
+        nq, nk, heads, heads // kv_heads, launch.sm_scale, launch.sm_scale_log2, launch.inv_ln_logn, launch.window,
+        launch.rerope_w, section, **launch.constexprs(dim, n_bucket, _grid_bucket(batch, heads), q.dtype))
     return out, lse, lse2
 
 
-def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
-    """lse2: the forward's log2-domain lse in two parts (B, H, Nq, 2), +inf on empty rows."""
+def backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, launch: LaunchArgs):
+    """(dq, dk, dv) for the unrotated inputs, in fresh tensors. lse2: the forward's log2-domain lse in two parts
+    (B, H, Nq, 2), +inf on empty rows (`lse2_from_natural` makes it from another forward's lse); dlse: the
+    gradient of the natural-log lse (B, H, Nq) or None."""
     batch, nq, heads, dim = q.shape
     nk, kv_heads = k.shape[1], k.shape[2]
     if nq == 0 or nk == 0 or batch == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if do.stride(-1) != 1:
         do = do.contiguous()
-    consts = plan.constexprs(dim, _length_bucket(nq, nk), _grid_bucket(batch, heads), q.dtype)
+    consts = launch.constexprs(dim, _length_bucket(nq, nk), _grid_bucket(batch, heads), q.dtype)
     delta = _alloc.empty((batch, heads, nq), torch.float32, q.device)
     has_dlse = dlse is not None
     dlse = dlse.contiguous() if has_dlse else delta
@@ -1133,18 +1148,18 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
         out, do, dlse, delta, out.stride(0), out.stride(2), out.stride(1), do.stride(0), do.stride(2), do.stride(1),
         nq, heads, HAS_DLSE=has_dlse, HEAD_DIM=dim, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block_m)
 
-    q_r, k_r, q_f, k_f = _rotate_inputs(q, k, q_pos, k_pos, plan)
-    qp, stride_qpb, stride_qpn = _pos_args(q_pos, plan.explicit, q_r)
-    kp, stride_kpb, stride_kpn = _pos_args(k_pos, plan.explicit, q_r)
+    q_r, k_r, q_f, k_f = _rotate_inputs(q, k, q_pos, k_pos, launch)
+    qp, stride_qpb, stride_qpn = _pos_args(q_pos, launch.explicit, q_r)
+    kp, stride_kpb, stride_kpn = _pos_args(k_pos, launch.explicit, q_r)
 
     dk_r = _scratch_like(k)
-    dk_f = _scratch_like(k) if plan.rerope else dk_r
+    dk_f = _scratch_like(k) if launch.rerope else dk_r
     dv = _alloc.empty(v.shape, v.dtype, v.device)
 
     group = heads // kv_heads
-    operands = 3 if plan.rerope else 2  # q (and q far) and dO of every q head of the group
+    operands = 3 if launch.rerope else 2  # q (and q far) and dO of every q head of the group
     section_kv = l2_section_heads(batch * kv_heads, 1, nq * dim * q.element_size() * operands * group)
-    section_q = l2_section_heads(batch * heads, group, nk * dim * k.element_size() * (3 if plan.rerope else 2))
+    section_q = l2_section_heads(batch * heads, group, nk * dim * k.element_size() * (3 if launch.rerope else 2))
 
     def grid_kv(meta):
         return (batch * kv_heads * cdiv(nk, meta["BLOCK_N"]),)
@@ -1155,11 +1170,11 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
         v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
         dk_r.stride(0), dk_r.stride(2), dk_r.stride(1), dv.stride(0), dv.stride(2), dv.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-        nq, nk, heads, kv_heads, group, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
-        plan.rerope_w, section_kv, **consts)
+        nq, nk, heads, kv_heads, group, launch.sm_scale, launch.sm_scale_log2, launch.inv_ln_logn, launch.window,
+        launch.rerope_w, section_kv, **consts)
 
     dq_r = _scratch_like(q)
-    dq_f = _scratch_like(q) if plan.rerope else dq_r
+    dq_f = _scratch_like(q) if launch.rerope else dq_r
 
     def grid_q(meta):
         return (batch * heads * cdiv(nq, meta["BLOCK_M"]),)
@@ -1170,16 +1185,16 @@ def _backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, plan: _Plan):
         v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
         dq_r.stride(0), dq_r.stride(2), dq_r.stride(1),
         stride_qpb, stride_qpn, stride_kpb, stride_kpn,
-        nq, nk, heads, group, plan.sm_scale, plan.sm_scale_log2, plan.inv_ln_logn, plan.window,
-        plan.rerope_w, section_q, **consts)
+        nq, nk, heads, group, launch.sm_scale, launch.sm_scale_log2, launch.inv_ln_logn, launch.window,
+        launch.rerope_w, section_q, **consts)
     del q_r, k_r, q_f, k_f
-    if plan.q_sign != 1.0:  # gradients w.r.t. the signed rotated q
-        dq_r.mul_(plan.q_sign)
-        if plan.rerope:
-            dq_f.mul_(plan.q_sign)
+    if launch.q_sign != 1.0:  # gradients w.r.t. the signed rotated q
+        dq_r.mul_(launch.q_sign)
+        if launch.rerope:
+            dq_f.mul_(launch.q_sign)
 
-    dq = _unrotate(dq_r, dq_f, q, q_pos, plan.q_tables, plan.q_far_tables, plan.rerope)
-    dk = _unrotate(dk_r, dk_f, k, k_pos, plan.k_tables, plan.k_far_tables, plan.rerope)
+    dq = _unrotate(dq_r, dq_f, q, q_pos, launch.tables, launch.q_far_tables, launch.rerope)
+    dk = _unrotate(dk_r, dk_f, k, k_pos, launch.tables, launch.k_far_tables, launch.rerope)
     return dq, dk, dv
 
 
@@ -1193,135 +1208,8 @@ def _unrotate(g_near, g_far, x, positions, tables, far_tables, rerope: bool):
     return grad
 
 
-# ----------------------------------------------------------------------------------------------------------
-# autograd Function and entry point
-# ----------------------------------------------------------------------------------------------------------
-class _ScaledRopeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, plan):
-        out, lse, lse2 = _forward(q, k, v, q_pos, k_pos, plan)
-        ctx.save_for_backward(q, k, v, out, lse2, q_pos, k_pos)
-        ctx.plan = plan
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse2, q_pos, k_pos = ctx.saved_tensors
-        if dout is None and dlse is None:
-            return None, None, None, None, None, None
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse2, q_pos, k_pos, ctx.plan)
-        return dq, dk, dv, None, None, None
-
-
-def _check_positions(name: str, positions, batch: int, n: int, device):
-    if positions is None:
-        return
-    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be an int32 or int64 tensor")
-    if tuple(positions.shape) != (batch, n):
-        raise ValueError(f"{name} must have shape ({batch}, {n}), got {tuple(positions.shape)}")
-    if positions.device != device:
-        raise ValueError(f"{name} must be on {device}, got {positions.device}")
-
-
-def _prepare(q, k, v, *, q_tables, k_tables, q_far_tables, k_far_tables, q_positions, k_positions, causal, window,
-             softmax_scale, rerope_window, logn_base, k_far_unrotated):
-    """Validated inputs, their positions and the plan: (q, k, v, q_pos, k_pos, plan)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor (batch, seqlen, heads, head_dim)")
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"{name} must be float16, bfloat16 or float32 for the triton backend, got {x.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError("q, k and v must be on one device")
-    if q.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
-    batch, nq, heads, dim = q.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
-        raise ValueError(f"k and v must have shape (B, Nk, Hkv, D) matching q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
-    nk, kv_heads = k.shape[1], k.shape[2]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
-    if dim > 256:
-        raise ValueError(f"head_dim must be <= 256 for the triton backend, got {dim}")
-    if max(nq, nk) >= 2 ** 30:  # positions and their differences are int32 in the kernels
-        raise ValueError(f"q and k lengths must be < 2**30 for the triton backend, got {nq} and {nk}")
-    if batch * heads * cdiv(max(nq, nk), 16) >= 2 ** 31:  # programs of a 1-D grid (tiles of >= 16 rows)
-        raise ValueError(f"batch * heads * ceil(length / 16) must be < 2**31 for the triton backend, got "
-                         f"batch {batch}, heads {heads}, lengths {nq} and {nk}")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    if logn_base is not None and not (math.isfinite(logn_base) and logn_base > 1):
-        raise ValueError(f"logn_base must be a finite number > 1, got {logn_base}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    _check_positions("q_positions", q_positions, batch, nq, q.device)
-    _check_positions("k_positions", k_positions, batch, nk, q.device)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-
-    explicit = q_positions is not None or k_positions is not None
-    q_pos = _positions(q_positions, batch, nk - nq, nq, q.device)
-    k_pos = _positions(k_positions, batch, 0, nk, q.device)
-    # with default positions every delta is < Nk: a window or ReRoPE window that large changes nothing
-    has_window = window is not None and (explicit or window < nk)
-    rerope = rerope_window is not None and q_tables is not None and (explicit or rerope_window < nk)
-    if rerope and (q_far_tables is None or k_far_tables is None):
-        raise ValueError("rerope_window needs q_far_tables and k_far_tables")
-    q_sign, sm_scale = fold_scale_sign(softmax_scale)
-    plan = _Plan(q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables, k_far_tables=k_far_tables,
-                 causal=bool(causal), has_window=has_window, window=min(int(window), _MAX_WINDOW) if has_window else 0,
-                 rerope=rerope, rerope_w=max(min(int(rerope_window), _MAX_WINDOW), -_MAX_WINDOW) if rerope else 0,
-                 k_far_unrotated=bool(k_far_unrotated),
-                 explicit=explicit, q_sign=q_sign, logn=logn_base is not None,
-                 inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0, sm_scale=sm_scale,
-                 sm_scale_log2=sm_scale * 1.4426950408889634)
-    return q, k, v, q_pos, k_pos, plan
-
-
-def triton_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None, q_positions=None,
-                     k_positions=None, causal, window, softmax_scale, rerope_window, logn_base,
-                     k_far_unrotated=False):
-    """Scaled-RoPE attention (DESIGN.md section 3) with the Triton kernels; differentiable in q, k, v.
-
-    q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D) unrotated, any strides with a contiguous last dim, Hq a multiple of
-    Hkv, D <= 256, lengths < 2**30. Tables come from `scaled_rope.tables.build_tables` (None: no rotation); the
-    far tables are required with `rerope_window`; k_far_unrotated=True says that k_far_tables rotate by angle 0
-    (plain ReRoPE), which lets the forward read k itself as the far k. Positions: int (B, N) tensors that fit in
-    int32, or None for the default (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D) in q's
-    dtype, lse (B, Hq, Nq) float32);
-    a row with no allowed key gives out 0, lse -inf and zero gradients.
-    """
-    q, k, v, q_pos, k_pos, plan = _prepare(q, k, v, q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables,
-                                           k_far_tables=k_far_tables, q_positions=q_positions,
-                                           k_positions=k_positions, causal=causal, window=window,
-                                           softmax_scale=softmax_scale, rerope_window=rerope_window,
-                                           logn_base=logn_base, k_far_unrotated=k_far_unrotated)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _ScaledRopeAttention.apply(q, k, v, q_pos, k_pos, plan)
-    return _forward(q, k, v, q_pos, k_pos, plan)[:2]  # inference: no autograd node (host time per call)
-
-
-def triton_attention_backward(q, k, v, out, lse, dout, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None,
-                              q_positions=None, k_positions=None, causal, window, softmax_scale, rerope_window,
-                              logn_base):
-    """(dq, dk, dv) for an out and lse (natural log, (B, Hq, Nq) float32, -inf on empty rows) that another
-    forward computed with the same arguments: the CUDA backend's backward. Arguments as for `triton_attention`."""
-    q, k, v, q_pos, k_pos, plan = _prepare(q, k, v, q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables,
-                                           k_far_tables=k_far_tables, q_positions=q_positions,
-                                           k_positions=k_positions, causal=causal, window=window,
-                                           softmax_scale=softmax_scale, rerope_window=rerope_window,
-                                           logn_base=logn_base, k_far_unrotated=False)
-    if out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]) or dout.shape != q.shape:
-        raise ValueError(f"out and dout must have q's shape {tuple(q.shape)} and lse (B, Hq, Nq), got "
-                         f"{tuple(out.shape)}, {tuple(dout.shape)}, {tuple(lse.shape)}")
-    # the kernels' log2-domain lse in two parts (here all in the first); +inf on empty rows gives p = 0
+def lse2_from_natural(lse: torch.Tensor) -> torch.Tensor:
+    """The backward's log2-domain lse (B, H, Nq, 2), all in the first part, from a natural-log lse (B, H, Nq) of
+    another forward (the CUDA backend's); -inf (an empty row) becomes +inf, which gives p = 0."""
     log2_lse = torch.where(lse == float("-inf"), float("inf"), lse.float() * 1.4426950408889634)
-    lse2 = torch.stack((log2_lse, torch.zeros_like(log2_lse)), dim=-1).contiguous()
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    return _backward(dout, None, q, k, v, out, lse2, q_pos, k_pos, plan)
+    return torch.stack((log2_lse, torch.zeros_like(log2_lse)), dim=-1).contiguous()

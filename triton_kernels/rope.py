@@ -6,14 +6,15 @@ computes m' * (cos, sin) once per (position, pair) and loops over its heads.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .._rotation_args import check_rotation_args
+from .. import _alloc
+from .._env import triton_interpret
 from ._host import cdiv, next_power_of_2
+
+_INTERPRET = triton_interpret()
 
 
 @triton.jit
@@ -159,46 +160,43 @@ def _rotate_kernel(
                       ROTARY_DIM, HEAD_DIM, BLOCK_N, BLOCK_HALF, BLOCK_PASS, HEADS_PER_PROGRAM, INTERLEAVED, False)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _row_stride(t: torch.Tensor) -> int:
+    """Stride between batch rows of a (B or 1, ...) operand: 0 when one row serves every batch row."""
+    return t.stride(0) if t.shape[0] > 1 else 0
+
+
+def _output(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return _alloc.empty(like.shape, like.dtype, like.device) if out is None else out
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = False,
            out: torch.Tensor | None = None, second_tables=None, second_out: torch.Tensor | None = None,
            y: torch.Tensor | None = None, y_out: torch.Tensor | None = None):
-    """Rotate x (B, N, H, D) at integer positions (B, N) with `tables` (scaled_rope.tables.RotaryTables).
+    """Rotate x (B, N, H, D) at integer positions (B or 1, N) with `tables` (scaled_rope.tables.RotaryTables).
 
     inverse=True applies the transpose (gradient map). Output has x's dtype (fp32 math, one rounding); `out`
     may be given, x itself included (in place). Strides of x and out are free except for the last dim.
     second_tables (same rotary dim and layout, n_hat 0): also rotate x with them into second_out (allocated when
-    None) in the same pass, reading x once. y (B, N, Hy, D), same dtype: also rotate y (k beside q) with `tables`
-    at the same positions into y_out, in the same launch. Returns out, then second_out and y_out where asked for:
-    out, (out, second_out), (out, y_out) or (out, second_out, y_out).
+    None) in the same pass, reading x once; neither output may be x then. y (B, N, Hy, D), same dtype: also
+    rotate y (k beside q) with `tables` at the same positions into y_out (not y), in the same launch. Returns
+    out, then second_out and y_out where asked for: out, (out, second_out), (out, y_out) or
+    (out, second_out, y_out).
+
+    Arguments are not checked here (the plan builds them): x float16/bfloat16/float32 with a contiguous last
+    dim, positions int32/int64, table rows B or 1 with contiguous last dims, attention factors float32.
     """
-    a = check_rotation_args(x, positions, tables, out)
-    ya = None
-    if y is not None:
-        if y.dim() != 4 or y.shape[:2] != x.shape[:2] or y.shape[3] != x.shape[3] or y.dtype != x.dtype:
-            raise ValueError(f"y must be (B, N, Hy, D) with x's B, N, D and dtype, got {tuple(y.shape)}, {y.dtype}")
-        if y_out is y:
-            raise ValueError("rotate with y cannot write y in place")
-        ya = check_rotation_args(y, positions, tables, y_out)
-    second = None
-    if second_tables is not None:
-        if second_tables.n_hat or second_tables.rotary_dim != a.rotary_dim \
-                or bool(second_tables.interleaved) != a.interleaved:
-            raise ValueError("second_tables must have n_hat 0 and the rotary dim and layout of tables")
-        if second_out is x or out is x:
-            raise ValueError("rotate with second_tables cannot write in place")
-        second = check_rotation_args(x, positions, second_tables, second_out)
-    batch, seqlen, heads, head_dim = x.shape
-    results = (a.out,) + ((second.out,) if second is not None else ()) + ((ya.out,) if ya is not None else ())
-    if x.numel() == 0 and (ya is None or y.numel() == 0):
+    o = _output(out, x)
+    o2 = _output(second_out, x) if second_tables is not None else None
+    oy = _output(y_out, y) if y is not None else None
+    results = (o,) + ((o2,) if o2 is not None else ()) + ((oy,) if oy is not None else ())
+    if x.numel() == 0 and (y is None or y.numel() == 0):
         return results[0] if len(results) == 1 else results
-    half = a.rotary_dim // 2
+    batch, seqlen, heads, head_dim = x.shape
+    rotary_dim = tables.rotary_dim
+    half = rotary_dim // 2
     block_half = next_power_of_2(half)
-    block_pass = next_power_of_2(head_dim - a.rotary_dim) if head_dim > a.rotary_dim else 0
-    if _interpreting():  # one small config; few programs (each costs interpreter time)
+    block_pass = next_power_of_2(head_dim - rotary_dim) if head_dim > rotary_dim else 0
+    if _INTERPRET:  # one small config; few programs (each costs interpreter time)
         block_n, num_warps, min_programs = min(16, next_power_of_2(seqlen)), 1, 4
     else:
         block_n = max(1, min(64, 2048 // block_half, next_power_of_2(seqlen)))
@@ -206,31 +204,33 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, tables, *, inverse: bool = 
     # split the heads over programs only when positions alone do not fill the GPU (a power of two per program
     # keeps the compiled variants few; the constexpr loop bound also runs under the interpreter with numpy 2.4)
     programs = cdiv(seqlen, block_n) * batch
-    most_heads = max(heads, y.shape[2] if ya is not None else 0)
+    most_heads = max(heads, y.shape[2] if y is not None else 0)
     heads_per_program = most_heads
     if programs < min_programs:
         heads_per_program = min(most_heads, next_power_of_2(cdiv(most_heads * programs, min_programs)))
     grid = (cdiv(seqlen, block_n), batch, cdiv(most_heads, heads_per_program))
-    o = a.out
-    s = second if second is not None else a  # without second tables its arguments are unused placeholders
-    o2 = s.out
-    yy, oy = (y, ya.out) if ya is not None else (x, o)  # without y its arguments are unused placeholders
+    # without second tables or y their arguments are unused placeholders
+    t2, o2_ = (second_tables, o2) if second_tables is not None else (tables, o)
+    yy, oy_ = (y, oy) if y is not None else (x, o)
+    offset = tables.offset if tables.offset is not None else tables.turns
+    offset2 = t2.offset if t2.offset is not None else t2.turns
+    unscaled = tables.turns_unscaled if tables.n_hat > 0 else tables.turns
     _rotate_kernel[grid](
-        x, o, a.positions, a.turns, a.offset if a.offset is not None else a.turns,
-        a.turns_unscaled if a.turns_unscaled is not None else a.turns, a.factor,
-        o2, s.turns, s.offset if s.offset is not None else s.turns, s.factor, yy, oy,
-        seqlen, heads, yy.shape[2], a.n_hat,
+        x, o, positions, tables.turns, offset, unscaled, tables.attention_factor,
+        o2_, t2.turns, offset2, t2.attention_factor, yy, oy_,
+        seqlen, heads, yy.shape[2], tables.n_hat,
         x.stride(0), x.stride(1), x.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        o2.stride(0), o2.stride(1), o2.stride(2),
+        o2_.stride(0), o2_.stride(1), o2_.stride(2),
         yy.stride(0), yy.stride(1), yy.stride(2),
-        oy.stride(0), oy.stride(1), oy.stride(2),
-        a.stride_pb, a.positions.stride(1), a.stride_tb, a.stride_offb, a.stride_fb, s.stride_tb, s.stride_offb,
-        s.stride_fb,
-        ROTARY_DIM=a.rotary_dim, HEAD_DIM=head_dim,
+        oy_.stride(0), oy_.stride(1), oy_.stride(2),
+        _row_stride(positions), positions.stride(1), _row_stride(tables.turns),
+        _row_stride(offset), _row_stride(tables.attention_factor), _row_stride(t2.turns), _row_stride(offset2),
+        _row_stride(t2.attention_factor),
+        ROTARY_DIM=rotary_dim, HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_HALF=block_half, BLOCK_PASS=block_pass, HEADS_PER_PROGRAM=heads_per_program,
-        INTERLEAVED=a.interleaved, INVERSE=bool(inverse), HAS_OFFSET=a.offset is not None,
-        HAS_NHAT=a.n_hat > 0, SECOND=second is not None, HAS_OFFSET2=s.offset is not None, HAS_Y=ya is not None,
-        num_warps=num_warps,
+        INTERLEAVED=bool(tables.interleaved), INVERSE=bool(inverse), HAS_OFFSET=tables.offset is not None,
+        HAS_NHAT=tables.n_hat > 0, SECOND=second_tables is not None, HAS_OFFSET2=t2.offset is not None,
+        HAS_Y=y is not None, num_warps=num_warps,
     )
     return results[0] if len(results) == 1 else results

@@ -1,19 +1,17 @@
-"""Lazy access to the compiled extension scaled_rope._C and the tensor-checking wrappers around it.
+"""The CUDA launcher: lazy access to the compiled extension scaled_rope._C and the calls into it.
 
 Nothing here runs at import: `load_extension()` imports _C on first use and remembers the outcome, so importing
-scaled_rope works without _C (CPU-only installs, SCALED_ROPE_SKIP_CUDA=1) and without a GPU.
+scaled_rope works without _C (CPU-only installs, SCALED_ROPE_SKIP_CUDA=1) and without a GPU. The launchers take
+tensors already checked by the plan (scaled_rope._plan) and turn them into the pointers, sizes and strides of the
+binding (csrc/binding.cpp); of the package they import only the leaf modules _env and _alloc.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
 
-from . import _alloc
-from ._rotation_args import check_rotation_args
-from ._scale import fold_scale_sign, signed
-from .tables import far_q_with_both_factors
+from . import _alloc, _env
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _extension: tuple[object | None, str | None] | None = None
@@ -38,30 +36,54 @@ def _require_extension():
     return module
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    """Stride between batch rows of a (B or 1, ...) operand: 0 when one row serves every batch row."""
+    return t.stride(0) if t.shape[0] > 1 else 0
+
+
+# ---- rotation (csrc/rope.cu) ----------------------------------------------------------------------------------
+def rotation_support(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the CUDA rotation can run tensors of this device and dtype, else why not."""
+    if device.type != "cuda":
+        return f"the CUDA rotation needs CUDA tensors, got {device}"
+    if dtype not in _DTYPE_CODES:
+        return f"the CUDA rotation takes float16, bfloat16 or float32, not {dtype}"
+    return load_extension()[1]
+
+
 def cuda_rotate(x: torch.Tensor, positions: torch.Tensor, tables, inverse: bool = False,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate x (B, N, H, D) on the GPU with the CUDA kernel; same contract as triton_kernels.rope.rotate."""
+    """Rotate x (B, N, H, D) on the GPU with the CUDA kernel; same contract as triton_kernels.rope.rotate (x a CUDA
+    tensor of float16/bfloat16/float32 with a contiguous last dim, positions int32/int64 (B or 1, N), table rows B
+    or 1 with contiguous last dims, attention factors float32; `out` may be x)."""
     ext = _require_extension()
-    if isinstance(x, torch.Tensor) and not x.is_cuda:
+    if not x.is_cuda:  # the kernel would read host memory
         raise ValueError(f"x must be a CUDA tensor for the CUDA rotation, got device {x.device}")
-    a = check_rotation_args(x, positions, tables, out)
+    o = _alloc.empty(x.shape, x.dtype, x.device) if out is None else out
     if x.numel() == 0:
-        return a.out
-    o = a.out
+        return o
     batch, seqlen, heads, head_dim = x.shape
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     ext.rotate(
-        x=x.data_ptr(), out=o.data_ptr(), positions=a.positions.data_ptr(), turns=a.turns.data_ptr(),
-        offset=ptr(a.offset), turns_unscaled=ptr(a.turns_unscaled), factor=a.factor.data_ptr(),
-        batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, rotary_dim=a.rotary_dim, n_hat=a.n_hat,
-        interleaved=a.interleaved, inverse=bool(inverse), dtype=_DTYPE_CODES[x.dtype],
-        positions_int32=a.positions.dtype == torch.int32,
+        x=x.data_ptr(), out=o.data_ptr(), positions=positions.data_ptr(), turns=tables.turns.data_ptr(),
+        offset=_ptr(tables.offset), turns_unscaled=_ptr(tables.turns_unscaled if tables.n_hat > 0 else None),
+        factor=tables.attention_factor.data_ptr(),
+        batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, rotary_dim=int(tables.rotary_dim),
+        n_hat=int(tables.n_hat), interleaved=bool(tables.interleaved), inverse=bool(inverse),
+        dtype=_DTYPE_CODES[x.dtype], positions_int32=positions.dtype == torch.int32,
         stride_xb=x.stride(0), stride_xn=x.stride(1), stride_xh=x.stride(2),
         stride_ob=o.stride(0), stride_on=o.stride(1), stride_oh=o.stride(2),
-        stride_pb=a.stride_pb, stride_pn=a.positions.stride(1),
-        stride_tb=a.stride_tb, stride_offb=a.stride_offb, stride_fb=a.stride_fb,
-        device=x.device.index if x.device.index is not None else torch.cuda.current_device(),
-        stream=torch.cuda.current_stream(x.device).cuda_stream,
+        stride_pb=_row_stride(positions), stride_pn=positions.stride(1),
+        stride_tb=_row_stride(tables.turns), stride_offb=0 if tables.offset is None else _row_stride(tables.offset),
+        stride_fb=_row_stride(tables.attention_factor),
+        device=_device_index(x.device), stream=torch.cuda.current_stream(x.device).cuda_stream,
     )
     return o
 
@@ -72,31 +94,32 @@ ATTENTION_HEAD_DIMS = (64, 128)
 _KEY_TILE = 64  # kFlashBlockN in csrc/flash_fwd.h: keys per tile of the prepass workspace
 
 
-def attention_support(q: torch.Tensor, rerope_window: int | None = None) -> str | None:
-    """None when the CUDA attention can run inputs like q (every feature, ReRoPE included), else why not."""
-    if not q.is_cuda:
-        return f"the CUDA attention needs CUDA tensors, got {q.device}"
-    if q.dtype not in ATTENTION_DTYPES:
-        return f"the CUDA attention takes float16 or bfloat16, not {q.dtype}"
-    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
-        return f"the CUDA attention is built for head_dim 64 and 128, not head_dim {q.shape[-1]}"
+def attention_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when the CUDA attention can run inputs of this device, dtype and head dim (every feature, ReRoPE
+    included), else why not."""
+    if device.type != "cuda":
+        return f"the CUDA attention needs CUDA tensors, got {device}"
+    if dtype not in ATTENTION_DTYPES:
+        return f"the CUDA attention takes float16 or bfloat16, not {dtype}"
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        return f"the CUDA attention is built for head_dim 64 and 128, not head_dim {head_dim}"
     module, why = load_extension()
     if module is None:
         return why
     if not hasattr(module, "flash_fwd"):
         return "scaled_rope._C was built without flash_fwd; reinstall to rebuild it"
-    if torch.cuda.get_device_capability(q.device)[0] < 8:
+    if torch.cuda.get_device_capability(device)[0] < 8:
         return "the CUDA attention needs compute capability 8.0 or newer (mma.sync bf16, cp.async)"
     return None
 
 
-def sm90_kernel_applies(q: torch.Tensor) -> bool:
-    """True when the CUDA attention runs q on its sm_90a kernel (csrc/flash_fwd_sm90.cu): head_dim 128, float16 or
-    bfloat16, a compute capability 9.x device, an extension built with sm_90a, SCALED_ROPE_FLASH_SM80 not set."""
-    forced_sm80 = os.environ.get("SCALED_ROPE_FLASH_SM80", "")[:1] not in ("", "0")
-    if q.shape[-1] != 128 or forced_sm80 or attention_support(q) is not None:
+def sm90_kernel_applies(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """True when the CUDA attention runs such inputs on its sm_90a kernel (csrc/flash_fwd_sm90.cu): head_dim 128,
+    float16 or bfloat16, a compute capability 9.x device, an extension built with sm_90a, SCALED_ROPE_FLASH_SM80
+    not set."""
+    if head_dim != 128 or _env.flash_sm80() or attention_support(device, dtype, head_dim) is not None:
         return False
-    return torch.cuda.get_device_capability(q.device)[0] == 9 and _built_for_sm90a()
+    return torch.cuda.get_device_capability(device)[0] == 9 and _built_for_sm90a()
 
 
 @lru_cache(maxsize=None)
@@ -118,68 +141,45 @@ def _stride(x: torch.Tensor, dim: int) -> int:
     return x.stride(dim) if x.shape[dim] > 1 else 0
 
 
-def _head_major_scratch(x: torch.Tensor) -> torch.Tensor:
+def head_major_scratch(x: torch.Tensor) -> torch.Tensor:
     """A (B, N, H, D) view of a fresh (B, H, N, D) buffer: each head's rows are one contiguous block."""
     batch, n, heads, dim = x.shape
     return torch.empty((batch, heads, n, dim), dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
-def _flash_forward(q, k, v, a: dict, k_far_unrotated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    reason = attention_support(q, a["rerope_window"])
-    if reason is not None:
-        raise NotImplementedError(reason)
+def flash_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh out (B, Nq, Hq, D) in q's dtype and lse (B, Hq, Nq) float32 for `flash_forward`."""
+    batch, nq, heads, dim = q.shape
+    return (_alloc.empty((batch, nq, heads, dim), q.dtype, q.device),
+            _alloc.empty((batch, heads, nq), torch.float32, q.device))
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_far: torch.Tensor | None,
+                  k_far: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, *,
+                  q_positions: torch.Tensor | None, k_positions: torch.Tensor | None, causal: bool,
+                  window: int | None, rerope_window: int | None, logn_base: float | None,
+                  softmax_scale: float) -> None:
+    """The fused attention over rotated operands into out and lse (`flash_outputs`): q (B, Nq, Hq, D), k
+    (B, Nk, Hkv, D) and, for ReRoPE, q_far and k_far already rotated (softmax_scale's sign folded into q and q_far,
+    softmax_scale > 0; rows aligned: `_rows_aligned`, `head_major_scratch`); v as given. Positions int (B, N)
+    with |p| < 2**30, or None for the default (k = 0..Nk-1, q = the last Nq of those)."""
     ext = _require_extension()
     batch, nq, heads, dim = q.shape
     nk, kv_heads = k.shape[1], k.shape[2]
     device = q.device
-    out = _alloc.empty((batch, nq, heads, dim), q.dtype, device)
-    lse = _alloc.empty((batch, heads, nq), torch.float32, device)
-    if batch == 0 or nq == 0 or heads == 0:
-        return out, lse
-
-    q_positions, k_positions = a["q_positions"], a["k_positions"]
-    rerope = a["rerope_window"] is not None
-    if a["q_tables"] is None:
-        if rerope:
-            raise ValueError("rerope_window needs rotation tables (rope is None)")
-        q_rot, k_rot, q_far, k_far = _rows_aligned(q), _rows_aligned(k), None, None
-    else:
-        rot_q = q_positions if q_positions is not None else \
-            torch.arange(nk - nq, nk, dtype=torch.int32, device=device).expand(batch, nq)
-        rot_k = k_positions if k_positions is not None else \
-            torch.arange(nk, dtype=torch.int32, device=device).expand(batch, nk)
-        q_rot = cuda_rotate(q, rot_q, a["q_tables"], out=_head_major_scratch(q))
-        k_rot = cuda_rotate(k, rot_k, a["k_tables"], out=_head_major_scratch(k))
-        q_far = k_far = None
-        if rerope:
-            if a["q_far_tables"] is None or a["k_far_tables"] is None:
-                raise ValueError("rerope_window needs q_far_tables and k_far_tables")
-            # plain ReRoPE: the far k is k itself, the far q takes both attention factors
-            far_q_tables = (far_q_with_both_factors(a["q_far_tables"], a["k_far_tables"]) if k_far_unrotated
-                            else a["q_far_tables"])
-            q_far = cuda_rotate(q, rot_q, far_q_tables, out=_head_major_scratch(q))
-            k_far = (_rows_aligned(k) if k_far_unrotated
-                     else cuda_rotate(k, rot_k, a["k_far_tables"], out=_head_major_scratch(k)))
     v = _rows_aligned(v)
-    # the kernels take softmax_scale > 0 (the sm_90a one takes row maxima of the raw scores)
-    sign, scale = fold_scale_sign(a["softmax_scale"])
-    q_rot = signed(q_rot, q, sign)
-    if q_far is not None:
-        q_far = signed(q_far, q, sign)
-
     qp = None if q_positions is None else q_positions.to(torch.int32).contiguous()
     kp = None if k_positions is None else k_positions.to(torch.int32).contiguous()
     minmax = None
     if kp is not None:
         minmax = torch.empty((batch, (nk + _KEY_TILE - 1) // _KEY_TILE, 2), dtype=torch.int32, device=device)
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    logn_base = a["logn_base"]
     ext.flash_fwd(
-        q=q_rot.data_ptr(), k=k_rot.data_ptr(), v=v.data_ptr(), q_far=ptr(q_far), k_far=ptr(k_far),
-        out=out.data_ptr(), lse=lse.data_ptr(), q_positions=ptr(qp), k_positions=ptr(kp), k_tile_minmax=ptr(minmax),
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), q_far=_ptr(q_far), k_far=_ptr(k_far),
+        out=out.data_ptr(), lse=lse.data_ptr(), q_positions=_ptr(qp), k_positions=_ptr(kp),
+        k_tile_minmax=_ptr(minmax),
         batch=batch, seqlen_q=nq, seqlen_k=nk, heads_q=heads, heads_kv=kv_heads, head_dim=dim,
-        q_batch_stride=_stride(q_rot, 0), q_row_stride=_stride(q_rot, 1), q_head_stride=_stride(q_rot, 2),
-        k_batch_stride=_stride(k_rot, 0), k_row_stride=_stride(k_rot, 1), k_head_stride=_stride(k_rot, 2),
+        q_batch_stride=_stride(q, 0), q_row_stride=_stride(q, 1), q_head_stride=_stride(q, 2),
+        k_batch_stride=_stride(k, 0), k_row_stride=_stride(k, 1), k_head_stride=_stride(k, 2),
         k_far_batch_stride=0 if k_far is None else _stride(k_far, 0),
         k_far_row_stride=0 if k_far is None else _stride(k_far, 1),
         k_far_head_stride=0 if k_far is None else _stride(k_far, 2),
@@ -188,64 +188,10 @@ def _flash_forward(q, k, v, a: dict, k_far_unrotated: bool) -> tuple[torch.Tenso
         lse_batch_stride=lse.stride(0), lse_head_stride=lse.stride(1),
         q_positions_batch_stride=0 if qp is None else qp.stride(0),
         k_positions_batch_stride=0 if kp is None else kp.stride(0),
-        softmax_scale=scale, causal=bool(a["causal"]),
-        window=0 if a["window"] is None else int(a["window"]),
-        rerope_window=int(a["rerope_window"]) if rerope else 0,
+        softmax_scale=softmax_scale, causal=bool(causal),
+        window=0 if window is None else int(window),
+        rerope_window=0 if rerope_window is None else int(rerope_window),
         logn_base=0.0 if logn_base is None else float(logn_base),
-        dtype=_DTYPE_CODES[q.dtype],
-        device=device.index if device.index is not None else torch.cuda.current_device(),
+        dtype=_DTYPE_CODES[q.dtype], device=_device_index(device),
         stream=torch.cuda.current_stream(device).cuda_stream,
     )
-    return out, lse
-
-
-def _triton_backward():
-    """scaled_rope.triton_kernels.attention.triton_attention_backward, or None where this install lacks it."""
-    try:
-        from .triton_kernels import attention as triton_attention_module
-    except ImportError:
-        return None
-    return getattr(triton_attention_module, "triton_attention_backward", None)
-
-
-class _CudaAttention(torch.autograd.Function):
-    """CUDA forward; backward by the Triton kernels (same lse convention), recomputing the rotations."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, args, k_far_unrotated):
-        out, lse = _flash_forward(q, k, v, args, k_far_unrotated)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = args
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        backward = _triton_backward()
-        if backward is None:
-            raise NotImplementedError(
-                "backward of the CUDA attention runs the Triton backward, and "
-                "scaled_rope.triton_kernels.attention.triton_attention_backward is not available in this install; "
-                "use backend='triton' for training")
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(q, k, v, out, lse, dout.contiguous(), **ctx.args)
-        return dq, dk, dv, None, None
-
-
-def cuda_attention(q, k, v, *, q_tables, k_tables, q_far_tables=None, k_far_tables=None, q_positions=None,
-                   k_positions=None, causal, window, softmax_scale, rerope_window, logn_base, k_far_unrotated=False):
-    """Scaled-RoPE attention (DESIGN.md section 3) with the CUDA forward (csrc/flash_fwd.cu).
-
-    q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D), unrotated, float16/bfloat16, D in (64, 128), CUDA tensors with a
-    contiguous last dim. q and k (and the far pair for ReRoPE) are rotated by the CUDA rotation into scratch buffers,
-    then the kernel runs on them. Tables as for `triton_attention` (None: no rotation); positions int (B, N) with
-    |p| < 2**30, or None for the default (k = 0..Nk-1, q = the last Nq of those). Returns (out (B, Nq, Hq, D),
-    lse (B, Hq, Nq) float32, natural log); empty rows give 0 and -inf. Differentiable in q, k, v through the Triton
-    backward. k_far_unrotated=True says that k_far_tables rotate by angle 0 (plain ReRoPE): the kernel then reads k
-    itself as the far k, and the far q takes both attention factors. Raises NotImplementedError for other dtypes
-    or head dims.
-    """
-    args = dict(q_tables=q_tables, k_tables=k_tables, q_far_tables=q_far_tables, k_far_tables=k_far_tables,
-                q_positions=q_positions, k_positions=k_positions, causal=causal, window=window,
-                softmax_scale=softmax_scale, rerope_window=rerope_window, logn_base=logn_base)
-    return _CudaAttention.apply(q, k, v, args, bool(k_far_unrotated))

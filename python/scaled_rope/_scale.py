@@ -1,9 +1,10 @@
-"""softmax_scale as every kernel takes it, positive, with its sign moved into q (Triton and CUDA launchers)."""
+"""softmax_scale as every kernel takes it, positive, with its sign moved into q: the plan folds it once per call,
+the launchers apply the sign to the rotated q with `signed`."""
 from __future__ import annotations
 
 import math
 
-import torch
+from .triton_kernels._host import signed  # noqa: F401  (the CUDA launchers apply the sign with the same helper)
 
 _SMALLEST_NORMAL_FP32 = 2.0 ** -126
 
@@ -18,10 +19,3 @@ def fold_scale_sign(softmax_scale: float) -> tuple[float, float]:
     if abs(scale) < _SMALLEST_NORMAL_FP32:
         return 0.0, 1.0
     return math.copysign(1.0, scale), abs(scale)
-
-
-def signed(x: torch.Tensor, source: torch.Tensor, sign: float) -> torch.Tensor:
-    """x times sign: in place when x is a launcher's scratch buffer, a copy when it is the caller's tensor (source)."""
-    if sign == 1.0:
-        return x
-    return x * sign if x is source else x.mul_(sign)

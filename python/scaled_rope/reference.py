@@ -1,12 +1,13 @@
 """Plain PyTorch reference: explicit score matrix, angles in float64. Written for clarity, not speed.
 
-Every backend is tested against these functions (DESIGN.md section 3). They run on any device, support autograd
+Every backend is tested against these functions (docs/DESIGN.md §3). They run on any device, support autograd
 and any floating dtype; `compute_dtype` picks the precision of the arithmetic (default: float64 for float32/float64
 inputs, float32 for half types; the tests also run it in the inputs' own dtype as the baseline).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -25,7 +26,8 @@ def default_positions(batch: int, nq: int, nk: int, device) -> tuple[torch.Tenso
 
 
 def row_lengths(k_positions: torch.Tensor) -> list[int]:
-    """Each batch row's length for length-dependent schedules: its largest key position + 1."""
+    """Each batch row's length for length-dependent schedules: its largest key position + 1 (<= 0 when every key
+    sits at a negative position, which `RopeScaling.frequencies` takes as short / the L0 base, docs/DESIGN.md §3.7)."""
     if k_positions.shape[1] == 0:
         return [0] * k_positions.shape[0]
     return [int(x) + 1 for x in k_positions.max(dim=1).values.tolist()]
@@ -85,16 +87,22 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeScaling, *, seq_l
     return torch.stack(rows)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScaling | None, *, causal: bool = True,
-              q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
-              window: int | None = None, softmax_scale: float | None = None, rerope_window: int | None = None,
-              rerope_leak: float | None = None, logn_base: float | None = None,
-              compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled-RoPE attention, DESIGN.md section 3. q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D), unrotated.
+class _Parts(NamedTuple):
+    """What `attention` computes on the way to out and lse, which `attention_backward` reuses."""
 
-    Returns (out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32); rows with no allowed key give 0 and -inf.
-    Arguments are assumed valid (the public API validates them).
-    """
+    near: tuple[torch.Tensor, torch.Tensor]  # rotated q (B, Nq, Hq, D) and k (B, Nk, Hkv, D), compute dtype
+    far: tuple[torch.Tensor, torch.Tensor] | None  # ReRoPE's far rotations
+    is_near: torch.Tensor | None  # (B, 1, Nq, Nk) delta < rerope_window
+    qscale: torch.Tensor  # (B, Nq): softmax_scale * g(P)
+    p: torch.Tensor  # (B, Hq, Nq, Nk) softmax over the allowed keys, 0 elsewhere
+    lse: torch.Tensor  # (B, Hq, Nq), -inf on rows with no allowed key
+    vr: torch.Tensor  # v in the compute dtype, repeated to Hq heads
+    dtype: torch.dtype
+    group: int
+
+
+def _attention_parts(q, k, v, rope, *, causal, q_positions, k_positions, window, softmax_scale, rerope_window,
+                     rerope_leak, logn_base, compute_dtype) -> _Parts:
     batch, nq, hq, dim = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     dtype = compute_dtype or default_compute_dtype(q.dtype)
@@ -105,27 +113,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScali
     scale = dim ** -0.5 if softmax_scale is None else softmax_scale
     group = hq // hkv
 
-    def scores(far_q: str | None, far_k: str | None) -> torch.Tensor:
+    def rotated(far_q: str | None, far_k: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rope is None:
-            qr, kr = q.to(dtype), k.to(dtype)
-        else:
-            lens = row_lengths(k_positions)
-            qr = rotate(q, q_positions, rope, seq_lens=lens, far=far_q, rerope_window=rerope_window,
-                        rerope_leak=rerope_leak, compute_dtype=dtype)
-            kr = rotate(k, k_positions, rope, seq_lens=lens, far=far_k, rerope_window=rerope_window,
-                        rerope_leak=rerope_leak, compute_dtype=dtype)
-        kr = kr.repeat_interleave(group, dim=2)
-        return torch.einsum("bqhd,bkhd->bhqk", qr, kr)
+            return q.to(dtype), k.to(dtype)
+        lens = row_lengths(k_positions)
+        return (rotate(q, q_positions, rope, seq_lens=lens, far=far_q, rerope_window=rerope_window,
+                       rerope_leak=rerope_leak, compute_dtype=dtype),
+                rotate(k, k_positions, rope, seq_lens=lens, far=far_k, rerope_window=rerope_window,
+                       rerope_leak=rerope_leak, compute_dtype=dtype))
+
+    def scores(qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bqhd,bkhd->bhqk", qr, kr.repeat_interleave(group, dim=2))
 
     delta = q_positions.to(torch.int64)[:, None, :, None] - k_positions.to(torch.int64)[:, None, None, :]
-    s = scores(None, None)
+    near = rotated(None, None)
+    s = scores(*near)
+    far = is_near = None
     if rerope_window is not None:
-        s = torch.where(delta < rerope_window, s, scores("q", "k"))
+        far = rotated("q", "k")
+        is_near = delta < rerope_window
+        s = torch.where(is_near, s, scores(*far))
     qscale = torch.full((batch, nq), scale, dtype=torch.float64, device=q.device)
     if logn_base is not None:
         qpos = q_positions.to(torch.float64)
         qscale = qscale * torch.clamp(torch.log(qpos + 1) / math.log(logn_base), min=1.0)
-    s = s * qscale.to(dtype)[:, None, :, None]
+    qscale = qscale.to(dtype)
+    s = s * qscale[:, None, :, None]
     allowed = torch.ones_like(delta, dtype=torch.bool)
     if causal:
         allowed = allowed & (delta >= 0)
@@ -139,8 +152,83 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScali
     p = torch.exp(s - lse[..., None]).masked_fill(~allowed, 0.0)
     lse = lse.masked_fill(~nonempty, float("-inf"))
     vr = v.to(dtype).repeat_interleave(group, dim=2)
-    out = torch.einsum("bhqk,bkhd->bqhd", p, vr)
-    return out.to(q.dtype), lse.to(torch.float32)
+    return _Parts(near, far, is_near, qscale, p, lse, vr, dtype, group)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScaling | None, *, causal: bool = True,
+              q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
+              window: int | None = None, softmax_scale: float | None = None, rerope_window: int | None = None,
+              rerope_leak: float | None = None, logn_base: float | None = None,
+              compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled-RoPE attention, docs/DESIGN.md §3. q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D), unrotated.
+
+    Returns (out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32); rows with no allowed key give 0 and -inf.
+    Arguments are assumed valid (the public API validates them).
+    """
+    parts = _attention_parts(q, k, v, rope, causal=causal, q_positions=q_positions, k_positions=k_positions,
+                             window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
+                             rerope_leak=rerope_leak, logn_base=logn_base, compute_dtype=compute_dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", parts.p, parts.vr)
+    return out.to(q.dtype), parts.lse.to(torch.float32)
+
+
+def _group_sum(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, N, Hq, D) -> (B, N, Hkv, D): the sum over the query heads that share a key head."""
+    return x.unflatten(2, (x.shape[2] // group, group)).sum(3)
+
+
+def _rotate_transposed(x: torch.Tensor, positions: torch.Tensor, rope: RopeScaling, seq_lens: list[int], far,
+                       rerope_window, rerope_leak) -> torch.Tensor:
+    """The transpose of `rotate` (angles negated, same scale), in x's dtype."""
+    rows = []
+    for b in range(x.shape[0]):
+        angle, scale = angles(rope, positions[b], seq_lens[b], far=far, rerope_window=rerope_window,
+                              rerope_leak=rerope_leak)
+        rows.append(_rotate_row(x[b], -angle, scale, rope, x.dtype))
+    return torch.stack(rows)
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScaling | None,
+                       dout: torch.Tensor, dlse: torch.Tensor | None = None, *, causal: bool = True,
+                       q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
+                       window: int | None = None, softmax_scale: float | None = None,
+                       rerope_window: int | None = None, rerope_leak: float | None = None,
+                       logn_base: float | None = None,
+                       compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `attention` for the gradients dout of out and dlse (or None) of lse, written out
+    (docs/DESIGN.md §3.8) for where autograd cannot run (the reference inside a custom op): with Delta =
+    rowsum(dout * out), dS = P (dout v^T - Delta + dlse) times the row's scale, split into its near and far parts
+    for ReRoPE, and each part's gradients of the rotated q and k mapped back by its rotation's transpose."""
+    parts = _attention_parts(q, k, v, rope, causal=causal, q_positions=q_positions, k_positions=k_positions,
+                             window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
+                             rerope_leak=rerope_leak, logn_base=logn_base, compute_dtype=compute_dtype)
+    dtype, group, p = parts.dtype, parts.group, parts.p
+    d_out = dout.to(dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, parts.vr)
+    dv = _group_sum(torch.einsum("bhqk,bqhd->bkhd", p, d_out), group)
+    dp = torch.einsum("bqhd,bkhd->bhqk", d_out, parts.vr)
+    row = (d_out * out).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        row = row - torch.where(torch.isneginf(parts.lse), 0.0, dlse.to(dtype))
+    ds = p * (dp - row[..., None]) * parts.qscale[:, None, :, None]
+    sides = [(None, parts.near, ds)]
+    if parts.far is not None:
+        sides = [(None, parts.near, ds * parts.is_near), ("far", parts.far, ds * ~parts.is_near)]
+    batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    if q_positions is None or k_positions is None:
+        dq_pos, dk_pos = default_positions(batch, nq, nk, q.device)
+        q_positions = dq_pos if q_positions is None else q_positions
+        k_positions = dk_pos if k_positions is None else k_positions
+    lens = row_lengths(k_positions) if rope is not None else None
+    dq = dk = 0
+    for far, (qr, kr), ds_side in sides:
+        dqr = torch.einsum("bhqk,bkhd->bqhd", ds_side, kr.repeat_interleave(group, dim=2))
+        dkr = _group_sum(torch.einsum("bhqk,bqhd->bkhd", ds_side, qr), group)
+        if rope is not None:
+            dqr = _rotate_transposed(dqr, q_positions, rope, lens, far and "q", rerope_window, rerope_leak)
+            dkr = _rotate_transposed(dkr, k_positions, rope, lens, far and "k", rerope_window, rerope_leak)
+        dq, dk = dq + dqr, dk + dkr
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def apply_scaled_rope(x: torch.Tensor, rope: RopeScaling, positions: torch.Tensor | None = None, *,

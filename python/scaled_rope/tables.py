@@ -5,12 +5,16 @@ stored as int64 (two's complement). For an integer position p the kernels form p
 wraps modulo 2**64 and leaves exactly the fractional turn of p * w (to 2**-43 turns for |p| < 2**21), then
 angle = float32(that) * 2pi / 2**64 in [-pi, pi). A float32 product p * w would be off by up to 0.25 rad at
 position 2**21; this keeps cos and sin within 1e-6 of an fp64 truth.
+
+`table_set` is what the plan uses: tables that depend only on hashable Python values (the rope, the device, a
+fixed length, the ReRoPE window) are built once and kept, and under torch.compile they are constants of the graph
+(`torch.compiler.assume_constant_result`); tables that depend on a device tensor (each row's length) are selected
+or computed from those with tensor ops, never with a host synchronisation.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -20,9 +24,8 @@ TWO_POW_64 = 2.0 ** 64
 ANGLE_PER_UNIT = 2 * math.pi / TWO_POW_64  # radians per fixed-point unit
 
 
-@dataclass(frozen=True)
-class RotaryTables:
-    """Angles for one rotation of q or k, per batch row.
+class RotaryTables(NamedTuple):
+    """Angles for one rotation of q or k, per batch row (a leading dim of 1 serves every row).
 
     turns: int64 (B, R/2). offset: int64 (B, R/2) or None, turns added at every position (ReRoPE's far q).
     turns_unscaled: int64 (R/2,) used instead of turns at positions < n_hat (None when n_hat == 0).
@@ -43,6 +46,18 @@ class RotaryTables:
         return self.turns.shape[0]
 
 
+class TableSet(NamedTuple):
+    """The tables of one call: q and k share `near`; ReRoPE adds its far sides. far_q_both is far_q carrying k's
+    attention factor as well: plain ReRoPE's far k rotates by angle 0, so <m rot(q, w), m k> = <m^2 rot(q, w), k>
+    and a forward can read k itself as the far k. Every table of a set has the same attention factor per row
+    (that of the row's frequency set), far_q_both its square."""
+
+    near: RotaryTables
+    far_q: RotaryTables | None = None
+    far_k: RotaryTables | None = None
+    far_q_both: RotaryTables | None = None
+
+
 def frequency_to_turns(freq: torch.Tensor) -> torch.Tensor:
     """float64 radians per position -> int64 fixed-point turns (signed fractional part times 2**64)."""
     turns = freq.double() / (2 * math.pi)
@@ -58,52 +73,45 @@ def turns_to_angle(turns: torch.Tensor) -> torch.Tensor:
     return turns.double() * ANGLE_PER_UNIT
 
 
-@lru_cache(maxsize=256)
-def _cached_frequencies(rope: RopeScaling, seq_len: int | None, device: str) -> torch.Tensor:
-    return rope.frequencies(seq_len)[0].to(device)
+# ---- frequencies of each row --------------------------------------------------------------------------------
+def _fixed_frequencies(rope: RopeScaling, seq_len: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 (1, R/2), float64 (1,)): frequencies and attention factor at one length (any integer: a row whose
+    keys all sit at negative positions has a length <= 0, docs/DESIGN.md §3.7)."""
+    freq, factor = rope.frequencies(seq_len)
+    return freq.to(device)[None, :], torch.full((1,), factor, dtype=torch.float64, device=device)
 
 
-def _row_frequencies(rope: RopeScaling, batch: int, device: torch.device,
-                     seq_lens: torch.Tensor | int | None) -> torch.Tensor:
-    """float64 (B, R/2) frequencies of each row at its own length, computed without host synchronisation."""
-    dev = str(device)
-    if rope.kind == "dynamic_ntk":
-        dim, factor = rope.rotary_dim, rope.param("factor")
-        original = rope.param("original_max_position")
-        if seq_lens is None or isinstance(seq_lens, int):
-            return _cached_frequencies(rope, seq_lens, dev)[None, :].expand(batch, -1)
-        length = seq_lens.to(device=device, dtype=torch.float64).clamp(min=original)
-        base = rope.base * ((factor * length / original) - (factor - 1)) ** (dim / (dim - 2))
+def _row_frequencies(rope: RopeScaling, lengths: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 (B, R/2), float64 (B,)): each row's frequencies and attention factor at its own length (an int
+    tensor (B,) on the device), with tensor ops only, as `RopeScaling.frequencies` does for one length (docs/DESIGN.md
+    §3.7): LongRoPE's short set up to L0 (lengths <= 0 included), the long set above; dynamic NTK's base at
+    max(length, L0)."""
+    if rope_facts(rope).kind == "dynamic_ntk":
+        dim, factor, original, base, m = _dynamic_ntk_constants(rope)
+        length = lengths.to(device=device, dtype=torch.float64).clamp(min=original)
+        row_base = base * ((factor * length / original) - (factor - 1)) ** (dim / (dim - 2))
         exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
-        return base[:, None] ** (-exponent[None, :])
-    if rope.length_dependent and isinstance(seq_lens, torch.Tensor):  # LongRoPE, per-row short/long switch
-        original = rope.param("original_max_position")
-        short = _cached_frequencies(rope, original, dev)
-        long_ = _cached_frequencies(rope, original + 1, dev)
-        is_long = (seq_lens.to(device) > original)[:, None]
-        return torch.where(is_long, long_[None, :], short[None, :])
-    fixed_len = seq_lens if isinstance(seq_lens, int) else None  # the schedule does not depend on the length
-    return _cached_frequencies(rope, fixed_len, dev)[None, :].expand(batch, -1)
+        return row_base[:, None] ** (-exponent[None, :]), torch.full_like(length, m)
+    original = rope.original_max_position
+    short, m_short = _fixed_frequencies(rope, original, device)
+    long_, m_long = _fixed_frequencies(rope, original + 1, device)
+    is_long = lengths.to(device) > original
+    return torch.where(is_long[:, None], long_, short), torch.where(is_long, m_long, m_short)
 
 
-def build_tables(rope: RopeScaling, batch: int, device: torch.device | str, *,
-                 seq_lens: torch.Tensor | int | None = None, far: str | None = None,
-                 rerope_window: int | None = None, rerope_leak: float | None = None) -> RotaryTables:
-    """Tables for q or k of a batch of `batch` rows.
+@torch.compiler.assume_constant_result
+def _dynamic_ntk_constants(rope: RopeScaling) -> tuple[int, float, int, float, float]:
+    """(rotary_dim, factor, original length, base, attention factor) of a dynamic NTK rope (scaling.py's
+    formula, evaluated on tensors of lengths in `_row_frequencies`)."""
+    return (rope.rotary_dim, float(rope.param("factor")), rope.param("original_max_position"), rope.base,
+            rope.frequencies(None)[1])
 
-    seq_lens: each row's length (largest key position + 1), an int for all rows or an int tensor (B,) on the
-    device; it picks LongRoPE's short/long set and the dynamic NTK base per row, with no host synchronisation.
-    far: None for the ordinary rotation; "q" or "k" for the far side of ReRoPE (window w, leak kappa): q at
-    P/kappa + w(1 - 1/kappa), k at Q/kappa; with no leak q sits at w and k at 0 (still scaled by m).
-    """
-    device = torch.device(device)
-    if far not in (None, "q", "k"):
-        raise ValueError(f"far must be None, 'q' or 'k', got {far!r}")
-    if far is not None and rerope_window is None:
-        raise ValueError("far tables need rerope_window")
-    if far is not None and rope.n_hat:
-        raise ValueError("rerope_window cannot be combined with n_hat > 0 (rope.n_hat)")
-    freq = _row_frequencies(rope, batch, device, seq_lens)
+
+def _tables(rope: RopeScaling, freq: torch.Tensor, factor: torch.Tensor, far: str | None = None,
+            rerope_window: int | None = None, rerope_leak: float | None = None) -> RotaryTables:
+    """Tables from float64 frequencies (rows, R/2) and attention factors (rows,). far: None for the ordinary
+    rotation; "q" or "k" for ReRoPE's far side (window w, leak kappa): q at P/kappa + w(1 - 1/kappa), k at
+    Q/kappa; with no leak q sits at w and k at 0 (still scaled by m)."""
     offset = None
     if far is None:
         turns = frequency_to_turns(freq)
@@ -114,20 +122,38 @@ def build_tables(rope: RopeScaling, batch: int, device: torch.device | str, *,
         turns = frequency_to_turns(freq / rerope_leak)
         if far == "q":
             offset = frequency_to_turns(freq * (rerope_window * (1 - 1 / rerope_leak)))
-    _, factor = rope.frequencies(None)
-    attention_factor = torch.full((batch,), factor, dtype=torch.float32, device=device)
-    unscaled = frequency_to_turns(_cached_frequencies_unscaled(rope, str(device))) if rope.n_hat else None
-    return RotaryTables(turns, offset, unscaled, rope.n_hat, attention_factor, rope.rotary_dim,
+    unscaled = frequency_to_turns(rope.unscaled_frequencies().to(freq.device)) if rope.n_hat else None
+    return RotaryTables(turns, offset, unscaled, rope.n_hat, factor.to(torch.float32), rope.rotary_dim,
                         rope.layout == "interleaved")
 
 
-@lru_cache(maxsize=64)
-def _cached_frequencies_unscaled(rope: RopeScaling, device: str) -> torch.Tensor:
-    return rope.unscaled_frequencies().to(device)
+def build_tables(rope: RopeScaling, batch: int, device: torch.device | str, *,
+                 seq_lens: torch.Tensor | int | None = None, far: str | None = None,
+                 rerope_window: int | None = None, rerope_leak: float | None = None) -> RotaryTables:
+    """Tables for q or k of a batch of `batch` rows, built afresh (the plan uses the cached `table_set`).
+
+    seq_lens: each row's length (largest key position + 1), an int for all rows or an int tensor (B,) on the
+    device; it picks LongRoPE's short/long set (and its attention factor) and the dynamic NTK base per row, with
+    no host synchronisation. far: see `_tables`.
+    """
+    device = torch.device(device)
+    if far not in (None, "q", "k"):
+        raise ValueError(f"far must be None, 'q' or 'k', got {far!r}")
+    if far is not None and rerope_window is None:
+        raise ValueError("far tables need rerope_window")
+    if far is not None and rope.n_hat:
+        raise ValueError("rerope_window cannot be combined with n_hat > 0 (rope.n_hat)")
+    if isinstance(seq_lens, torch.Tensor) and rope.length_dependent:
+        freq, factor = _row_frequencies(rope, seq_lens, device)
+    else:
+        freq, factor = _fixed_frequencies(rope, seq_lens if isinstance(seq_lens, int) else None, device)
+        freq, factor = freq.expand(batch, -1), factor.expand(batch).contiguous()
+    return _tables(rope, freq, factor, far, rerope_window, rerope_leak)
 
 
-# ---- cached tables for the decode path: no per-call rebuild of what only depends on the rope ------------------
+# ---- the plan's tables: built once per hashable key, selected per row with tensor ops -------------------------
 _TABLE_CACHE: dict = {}
+_CACHE_LIMIT = 1024
 
 
 def _capturing(device: torch.device) -> bool:
@@ -141,56 +167,99 @@ def _remember(key, device: torch.device, make):
     if found is None:
         found = make()
         if not _capturing(device):
-            if len(_TABLE_CACHE) >= 1024:
+            if len(_TABLE_CACHE) >= _CACHE_LIMIT:
                 _TABLE_CACHE.clear()
             _TABLE_CACHE[key] = found
     return found
 
 
-def far_q_with_both_factors(q_far: RotaryTables, k_far: RotaryTables) -> RotaryTables:
-    """q_far's tables carrying k_far's attention factor as well. Plain ReRoPE's far k rotates by angle 0, so
-    <m rot(q, w), m k> = <m^2 rot(q, w), k>: with these tables for the far q, the caller's k itself is the far k.
-    Kept per pair of tables (keyed by their ids; the entry holds both, so the ids cannot be reused while it lives)."""
-    entry = _remember(("far q m^2", id(q_far), id(k_far)), q_far.turns.device,
-                      lambda: (q_far, k_far, replace(q_far, attention_factor=q_far.attention_factor
-                                                     * k_far.attention_factor)))
-    return entry[2]
+def _set_from(rope: RopeScaling, freq: torch.Tensor, factor: torch.Tensor, rerope_window: int | None,
+              rerope_leak: float | None) -> TableSet:
+    near = _tables(rope, freq, factor)
+    if rerope_window is None:
+        return TableSet(near)
+    far_q = _tables(rope, freq, factor, "q", rerope_window, rerope_leak)
+    far_k = _tables(rope, freq, factor, "k", rerope_window, rerope_leak)
+    far_q_both = None
+    if rerope_leak is None:
+        far_q_both = RotaryTables(far_q.turns, far_q.offset, None, 0, far_q.attention_factor.square(),
+                                  far_q.rotary_dim, far_q.interleaved)
+    return TableSet(near, far_q, far_k, far_q_both)
 
 
-def cached_tables(rope: RopeScaling, batch: int, device: torch.device | str, *,
-                  seq_lens: torch.Tensor | None = None, added: int = 0, far: str | None = None,
-                  rerope_window: int | None = None, rerope_leak: float | None = None) -> RotaryTables:
-    """`build_tables(rope, batch, device, seq_lens=seq_lens + added, far=..., ...)` with the same values, in at
-    most two small launches: the tables of a fixed length are built once per (rope, device, far side) and kept;
-    LongRoPE picks each row's short or long set from them with one torch.where. The tensors returned may be
-    shared between calls and rows may be stride-0 views: read them, never write them. Dynamic NTK with per-row
-    lengths (its base is a function of the length) takes `build_tables`.
+@torch.compiler.assume_constant_result
+def _fixed_set(rope: RopeScaling, device: torch.device, seq_len: int | None, rerope_window: int | None,
+               rerope_leak: float | None) -> TableSet:
+    """The tables of every row at one length (None: the schedule's default), one row each, built once. Under
+    torch.compile a constant of the graph (guarded on the rope object)."""
+    def make():
+        freq, factor = _fixed_frequencies(rope, seq_len, device)
+        return _set_from(rope, freq, factor, rerope_window, rerope_leak)
+
+    return _remember(("set", rope, device, seq_len, rerope_window, rerope_leak), device, make)
+
+
+class RopeFacts(NamedTuple):
+    """What the plan reads from a RopeScaling, as plain values."""
+
+    head_dim: int
+    n_hat: int
+    kind: str
+    length_dependent: bool
+    original_max_position: int | None
+
+
+@torch.compiler.assume_constant_result
+def rope_facts(rope: RopeScaling) -> RopeFacts:
+    return RopeFacts(rope.head_dim, rope.n_hat, rope.kind, rope.length_dependent, rope.original_max_position)
+
+
+def _select(is_long: torch.Tensor, long_: RotaryTables | None, short: RotaryTables | None):
+    """Per row: long_ where is_long (B,), else short (tables of one row each; None stays None)."""
+    if short is None:
+        return None
+    offset = None if short.offset is None else torch.where(is_long[:, None], long_.offset, short.offset)
+    return RotaryTables(torch.where(is_long[:, None], long_.turns, short.turns), offset, short.turns_unscaled,
+                        short.n_hat, torch.where(is_long, long_.attention_factor, short.attention_factor),
+                        short.rotary_dim, short.interleaved)
+
+
+def table_set(rope: RopeScaling, device: torch.device, *, lengths: torch.Tensor | int | None = None,
+              added: int = 0, rerope_window: int | None = None, rerope_leak: float | None = None) -> TableSet:
+    """The tables of a call whose rows have `lengths` + `added` keys: None (the schedule's default), an int for
+    every row (a Python int or, under torch.compile, a symbolic size), or an int tensor (B,) on the device.
+
+    Tensors may be shared between calls and rows may have a leading dim of 1 (read them, never write them);
+    per-row selections are fresh tensors (B, ...). No host synchronisation in any case.
     """
-    device = torch.device(device)
-    length_dependent = rope.length_dependent and seq_lens is not None
-    if rope.kind == "dynamic_ntk" and length_dependent:
-        lens = seq_lens + added if added else seq_lens
-        return build_tables(rope, batch, device, seq_lens=lens, far=far, rerope_window=rerope_window,
-                            rerope_leak=rerope_leak)
-    options = dict(far=far, rerope_window=rerope_window, rerope_leak=rerope_leak)
-
-    def fixed(seq_len):  # one row's tables at a length; LongRoPE's short set for <= original, long set above
-        key = ("fixed", rope, str(device), seq_len, far, rerope_window, rerope_leak)
-        return _remember(key, device, lambda: build_tables(rope, 1, device, seq_lens=seq_len, **options))
-
-    attention_factor = _remember(("factor", rope, str(device), batch), device,
-                                 lambda: torch.full((batch,), rope.frequencies(None)[1], dtype=torch.float32,
-                                                    device=device))
-    if length_dependent:  # LongRoPE: a row is long when seq_lens + added > original
-        original = rope.param("original_max_position")
-        short, long_ = fixed(original), fixed(original + 1)
-        is_long = (seq_lens > original - added)[:, None]
-        turns = torch.where(is_long, long_.turns, short.turns)
-        offset = None if short.offset is None else torch.where(is_long, long_.offset, short.offset)
-        base = short
+    facts = rope_facts(rope)
+    if not facts.length_dependent or lengths is None:
+        return _fixed_set(rope, device, None, rerope_window, rerope_leak)
+    original = facts.original_max_position
+    if isinstance(lengths, torch.Tensor):
+        if facts.kind != "dynamic_ntk":  # LongRoPE: a row is long when lengths + added > original
+            is_long = lengths > original - added
+            short = _fixed_set(rope, device, original, rerope_window, rerope_leak)
+            long_ = _fixed_set(rope, device, original + 1, rerope_window, rerope_leak)
+            return TableSet(*(_select(is_long, a, b) for a, b in zip(long_, short)))
+        lengths = lengths + added if added else lengths
+    elif facts.kind != "dynamic_ntk":
+        # a branch, not a value: under torch.compile a symbolic length becomes a guard and a constant key
+        return _fixed_set(rope, device, original + 1 if lengths + added > original else original, rerope_window,
+                          rerope_leak)
+    elif torch.compiler.is_compiling():  # dynamic NTK at a size that may be symbolic: tensor ops, not a key
+        lengths = torch.full((1,), lengths + added, dtype=torch.int64, device=device)
     else:
-        base = fixed(None)
-        turns = base.turns.expand(batch, -1)
-        offset = None if base.offset is None else base.offset.expand(batch, -1)
-    return RotaryTables(turns, offset, base.turns_unscaled, base.n_hat, attention_factor, base.rotary_dim,
-                        base.interleaved)
+        return _fixed_set(rope, device, max(lengths + added, original), rerope_window, rerope_leak)
+    freq, factor = _row_frequencies(rope, lengths, device)
+    return _set_from(rope, freq, factor, rerope_window, rerope_leak)
+
+
+def factor_rows(tables: RotaryTables, batch: int) -> RotaryTables:
+    """tables with a contiguous attention factor of `batch` rows (the decode kernel indexes it by row), kept
+    between calls for the shared one-row tables."""
+    factor = tables.attention_factor
+    if factor.shape[0] != batch:  # the entry holds factor itself, so that its id is not reused while it lives
+        factor = _remember(("rows", id(factor), batch), factor.device,
+                           lambda: (factor, factor.expand(batch).contiguous()))[1]
+    return tables._replace(attention_factor=factor)

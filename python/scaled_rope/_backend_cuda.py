@@ -1,0 +1,70 @@
+"""The CUDA backend: the hand-written forward (csrc/flash_fwd.cu) and rotation (csrc/rope.cu) through the
+launcher scaled_rope._cuda; its attention backward is the Triton backward fed the CUDA forward's out and lse."""
+from __future__ import annotations
+
+import torch
+
+from . import _cuda
+from ._backend_triton import TritonBackend, backward
+from ._backends import AttentionCall, Backend, RotationCall
+from ._scale import signed
+
+
+def _operands(call: AttentionCall):
+    """The forward's rotated operands (q, k, q far, k far) with softmax_scale's sign folded into q and q far.
+    Plain ReRoPE reads k itself as the far k, with both attention factors on the far q."""
+    q, k = call.q, call.k
+    t = call.tables
+    if t is None:
+        q_rot, k_rot, q_far, k_far = _cuda._rows_aligned(q), _cuda._rows_aligned(k), None, None
+    else:
+        batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+        rot_q = call.q_positions if call.q_positions is not None else \
+            torch.arange(nk - nq, nk, dtype=torch.int32, device=q.device).expand(batch, nq)
+        rot_k = call.k_positions if call.k_positions is not None else \
+            torch.arange(nk, dtype=torch.int32, device=q.device).expand(batch, nk)
+        q_rot = _cuda.cuda_rotate(q, rot_q, t.near, out=_cuda.head_major_scratch(q))
+        k_rot = _cuda.cuda_rotate(k, rot_k, t.near, out=_cuda.head_major_scratch(k))
+        q_far = k_far = None
+        if call.rerope_window is not None:
+            plain = t.far_q_both is not None
+            q_far = _cuda.cuda_rotate(q, rot_q, t.far_q_both if plain else t.far_q, out=_cuda.head_major_scratch(q))
+            k_far = _cuda._rows_aligned(k) if plain else \
+                _cuda.cuda_rotate(k, rot_k, t.far_k, out=_cuda.head_major_scratch(k))
+    q_rot = signed(q_rot, q, call.q_sign)
+    if q_far is not None:
+        q_far = signed(q_far, q, call.q_sign)
+    return q_rot, k_rot, q_far, k_far
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def attention_support(self, device, dtype, head_dim):
+        return _cuda.attention_support(device, dtype, head_dim)
+
+    def attention_forward(self, call: AttentionCall):
+        q = call.q
+        out, lse = _cuda.flash_outputs(q)
+        if q.shape[0] and q.shape[1] and q.shape[2]:
+            q_rot, k_rot, q_far, k_far = _operands(call)
+            _cuda.flash_forward(q_rot, k_rot, call.v, q_far, k_far, out, lse, q_positions=call.q_positions,
+                                k_positions=call.k_positions, causal=call.causal, window=call.window,
+                                rerope_window=call.rerope_window, logn_base=call.logn_base,
+                                softmax_scale=call.kernel_scale)
+        return out, lse, None
+
+    def attention_backward(self, call: AttentionCall, out, lse, residual, dout, dlse):
+        reason = TritonBackend().attention_support(call.q.device, call.q.dtype, call.q.shape[-1])
+        if reason is not None:
+            raise NotImplementedError(f"the CUDA backend's backward runs the Triton kernels, which cannot run these "
+                                      f"inputs: {reason}")
+        from .triton_kernels.attention import lse2_from_natural
+
+        return backward(call, out, lse2_from_natural(lse), dout, dlse)
+
+    def rotation_support(self, device, dtype):
+        return _cuda.rotation_support(device, dtype)
+
+    def rotate(self, call: RotationCall):
+        return _cuda.cuda_rotate(call.x, call.positions, call.tables, inverse=call.inverse)
