@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .._alloc import empty
+from .._env import triton_interpret
 from ._host import cdiv, next_power_of_2
 from .rope import rope_cos_sin
 
@@ -489,7 +489,7 @@ def _append_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # launcher
 # ---------------------------------------------------------------------------------------------------------------
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = triton_interpret()
 _CTAS_PER_SM = 2  # what the default configs fit (registers, shared memory) on an H100
 _MIN_KEYS_PER_SPLIT = 32 if _INTERPRET else 512  # small under the interpreter: tests cover the merge
 
