@@ -194,9 +194,11 @@ def _fixed_set(rope: RopeScaling, device: torch.device, seq_len: int | None, rer
     torch.compile a constant of the graph (guarded on the rope object)."""
     def make():
         freq, factor = _fixed_frequencies(rope, seq_len, device)
-        return _set_from(rope, freq, factor, rerope_window, rerope_leak)
+        return rope, _set_from(rope, freq, factor, rerope_window, rerope_leak)
 
-    return _remember(("set", rope, device, seq_len, rerope_window, rerope_leak), device, make)
+    # keyed by the rope's id (hashing a RopeScaling hashes all its factors); the entry holds the rope, so that
+    # its id is not reused while the entry lives
+    return _remember(("set", id(rope), device, seq_len, rerope_window, rerope_leak), device, make)[1]
 
 
 class RopeFacts(NamedTuple):
@@ -209,9 +211,18 @@ class RopeFacts(NamedTuple):
     original_max_position: int | None
 
 
+_FACTS: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def rope_facts(rope: RopeScaling) -> RopeFacts:
-    return RopeFacts(rope.head_dim, rope.n_hat, rope.kind, rope.length_dependent, rope.original_max_position)
+    entry = _FACTS.get(id(rope))
+    if entry is None or entry[0] is not rope:
+        if len(_FACTS) >= _CACHE_LIMIT:
+            _FACTS.clear()
+        entry = _FACTS[id(rope)] = (rope, RopeFacts(rope.head_dim, rope.n_hat, rope.kind, rope.length_dependent,
+                                                    rope.original_max_position))
+    return entry[1]
 
 
 def _select(is_long: torch.Tensor, long_: RotaryTables | None, short: RotaryTables | None):
