@@ -63,6 +63,18 @@ def test_attention_forward_and_backward(backend, rope, positions):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (name, (a - b).abs().max().item())
 
 
+def test_dynamic_shapes():
+    """torch.compile(dynamic=True): every size symbolic from the start (the head dim and the ReRoPE window become
+    constants through a guard), batch and lengths changing between calls without recompiling the plan away."""
+    fn = torch.compile(_loss, fullgraph=True, backend="aot_eager", dynamic=True)
+    for batch, n in ((2, 9), (3, 11)):
+        q, k, v = random_inputs(batch, n, n, 2, 1, 32, torch.float32, seed=n)
+        got = _grads(fn, q, k, v, DYNAMIC, "reference", rerope_window=4)
+        want = _grads(_loss, q, k, v, DYNAMIC, "reference", rerope_window=4)
+        for name, a, b in zip(("loss", "dq", "dk", "dv"), got, want):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+
+
 def _decode_step(q, k_cache, v_cache, rope, seqlens, k_new, v_new, backend):
     return scaled_rope_attention_with_kvcache(q, k_cache, v_cache, rope, cache_seqlens=seqlens, k_new=k_new,
                                               v_new=v_new, return_lse=True, backend=backend)

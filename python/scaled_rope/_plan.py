@@ -4,11 +4,14 @@ position mode and the rotation tables, built by one function per entry point.
 Everything here is plain Python over tensor metadata and hashable values, so that torch.compile traces it without
 a graph break: the backend choice and the tables that depend only on hashable values are constants of the graph
 (scaled_rope._backends.choose, scaled_rope.tables), and tables that depend on a device tensor are tensor ops.
+The head dim and the ReRoPE window pass through operator.index, which under torch.compile(dynamic=True) turns a
+symbolic size into a constant (a guard) that those can take.
 Every unsupported argument raises a TypeError or ValueError that names it (docs/DESIGN.md §2.4).
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -174,7 +177,8 @@ def attention_plan(q, k, v, rope, *, causal, q_positions, k_positions, window, s
                    rerope_leak=rerope_leak, logn_base=logn_base, backend=backend)
 
     needs_grad = _needs_grad(q, k, v)
-    choice = _backends.resolve("attention", backend, q.device, q.dtype, dim, needs_grad)
+    choice = _backends.resolve("attention", backend, q.device, q.dtype, operator.index(dim), needs_grad)
+    rerope_window = None if rerope_window is None else operator.index(rerope_window)
     scale = dim ** -0.5 if softmax_scale is None else float(softmax_scale)
     q_sign, kernel_scale = fold_scale_sign(scale)
     # a row's length (for LongRoPE's set and the dynamic NTK base) is its largest key position + 1
@@ -233,7 +237,8 @@ def kvcache_plan(q, k_cache, v_cache, rope, *, cache_seqlens, k_new, v_new, bloc
                    rerope_leak=rerope_leak, logn_base=logn_base, backend=backend)
 
     needs_grad = _needs_grad(q, k_cache, v_cache, k_new, v_new)
-    choice = _backends.resolve("kvcache", backend, q.device, q.dtype, dim, needs_grad)
+    choice = _backends.resolve("kvcache", backend, q.device, q.dtype, operator.index(dim), needs_grad)
+    rerope_window = None if rerope_window is None else operator.index(rerope_window)
     n_new = 0 if k_new is None else k_new.shape[1]
     tables = _tables(rope, choice, q.device, lambda: cache_seqlens, added=n_new,
                      rerope_window=rerope_window, rerope_leak=rerope_leak)
@@ -261,7 +266,7 @@ def rotation_plan(x, rope, positions, *, seq_lens, inverse, backend) -> Rotation
     _check_backend(backend)
 
     needs_grad = _needs_grad(x)
-    choice = _backends.resolve("rotation", backend, x.device, x.dtype, x.shape[-1], needs_grad)
+    choice = _backends.resolve("rotation", backend, x.device, x.dtype, operator.index(x.shape[-1]), needs_grad)
     tables = _tables(rope, choice, x.device, lambda: seq_lens)
     if tables is not None and positions is None:  # the kernels take positions as a tensor
         positions = torch.arange(n, device=x.device, dtype=torch.int32).expand(batch, n)
