@@ -125,7 +125,7 @@ def test_bad_arguments_still_raise_under_compile():
 
 # ---- opcheck ------------------------------------------------------------------------------------------------------
 def _attention_args(backend, **kwargs):
-    q, k, v = random_inputs(2, 6, 6, 4, 2, 32, torch.float32, seed=4)
+    q, k, v = random_inputs(2, 6, 6, 2, 1, 32, torch.float32, seed=4)
     options = dict(causal=True, q_positions=None, k_positions=None, window=None, softmax_scale=-0.3,
                    rerope_window=None, rerope_leak=None, logn_base=None)
     options.update(kwargs)
