@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
-# Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe] [probe-order]
-#        [smoke] [sanitize] [sass] [time-flash] [ncu] [host-profile] [long-shapes]
+# Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe-order]
+#        [smoke] [sanitize] [sass] [check-bwd] [ncu] [host-profile] [long-shapes]
 # Environment: TEST_FILES (paths relative to the repo or absolute; default tests), TEST_WORKERS, TESTS_TIMEOUT,
 # BENCH_BUDGET, BENCH_LABEL, BENCH_ONLY, BENCH_MAX_N, LONG_SHAPES_TIMEOUT.
 set -uo pipefail
@@ -24,7 +24,6 @@ for step in "$@"; do
     bench) python3 "$REPO/bench/bench_attention.py" --out "$OUT" --budget "${BENCH_BUDGET:-330}" --label "${BENCH_LABEL:-}" --only "${BENCH_ONLY:-}" ${BENCH_MAX_N:+--max-n $BENCH_MAX_N} 2>&1 | tee "$OUT/bench_attention${BENCH_ONLY:+-${BENCH_ONLY//,/_}}.log" | tail -n 60 ;;
     decode) python3 "$REPO/bench/bench_decode.py" --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -n 30 ;;
     model) python3 "$REPO/bench/bench_model.py" --out "$OUT" 2>&1 | tee "$OUT/bench_model.log" | tail -n 30 ;;
-    probe) python3 "$REPO/tools/probe_attention.py" 2>&1 | tee "$OUT/probe.log" | tail -n 20 ;;
     rope) python3 "$REPO/bench/bench_rope.py" --out "$OUT" 2>&1 | tee "$OUT/bench_rope.log" | tail -n 20 ;;
     probe-order)  # the Triton forward under the default L2 sections, all heads at once, one head at a time
       for heads in default 1000000 1; do
@@ -44,7 +43,7 @@ for step in "$@"; do
     sass)  # register use, local memory, wgmma and barrier counts of the attention kernels
       so=$(python3 -c "import scaled_rope._C as m; print(m.__file__)")
       cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1; python3 "$REPO/tools/sass_summary.py" "$OUT/sass.txt" ;;
-    time-flash) timeout 200 python3 "$REPO/tools/time_flash.py" 2>&1 | tee "$OUT/time_flash.log" | tail -n 30 ;;
+    check-bwd) timeout 240 python3 "$REPO/tools/check_flash_bwd.py" 2>&1 | tee "$OUT/check_bwd.log" | tail -n 30 ;;
     ncu)  # where the sm_90a kernel's time goes (LongRoPE, B1 H32 N16k D128)
       timeout 200 ncu --clock-control none -k regex:flash_fwd --launch-skip 1 --launch-count 1 --section SpeedOfLight \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \

@@ -14,9 +14,7 @@ os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 
 import torch  # noqa: E402
 
-from scaled_rope import RopeScaling, reference  # noqa: E402
-from scaled_rope.attention import kernel_tables  # noqa: E402
-from scaled_rope._cuda import cuda_attention  # noqa: E402
+from scaled_rope import RopeScaling, reference, scaled_rope_attention  # noqa: E402
 
 
 def run(name, batch, nq, nk, hq, hkv, dim, dtype=torch.bfloat16, rope="default", explicit=False, **kw):
@@ -32,12 +30,9 @@ def run(name, batch, nq, nk, hq, hkv, dim, dtype=torch.bfloat16, rope="default",
     causal = kw.pop("causal", True)
     window, rerope_window = kw.pop("window", None), kw.pop("rerope_window", None)
     leak, logn = kw.pop("rerope_leak", None), kw.pop("logn_base", None)
-    tables = kernel_tables(rope, q, k, q_positions=q_pos, k_positions=k_pos, rerope_window=rerope_window,
-                           rerope_leak=leak)
-    out, lse = cuda_attention(q, k, v, q_tables=tables[0], k_tables=tables[1], q_far_tables=tables[2],
-                              k_far_tables=tables[3], q_positions=q_pos, k_positions=k_pos, causal=causal,
-                              window=window, softmax_scale=dim ** -0.5, rerope_window=rerope_window, logn_base=logn,
-                              k_far_unrotated=rerope_window is not None and leak is None)
+    out, lse = scaled_rope_attention(q, k, v, rope, q_positions=q_pos, k_positions=k_pos, causal=causal,
+                                     window=window, rerope_window=rerope_window, rerope_leak=leak, logn_base=logn,
+                                     return_lse=True, backend="cuda")
     torch.cuda.synchronize()
     ref_out, ref_lse = reference.attention(q, k, v, rope, causal=causal, q_positions=q_pos, k_positions=k_pos,
                                            window=window, rerope_window=rerope_window, rerope_leak=leak,

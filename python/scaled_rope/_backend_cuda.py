@@ -1,5 +1,7 @@
 """The CUDA backend: the hand-written forward (csrc/flash_fwd.cu) and rotation (csrc/rope.cu) through the
-launcher scaled_rope._cuda; its attention backward is the Triton backward fed the CUDA forward's out and lse."""
+launcher scaled_rope._cuda; its attention backward is the sm_90a backward (csrc/flash_bwd_sm90.cu, through
+scaled_rope._cuda_backward) where that runs the inputs, else the Triton backward fed the CUDA forward's out and
+lse."""
 from __future__ import annotations
 
 import torch
@@ -55,6 +57,16 @@ class CudaBackend(Backend):
         return out, lse, None
 
     def attention_backward(self, call: AttentionCall, out, lse, residual, dout, dlse):
+        from ._cuda_backward import cuda_attention_backward, cuda_backward_support
+
+        if cuda_backward_support(call.q, q_positions=call.q_positions, k_positions=call.k_positions,
+                                 rerope_window=call.rerope_window) is None:
+            near = None if call.tables is None else call.tables.near
+            return cuda_attention_backward(call.q, call.k, call.v, out, lse, dout, dlse, q_tables=near,
+                                           k_tables=near, causal=call.causal, window=call.window,
+                                           softmax_scale=call.softmax_scale, logn_base=call.logn_base)
+        # what the sm_90a backward does not run yet (explicit positions, ReRoPE, other head dims, other GPUs):
+        # the Triton backward on this forward's out and lse
         reason = TritonBackend().attention_support(call.q.device, call.q.dtype, call.q.shape[-1])
         if reason is not None:
             raise NotImplementedError(f"the CUDA backend's backward runs the Triton kernels, which cannot run these "

@@ -151,14 +151,17 @@ def auto_order(op: str, device: torch.device, dtype: torch.dtype, head_dim: int,
     attention, by measurement (bench/results/attention-2026-11-22-*-{longrope,leaky-rerope}.json, H100, bf16
     causal forward): where the sm_90a CUDA kernel runs the inputs its forward beats Triton's at every measured shape
     (LongRoPE B1 H32 N16k D128: 550 vs 493 TFLOP/s, B4 N4k 1.34 vs 1.40 ms; ReRoPE N4k-128k 0.93-0.97x of its time).
-    Triton goes first elsewhere (head_dim 64 runs the sm_80 kernel: 210 vs 338 TFLOP/s at B8 H16 N4k) and when a
-    gradient is needed (the CUDA backend's backward is Triton's; that pairing has not been benchmarked).
+    The same holds with a gradient: the CUDA backend's backward is the sm_90a backward where it runs the inputs
+    (head_dim 128, default positions, no ReRoPE), else Triton's on the CUDA forward's out and lse, so training
+    keeps the faster forward (bench/results/attention-2026-12-04-nvidia-h200-models.json: "ours (cuda)" against
+    "ours (triton)"). Triton goes first elsewhere (head_dim 64 runs the sm_80 kernel: 210 vs 338 TFLOP/s at B8
+    H16 N4k; head_dim 96 has no CUDA kernel).
     KV cache: only Triton has a decode kernel. Rotation: the CUDA kernel, then Triton's.
     """
     if op == "attention":
         from ._cuda import sm90_kernel_applies
 
-        if not needs_grad and device.type == "cuda" and sm90_kernel_applies(device, dtype, head_dim):
+        if device.type == "cuda" and sm90_kernel_applies(device, dtype, head_dim):
             return ("cuda", "triton")
         return ("triton", "cuda")
     if op == "kvcache":
