@@ -517,6 +517,7 @@ def main() -> int:
     parser.add_argument("--only", default="",
                         help="comma-separated case kinds to run (longrope, rerope, leaky, models)")
     parser.add_argument("--max-n", type=int, default=None, help="skip cases longer than this")
+    parser.add_argument("--models", default="", help="comma-separated model names of the models cases (default all)")
     args = parser.parse_args()
     if args.no_autotune:
         os.environ["SCALED_ROPE_AUTOTUNE"] = "0"
@@ -541,6 +542,8 @@ def main() -> int:
         parser.error(f"--only takes longrope, rerope, leaky, models; got {sorted(unknown)}")
     for case, directions in plan(args.quick, device):
         if (kinds and case.kind not in kinds) or (args.max_n is not None and case.n > args.max_n):
+            continue
+        if args.models and case.model is not None and case.model not in args.models.split(","):
             continue
         impls = implementations(case)
         for backward in directions:

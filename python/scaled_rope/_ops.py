@@ -8,7 +8,7 @@
 
 The plan (scaled_rope._plan) is built outside the ops; custom ops take only tensors and plain numbers, so a call's
 tables are passed as their tensors and sizes, and the RopeScaling that the reference backend rotates from as a
-handle (an index into a registry of the ropes seen). Each op runs the backend named by its `backend` argument.
+handle (`RopeScaling.handle`, shared by equal ropes). Each op runs the backend named by its `backend` argument.
 
 Where the ops are used: under torch.compile always; in eager mode only where autograd needs them (a kernel
 backend with a gradient to take) or where backward must fail loudly (the KV cache has none). Eager inference calls
@@ -24,27 +24,17 @@ from torch import Tensor
 
 from . import _backends
 from ._backends import AttentionCall, KVCacheCall, RotationCall
+from .scaling import rope_from_handle
 from .tables import RotaryTables, TableSet
 
 # ---- the rope handle of the reference backend ---------------------------------------------------------------------
-_ROPES: list = []
-_ROPE_HANDLES: dict = {}
+def _rope_handle(rope) -> str:
+    """The rope's handle standing for it inside the ops ("" for None); equal ropes share one."""
+    return "" if rope is None else rope.handle
 
 
-@torch.compiler.assume_constant_result
-def _rope_handle(rope) -> int:
-    """A small int standing for rope inside the ops (-1 for None); equal ropes share one."""
-    if rope is None:
-        return -1
-    handle = _ROPE_HANDLES.get(rope)
-    if handle is None:
-        handle = _ROPE_HANDLES[rope] = len(_ROPES)
-        _ROPES.append(rope)
-    return handle
-
-
-def _rope(handle: int):
-    return None if handle < 0 else _ROPES[handle]
+def _rope(handle: str):
+    return rope_from_handle(handle) if handle else None
 
 
 # ---- tables as op arguments ----------------------------------------------------------------------------------------
@@ -74,7 +64,7 @@ def _table_set(turns, turns_unscaled, factor, far_q_turns, far_q_offset, far_k_t
 
 # ---- attention ------------------------------------------------------------------------------------------------------
 def _attention_args(call: AttentionCall, backend: str) -> tuple:
-    handle = _rope_handle(call.rope) if backend == "reference" else -1
+    handle = _rope_handle(call.rope) if backend == "reference" else ""
     return (call.q, call.k, call.v, call.q_positions, call.k_positions, *_table_args(call.tables), call.causal,
             call.window, call.rerope_window, call.rerope_leak, call.logn_base, call.softmax_scale, call.q_sign,
             call.kernel_scale, handle, backend)
@@ -95,7 +85,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, q_positions: Optional[Tensor]
                   far_q_turns: Optional[Tensor], far_q_offset: Optional[Tensor], far_k_turns: Optional[Tensor],
                   far_q_both_factor: Optional[Tensor], rotary_dim: int, n_hat: int, interleaved: bool,
                   causal: bool, window: Optional[int], rerope_window: Optional[int], rerope_leak: Optional[float],
-                  logn_base: Optional[float], softmax_scale: float, q_sign: float, kernel_scale: float, rope: int,
+                  logn_base: Optional[float], softmax_scale: float, q_sign: float, kernel_scale: float, rope: str,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     call = _attention_call(q, k, v, q_positions, k_positions, turns, turns_unscaled, attention_factor, far_q_turns,
                            far_q_offset, far_k_turns, far_q_both_factor, rotary_dim, n_hat, interleaved, causal,
@@ -127,7 +117,7 @@ def _attention_backward_op(dout: Tensor, dlse: Optional[Tensor], out: Tensor, ls
                            far_q_both_factor: Optional[Tensor], rotary_dim: int, n_hat: int, interleaved: bool,
                            causal: bool, window: Optional[int], rerope_window: Optional[int],
                            rerope_leak: Optional[float], logn_base: Optional[float], softmax_scale: float,
-                           q_sign: float, kernel_scale: float, rope: int,
+                           q_sign: float, kernel_scale: float, rope: str,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     call = _attention_call(q, k, v, q_positions, k_positions, turns, turns_unscaled, attention_factor, far_q_turns,
                            far_q_offset, far_k_turns, far_q_both_factor, rotary_dim, n_hat, interleaved, causal,
@@ -165,7 +155,7 @@ _attention_op.register_autograd(_attention_backward, setup_context=_attention_se
 
 # ---- attention over a KV cache --------------------------------------------------------------------------------------
 def _kvcache_args(call: KVCacheCall, backend: str) -> tuple:
-    handle = _rope_handle(call.rope) if backend == "reference" else -1
+    handle = _rope_handle(call.rope) if backend == "reference" else ""
     tables = _table_args(call.tables)
     return (call.q, call.k_cache, call.v_cache, call.cache_seqlens, call.k_new, call.v_new, call.block_table,
             *tables[:6], *tables[7:], call.causal, call.window, call.rerope_window, call.rerope_leak,
@@ -178,7 +168,7 @@ def _kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
                 turns_unscaled: Optional[Tensor], attention_factor: Optional[Tensor], far_q_turns: Optional[Tensor],
                 far_q_offset: Optional[Tensor], far_k_turns: Optional[Tensor], rotary_dim: int, n_hat: int,
                 interleaved: bool, causal: bool, window: Optional[int], rerope_window: Optional[int],
-                rerope_leak: Optional[float], logn_base: Optional[float], softmax_scale: float, rope: int,
+                rerope_leak: Optional[float], logn_base: Optional[float], softmax_scale: float, rope: str,
                 backend: str) -> tuple[Tensor, Tensor]:
     tables = _table_set(turns, turns_unscaled, attention_factor, far_q_turns, far_q_offset, far_k_turns, None,
                         rotary_dim, n_hat, interleaved)
@@ -201,14 +191,14 @@ def _rotation_args(call: RotationCall, backend: str) -> tuple:
     return (call.x, call.positions, None if t is None else t.turns, None if t is None else t.turns_unscaled,
             None if t is None else t.attention_factor, 0 if t is None else t.rotary_dim, 0 if t is None else t.n_hat,
             False if t is None else t.interleaved, call.inverse, lens if isinstance(lens, Tensor) else None,
-            None if isinstance(lens, Tensor) else lens, _rope_handle(call.rope) if backend == "reference" else -1,
+            None if isinstance(lens, Tensor) else lens, _rope_handle(call.rope) if backend == "reference" else "",
             backend)
 
 
 @torch.library.custom_op("scaled_rope::rotate", mutates_args=())
 def _rotate_op(x: Tensor, positions: Optional[Tensor], turns: Optional[Tensor], turns_unscaled: Optional[Tensor],
                attention_factor: Optional[Tensor], rotary_dim: int, n_hat: int, interleaved: bool, inverse: bool,
-               seq_lens: Optional[Tensor], seq_len: Optional[int], rope: int, backend: str) -> Tensor:
+               seq_lens: Optional[Tensor], seq_len: Optional[int], rope: str, backend: str) -> Tensor:
     tables = None if turns is None else RotaryTables(turns, None, turns_unscaled, n_hat, attention_factor,
                                                      rotary_dim, interleaved)
     call = RotationCall(x, positions, tables, _rope(rope), seq_lens if seq_lens is not None else seq_len, inverse)

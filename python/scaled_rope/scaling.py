@@ -6,7 +6,9 @@ and an attention factor m that multiplies both q and k. Every formula is written
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -15,6 +17,22 @@ import torch
 LAYOUTS = ("half", "interleaved")
 KINDS = ("default", "linear", "ntk", "dynamic_ntk", "yarn", "llama3", "longrope", "factors",
          "power_basis", "truncated_basis", "inv_freq")
+
+
+# rope handles (RopeScaling._register): equal ropes share one; weak, so that ropes made by the thousand (a factor
+# search) are not kept alive
+_HANDLES: "weakref.WeakKeyDictionary[RopeScaling, str]" = weakref.WeakKeyDictionary()
+_BY_HANDLE: "dict[str, list[weakref.ref]]" = {}  # every live rope of a handle
+_HANDLE_COUNTER = itertools.count()
+
+
+def rope_from_handle(handle: str) -> "RopeScaling":
+    """A live rope that `handle` stands for (all of them are equal)."""
+    for ref in _BY_HANDLE.get(handle, ()):
+        rope = ref()
+        if rope is not None:
+            return rope
+    raise KeyError(f"no live RopeScaling has handle {handle}")
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -77,6 +95,34 @@ class RopeScaling:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be 'half' or 'interleaved', got {self.layout!r}")
         _check_position("n_hat", self.n_hat, 0)
+        self._register()
+
+    def _register(self) -> None:
+        """Give this rope its handle: a short name shared by equal ropes, which caches and torch.compile key on
+        instead of the object (hashing a rope hashes all its factors; some torch versions cannot pass a frozen
+        dataclass into a function whose result the compiler takes as a constant)."""
+        handle = _HANDLES.get(self)
+        if handle is None:
+            handle = _HANDLES[self] = f"rope{next(_HANDLE_COUNTER)}"  # a str: never a symbolic size to compile
+        object.__setattr__(self, "_handle", handle)
+        refs = [ref for ref in _BY_HANDLE.get(handle, ()) if ref() is not None]
+        refs.append(weakref.ref(self))
+        _BY_HANDLE[handle] = refs
+
+    @property
+    def handle(self) -> str:
+        """A short name that equal ropes share (within one process)."""
+        return self._handle
+
+    def __getstate__(self):  # a handle means nothing in another process: registered again on unpickling
+        state = dict(self.__dict__)
+        state.pop("_handle", None)
+        return state
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self._register()
 
     def param(self, name: str, default: Any = None) -> Any:
         return dict(self.params).get(name, default)

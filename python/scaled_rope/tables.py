@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .scaling import RopeScaling
+from .scaling import RopeScaling, rope_from_handle
 
 TWO_POW_64 = 2.0 ** 64
 ANGLE_PER_UNIT = 2 * math.pi / TWO_POW_64  # radians per fixed-point unit
@@ -99,10 +99,15 @@ def _row_frequencies(rope: RopeScaling, lengths: torch.Tensor, device) -> tuple[
     return torch.where(is_long[:, None], long_, short), torch.where(is_long, m_long, m_short)
 
 
-@torch.compiler.assume_constant_result
 def _dynamic_ntk_constants(rope: RopeScaling) -> tuple[int, float, int, float, float]:
+    return _dynamic_ntk_constants_of(rope.handle)
+
+
+@torch.compiler.assume_constant_result
+def _dynamic_ntk_constants_of(handle: str) -> tuple[int, float, int, float, float]:
     """(rotary_dim, factor, original length, base, attention factor) of a dynamic NTK rope (scaling.py's
     formula, evaluated on tensors of lengths in `_row_frequencies`)."""
+    rope = rope_from_handle(handle)
     return (rope.rotary_dim, float(rope.param("factor")), rope.param("original_max_position"), rope.base,
             rope.frequencies(None)[1])
 
@@ -187,18 +192,23 @@ def _set_from(rope: RopeScaling, freq: torch.Tensor, factor: torch.Tensor, rerop
     return TableSet(near, far_q, far_k, far_q_both)
 
 
-@torch.compiler.assume_constant_result
 def _fixed_set(rope: RopeScaling, device: torch.device, seq_len: int | None, rerope_window: int | None,
                rerope_leak: float | None) -> TableSet:
-    """The tables of every row at one length (None: the schedule's default), one row each, built once. Under
-    torch.compile a constant of the graph (guarded on the rope object)."""
-    def make():
-        freq, factor = _fixed_frequencies(rope, seq_len, device)
-        return rope, _set_from(rope, freq, factor, rerope_window, rerope_leak)
+    """The tables of every row at one length (None: the schedule's default), one row each, built once for equal
+    ropes. Under torch.compile a constant of the graph (guarded on the rope's handle)."""
+    return _fixed_set_of(rope.handle, device, seq_len, rerope_window, rerope_leak)
 
-    # keyed by the rope's id (hashing a RopeScaling hashes all its factors); the entry holds the rope, so that
-    # its id is not reused while the entry lives
-    return _remember(("set", id(rope), device, seq_len, rerope_window, rerope_leak), device, make)[1]
+
+@torch.compiler.assume_constant_result
+def _fixed_set_of(handle: str, device: torch.device, seq_len: int | None, rerope_window: int | None,
+                  rerope_leak: float | None) -> TableSet:
+    def make():
+        rope = rope_from_handle(handle)
+        freq, factor = _fixed_frequencies(rope, seq_len, device)
+        return _set_from(rope, freq, factor, rerope_window, rerope_leak)
+
+    # keyed by the rope's handle, shared by equal ropes (hashing a RopeScaling hashes all its factors)
+    return _remember(("set", handle, device, seq_len, rerope_window, rerope_leak), device, make)
 
 
 class RopeFacts(NamedTuple):
@@ -214,15 +224,20 @@ class RopeFacts(NamedTuple):
 _FACTS: dict = {}
 
 
-@torch.compiler.assume_constant_result
 def rope_facts(rope: RopeScaling) -> RopeFacts:
-    entry = _FACTS.get(id(rope))
-    if entry is None or entry[0] is not rope:
+    return _facts_of(rope.handle)
+
+
+@torch.compiler.assume_constant_result
+def _facts_of(handle: str) -> RopeFacts:
+    facts = _FACTS.get(handle)
+    if facts is None:
         if len(_FACTS) >= _CACHE_LIMIT:
             _FACTS.clear()
-        entry = _FACTS[id(rope)] = (rope, RopeFacts(rope.head_dim, rope.n_hat, rope.kind, rope.length_dependent,
-                                                    rope.original_max_position))
-    return entry[1]
+        rope = rope_from_handle(handle)
+        facts = _FACTS[handle] = RopeFacts(rope.head_dim, rope.n_hat, rope.kind, rope.length_dependent,
+                                           rope.original_max_position)
+    return facts
 
 
 def _select(is_long: torch.Tensor, long_: RotaryTables | None, short: RotaryTables | None):
