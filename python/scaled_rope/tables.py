@@ -195,17 +195,33 @@ def _set_from(rope: RopeScaling, freq: torch.Tensor, factor: torch.Tensor, rerop
 def _fixed_set(rope: RopeScaling, device: torch.device, seq_len: int | None, rerope_window: int | None,
                rerope_leak: float | None) -> TableSet:
     """The tables of every row at one length (None: the schedule's default), one row each, built once for equal
-    ropes. Under torch.compile a constant of the graph (guarded on the rope's handle)."""
-    return _fixed_set_of(rope.handle, device, seq_len, rerope_window, rerope_leak)
+    ropes. Under torch.compile constants of the graph (guarded on the rope's handle): the constant function hands
+    back a flat tuple of tensors (nested tuples of tables are not constants to every torch version), and the
+    tables are put together here from it."""
+    facts = rope_facts(rope)
+    flat = _fixed_set_tensors(rope.handle, device, seq_len, rerope_window, rerope_leak)
+    near = RotaryTables(flat[0], None, flat[1], facts.n_hat, flat[2], facts.rotary_dim, facts.interleaved)
+    if rerope_window is None:
+        return TableSet(near)
+    far_q = RotaryTables(flat[3], flat[4], None, 0, flat[2], facts.rotary_dim, facts.interleaved)
+    far_k = RotaryTables(flat[5], None, None, 0, flat[2], facts.rotary_dim, facts.interleaved)
+    both = None if flat[6] is None else far_q._replace(attention_factor=flat[6])
+    return TableSet(near, far_q, far_k, both)
 
 
 @torch.compiler.assume_constant_result
-def _fixed_set_of(handle: str, device: torch.device, seq_len: int | None, rerope_window: int | None,
-                  rerope_leak: float | None) -> TableSet:
+def _fixed_set_tensors(handle: str, device: torch.device, seq_len: int | None, rerope_window: int | None,
+                       rerope_leak: float | None) -> tuple:
+    """(near turns, turns_unscaled, attention factor, far q turns, far q offset, far k turns, far q factor with
+    both attention factors) of `_fixed_set`; None where a table has no such tensor."""
     def make():
         rope = rope_from_handle(handle)
         freq, factor = _fixed_frequencies(rope, seq_len, device)
-        return _set_from(rope, freq, factor, rerope_window, rerope_leak)
+        near, far_q, far_k, both = _set_from(rope, freq, factor, rerope_window, rerope_leak)
+        if far_q is None:
+            return near.turns, near.turns_unscaled, near.attention_factor, None, None, None, None
+        return (near.turns, near.turns_unscaled, near.attention_factor, far_q.turns, far_q.offset, far_k.turns,
+                None if both is None else both.attention_factor)
 
     # keyed by the rope's handle, shared by equal ropes (hashing a RopeScaling hashes all its factors)
     return _remember(("set", handle, device, seq_len, rerope_window, rerope_leak), device, make)
@@ -219,6 +235,8 @@ class RopeFacts(NamedTuple):
     kind: str
     length_dependent: bool
     original_max_position: int | None
+    rotary_dim: int
+    interleaved: bool
 
 
 _FACTS: dict = {}
@@ -236,7 +254,7 @@ def _facts_of(handle: str) -> RopeFacts:
             _FACTS.clear()
         rope = rope_from_handle(handle)
         facts = _FACTS[handle] = RopeFacts(rope.head_dim, rope.n_hat, rope.kind, rope.length_dependent,
-                                           rope.original_max_position)
+                                           rope.original_max_position, rope.rotary_dim, rope.layout == "interleaved")
     return facts
 
 
