@@ -13,7 +13,7 @@ all-near, exact per-element rotation below LongRoPE's n_hat), each a compile-tim
 are the row's own (LongRoPE short/long set or dynamic NTK base picked from the row's length by `build_tables`), so
 nothing in the cache depends on them. Scores are sums of partial dots: the two halves of the pairs plus the
 pass-through dims. With several splits each program writes its partial output with its running max and sum, and the
-last split of a row to finish merges them (`_merge_rows`, counted on a per-stream counter that it resets): one
+last split of a row to finish merges them (`_merge_rows`, counted on a zeroed counter per row): one attention
 launch per call whatever the split count.
 """
 from __future__ import annotations
@@ -399,11 +399,10 @@ def _decode_kernel(
         tl.store(l_ptrs + stride_lx, l_i, mask=row_valid)
         # the last split of this (row, kv head, m block) to finish merges them all: one launch, no merge kernel.
         # Every thread's partial stores precede the barrier; the counter's release/acquire orders them for the
-        # merging program, which resets the counter for the next launch (and CUDA-graph replay).
+        # merging program.
         tl.debug_barrier()
         counter = COUNTER + (b * tl.num_programs(1) + pid_h) * n_m_blocks + m_block
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
             _merge_rows(OUT, LSE, OUT_FINAL, LSE_FINAL, b64, tok, head, row_valid, dcol, d_mask,
                         stride_ob, stride_om, stride_oh, stride_os, stride_od,
                         stride_lb, stride_lh, stride_lm, stride_ls, stride_lx,
@@ -666,7 +665,10 @@ class DecodePlan:
         if self.num_splits > 1:
             o_part = empty(self.part_shape, torch.float32, device)
             l_part = empty((*self.part_shape[:4], 2), torch.float32, device)  # (max, sum) per split
-            part = (o_part, l_part, self.status, _counter(device, self.counter_size), out, lse,
+            # the split counters start at zero; a fresh buffer per call keeps no state between calls, so a call is
+            # the same inside a CUDA-graph capture, a cudagraph-tree warm-up or on concurrent streams
+            counter = torch.zeros(self.counter_size, dtype=torch.int32, device=device)
+            part = (o_part, l_part, self.status, counter, out, lse,
                     *o_part.stride(), l_part.stride(0), l_part.stride(2), l_part.stride(1), l_part.stride(3),
                     l_part.stride(4), *out.stride(), *lse.stride())
         else:
@@ -675,22 +677,6 @@ class DecodePlan:
         _decode_kernel[self.grid](q, k_cache, v_cache, *self.head[3:], *part[:6], *self.strides[:12],
                                   *self.strides[12:], *part[6:], *self.scalars, **self.constexprs)
         return out, lse
-
-
-_COUNTERS: dict = {}
-
-
-def _counter(device: torch.device, size: int) -> torch.Tensor:
-    """Per (device, stream) int32 split counters, zero between launches (the merging program resets its own).
-    Made outside CUDA-graph capture and kept; inside a capture a fresh one is made (and zeroed) instead."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    found = _COUNTERS.get(key)
-    if found is None or found.numel() < size:
-        found = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _COUNTERS[key] = found
-    return found
 
 
 def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=None, block_table=None,
