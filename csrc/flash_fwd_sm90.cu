@@ -44,7 +44,7 @@ constexpr int kQBytes = kBlockM * kD * 2;
 constexpr int kKVBytes = kBlockN * kD * 2;
 
 // ---- visits, masks, softmax --------------------------------------------------------------------------------------
-// Keys allowed for a query at position pos where key positions are the columns (DESIGN.md section 3: col < seqlen_k,
+// Keys allowed for a query at position pos where key positions are the columns (docs/DESIGN.md §3.3: col < seqlen_k,
 // causal delta >= 0, window delta < window, a split ReRoPE visit keeps delta >= rerope_w (far) or < rerope_w
 // (near); delta = pos - col): the columns base + c with lo <= c < hi, clamped to the offsets 0..kBlockN of a tile.
 struct ColumnRange {

@@ -1,5 +1,5 @@
-// Standalone scaled-RoPE rotation (torch-free). Conventions: DESIGN.md section 3 and the "Rotation tables"
-// section of the team interfaces. Angles are 64-bit fixed-point turns: T = p * turns + offset (wrapping mod
+// Standalone scaled-RoPE rotation (torch-free). Conventions: docs/DESIGN.md §3.1 and §5.1 (rotation tables).
+// Angles are 64-bit fixed-point turns: T = p * turns + offset (wrapping mod
 // 2^64), angle = float(T) * 2pi / 2^64 in [-pi, pi).
 #pragma once
 

@@ -1,5 +1,5 @@
 """CUDA backward (csrc/flash_bwd_sm90.cu: sm_90a, head_dim 128, default positions) against the reference gradients,
-DESIGN.md section 5 rule.
+docs/DESIGN.md §6.1 rule.
 
 GPU tier only, Hopper only (elsewhere `cuda_backward_support` refuses and the tests skip). The kernel takes key
 tiles of 128 keys per CTA and query tiles of 64 rows, so the lengths below put partial tiles, diagonal tiles, tiles

@@ -566,7 +566,7 @@ def _gpu_pair(family, rope, dtype, **overrides):
 
 
 def _assert_rule(name, got, gold, baseline):
-    """DESIGN.md section 5: err(patched) <= 2 err(stock at the same dtype) + floor, against fp32 stock."""
+    """docs/DESIGN.md §6.1: err(patched) <= 2 err(stock at the same dtype) + floor, against fp32 stock."""
     err, base = max_diff(got.float(), gold), max_diff(baseline.float(), gold)
     assert err <= 2 * base + 1e-3 * gold.abs().max().item(), (name, err, base)
 

@@ -6,7 +6,7 @@ backward.
 Each case runs the CUDA forward (out, lse), then the CUDA backward with a random dlse, and prints the max |error| of
 dq, dk, dv against the float32 reference next to the baseline's (the reference in the inputs' dtype) and the max
 |difference| from the Triton backend's gradients (its own forward and backward through autograd, same dout and
-dlse); a case is ok when the DESIGN.md rule of tests/helpers.py holds. The last line of that part is "all ok" or
+dlse); a case is ok when the docs/DESIGN.md §6.1 rule (tests/helpers.py) holds. The last line of that part is "all ok" or
 "MISMATCH". Timing: triton.testing.do_bench medians at B1, causal, bf16, head_dim 128, LongRoPE: ours end to end
 (rotations, kernel, inverse rotations), our kernel alone (on unrotated q and k: same work), and the Triton backward
 (autograd backward of the Triton backend's forward, rotations included); TFLOP/s count the backward as 2.5x the

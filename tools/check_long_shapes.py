@@ -1,5 +1,5 @@
 """GPU check at model-sized shapes the test tier does not reach: head_dim 64 and 128 with GQA 32/8 at 4096
-tokens, default and explicit positions, bf16, under the DESIGN.md rule; then a 2-layer Llama-3.2-1B-shaped
+tokens, default and explicit positions, bf16, under the docs/DESIGN.md §6.1 rule; then a 2-layer Llama-3.2-1B-shaped
 model in float32, patched (Triton) against stock transformers (SDPA), at a 4096-token prompt.
 """
 import sys

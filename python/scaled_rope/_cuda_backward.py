@@ -140,7 +140,7 @@ def cuda_attention_backward(q, k, v, out, lse, dout, dlse, *, q_tables, k_tables
     log, (B, Hq, Nq) float32, -inf on empty rows) that a forward computed with the same arguments, the output
     gradient dout and the lse gradient dlse (or None). q_tables, k_tables: the rotation tables of q and k
     (`scaled_rope.tables.build_tables` with every row's length Nk; None: no rotation); the other arguments as for
-    the attention itself (DESIGN.md section 3). Raises NotImplementedError with the reason where
+    the attention itself (docs/DESIGN.md §3). Raises NotImplementedError with the reason where
     `cuda_backward_support` refuses the inputs (the caller then runs the Triton backward)."""
     reason = cuda_backward_support(q, q_positions=q_positions, k_positions=k_positions, rerope_window=rerope_window)
     if reason is not None:
