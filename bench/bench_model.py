@@ -84,30 +84,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(model, ids, steps: int, device: str):
-    """(prefill seconds, decode seconds for `steps` tokens, next token after the prompt, last-token logits)."""
+def run_once(model, ids, steps: int, device: str, cache=None, step_fn=None):
+    """(prefill seconds, decode seconds for `steps` tokens, next token after the prompt, last-token logits): prefill
+    into an empty cache (a new DynamicCache, or `cache` reset), then greedy one-token steps through step_fn (the
+    model itself, or its compiled forward over a StaticCache)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    synchronize(device)
-    t1 = time.perf_counter()
-    first, first_logits = token.clone(), out.logits[:, -1].float()
-    for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    synchronize(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, first, first_logits
-
-
-def run_compiled(model, step_fn, cache, ids, steps: int, device: str):
-    """run_once over a StaticCache with the decode steps through step_fn (the compiled forward)."""
     prompt = ids.shape[1]
-    cache.reset()
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache.reset()
     synchronize(device)
     t0 = time.perf_counter()
     out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -116,10 +103,13 @@ def run_compiled(model, step_fn, cache, ids, steps: int, device: str):
     t1 = time.perf_counter()
     first, first_logits = token.clone(), out.logits[:, -1].float()
     for i in range(steps):
-        position = torch.full((1, 1), prompt + i, dtype=torch.long, device=device)
-        torch.compiler.cudagraph_mark_step_begin()
-        out = step_fn(input_ids=token, past_key_values=cache, position_ids=position,
-                      cache_position=position[0], use_cache=True)
+        if step_fn is None:
+            out = model(token, past_key_values=cache, use_cache=True)
+        else:
+            position = torch.full((1, 1), prompt + i, dtype=torch.long, device=device)
+            torch.compiler.cudagraph_mark_step_begin()
+            out = step_fn(input_ids=token, past_key_values=cache, position_ids=position,
+                          cache_position=position[0], use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     synchronize(device)
     t2 = time.perf_counter()
@@ -137,7 +127,7 @@ def measure(model, prompt: int, steps: int, repeats: int, device: str, compiled:
                 torch._dynamo.reset()
                 cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
                 step_fn = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-                run = lambda n: run_compiled(model, step_fn, cache, ids, n, device)  # noqa: E731
+                run = lambda n: run_once(model, ids, n, device, cache, step_fn)  # noqa: E731
             else:
                 run = lambda n: run_once(model, ids, n, device)  # noqa: E731
             run(min(steps, 4))  # compile / autotune / record graphs / warm the allocator

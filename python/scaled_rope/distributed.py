@@ -53,6 +53,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from ._plan import _check_options, _check_rope
 from .attention import scaled_rope_attention
 from .scaling import RopeScaling
 
@@ -60,7 +61,6 @@ __all__ = ["context_parallel_attention", "ulysses_attention", "fixed_length_rope
            "shard_sequence", "unshard_sequence", "gather_sequence", "SHARDINGS"]
 
 SHARDINGS = ("contiguous", "zigzag")
-_BACKENDS = ("auto", "cuda", "triton", "reference")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Tests set this to a list to record what the ring does: ("call", pass, step, source, q_lo, q_hi, k_lo, k_hi),
@@ -203,13 +203,9 @@ def _validate(q, k, v, rope, *, causal, q_positions, k_positions, window, softma
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[2]})")
     if nq == 0 or k.shape[1] == 0:
         raise ValueError(f"q and k: every rank needs at least one token, got N_local {nq} and {k.shape[1]}")
-    if rope is not None:
-        if not isinstance(rope, RopeScaling):
-            raise TypeError(f"rope must be a RopeScaling or None, got {type(rope).__name__}")
-        if rope.head_dim != dim:
-            raise ValueError(f"rope.head_dim ({rope.head_dim}) does not match the head dim of q ({dim})")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _check_rope(rope, dim)
+    _check_options(rope, causal=causal, window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
+                   rerope_leak=rerope_leak, logn_base=logn_base, backend=backend)
     for name, pos, n in (("q_positions", q_positions, nq), ("k_positions", k_positions, k.shape[1])):
         if pos is None:
             continue
@@ -219,26 +215,6 @@ def _validate(q, k, v, rope, *, causal, q_positions, k_positions, window, softma
             raise ValueError(f"{name} must have shape {(batch, n)}, got {tuple(pos.shape)}")
         if pos.device != q.device:
             raise ValueError(f"{name} is on {pos.device} but q is on {q.device}")
-    for name, value in (("window", window), ("rerope_window", rerope_window)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
-    if rerope_leak is not None:
-        if rerope_window is None:
-            raise ValueError("rerope_leak needs rerope_window")
-        if not (isinstance(rerope_leak, (int, float)) and math.isfinite(rerope_leak) and rerope_leak >= 1):
-            raise ValueError(f"rerope_leak must be a finite number >= 1 or None, got {rerope_leak!r}")
-    if rerope_window is not None:
-        if rope is None:
-            raise ValueError("rerope_window needs a rope (rope=None means no rotation at all)")
-        if rope.n_hat:
-            raise ValueError("rerope_window cannot be combined with n_hat > 0 (rope.n_hat)")
-    if logn_base is not None and not (isinstance(logn_base, (int, float)) and math.isfinite(logn_base)
-                                      and logn_base > 1):
-        raise ValueError(f"logn_base must be a finite number > 1 or None, got {logn_base!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if sharding is not None:
         _check_sharding(sharding)
         if q_positions is not None and k_positions is not None:
