@@ -112,3 +112,15 @@ def compare_attention(q, k, v, rope, *, backend: str, grads: bool = True, seed: 
         results += [x.grad for x in qk]
     for i, name in enumerate(names):
         assert_close_to_gold(name, results[i], gold[i], base[i], dtype)
+
+
+def reference_grads(q, k, v, rope, dout, dlse, compute_dtype, **options):
+    """dq, dk, dv of the reference computed in compute_dtype (inputs cast to it), for (dout, dlse)."""
+    q, k, v = (x.detach().to(compute_dtype).requires_grad_(True) for x in (q, k, v))
+    out, lse = reference.attention(q, k, v, rope, compute_dtype=compute_dtype, **options)
+    outputs, grads = [out], [dout.to(out.dtype)]
+    if dlse is not None:
+        outputs.append(lse)
+        grads.append(dlse)
+    torch.autograd.backward(outputs, grads)
+    return q.grad, k.grad, v.grad

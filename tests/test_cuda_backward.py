@@ -11,8 +11,8 @@ NaN-poisoned (SCALED_ROPE_POISON=1, tests/conftest.py), so an unwritten element 
 import pytest
 import torch
 
-from helpers import GOLD_DTYPE, assert_close_to_gold, random_inputs
-from scaled_rope import RopeScaling, reference, scaled_rope_attention
+from helpers import GOLD_DTYPE, assert_close_to_gold, random_inputs, reference_grads
+from scaled_rope import RopeScaling, scaled_rope_attention
 from scaled_rope._cuda_backward import cuda_attention_backward, cuda_backward_support, cuda_flash_backward
 from scaled_rope.tables import build_tables
 
@@ -33,18 +33,6 @@ def _hopper():
         pytest.skip("the CUDA backward is an sm_90a kernel (compute capability 9.x)")
     reason = cuda_backward_support(torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16))
     assert reason is None, f"the GPU tier builds sm_90a (tools/gpu_session.sh), yet: {reason}"
-
-
-def reference_grads(q, k, v, rope, dout, dlse, compute_dtype, **options):
-    """dq, dk, dv of the reference computed in compute_dtype (inputs cast to it), for (dout, dlse)."""
-    q, k, v = (x.detach().to(compute_dtype).requires_grad_(True) for x in (q, k, v))
-    out, lse = reference.attention(q, k, v, rope, compute_dtype=compute_dtype, **options)
-    outputs, grads = [out], [dout.to(out.dtype)]
-    if dlse is not None:
-        outputs.append(lse)
-        grads.append(dlse)
-    torch.autograd.backward(outputs, grads)
-    return q.grad, k.grad, v.grad
 
 
 def cuda_grads(q, k, v, rope, dout, dlse, *, causal=True, window=None, logn_base=None, softmax_scale=None):

@@ -20,9 +20,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import GOLD_DTYPE, assert_close_to_gold, random_inputs  # noqa: E402
+from helpers import GOLD_DTYPE, assert_close_to_gold, random_inputs, reference_grads  # noqa: E402
 
-from scaled_rope import RopeScaling, reference, scaled_rope_attention  # noqa: E402
+from scaled_rope import RopeScaling, scaled_rope_attention  # noqa: E402
 from scaled_rope._cuda_backward import cuda_attention_backward, cuda_backward_support, cuda_flash_backward  # noqa: E402
 from scaled_rope.tables import build_tables  # noqa: E402
 
@@ -42,17 +42,6 @@ CASES = [
     ("causal 2k MQA 4/1, no rope", 1, 2048, 2048, 4, 1, torch.bfloat16, None, dict(causal=True)),
     ("negative scale, one row", 1, 1, 300, 2, 1, torch.float16, longrope(), dict(causal=True, softmax_scale=-0.1)),
 ]
-
-
-def reference_grads(q, k, v, rope, dout, dlse, compute_dtype, **options):
-    q, k, v = (x.detach().to(compute_dtype).requires_grad_(True) for x in (q, k, v))
-    out, lse = reference.attention(q, k, v, rope, compute_dtype=compute_dtype, **options)
-    outputs, grads = [out], [dout.to(out.dtype)]
-    if dlse is not None:
-        outputs.append(lse)
-        grads.append(dlse)
-    torch.autograd.backward(outputs, grads)
-    return q.grad, k.grad, v.grad
 
 
 def backward_args(q, k, rope, options):

@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import _alloc
-from ._cuda import _DTYPE_CODES, _built_for_sm90a, _stride, cuda_rotate, load_extension
+from ._cuda import _DTYPE_CODES, _built_for_sm90a, _stride, attention_support, cuda_rotate, load_extension
 from ._scale import fold_scale_sign
 
 _HEAD_DIM = 128
@@ -26,16 +26,12 @@ def cuda_backward_support(q: torch.Tensor, *, q_positions=None, k_positions=None
         return "the CUDA backward takes default positions only, not q_positions/k_positions"
     if rerope_window is not None:
         return "the CUDA backward has no ReRoPE (rerope_window)"
-    if not q.is_cuda:
-        return f"the CUDA backward needs CUDA tensors, got {q.device}"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the CUDA backward takes float16 or bfloat16, not {q.dtype}"
+    reason = attention_support(q.device, q.dtype, q.shape[-1])  # what the CUDA forward needs, the backward too
+    if reason is not None:
+        return reason
     if q.shape[-1] != _HEAD_DIM:
         return f"the CUDA backward is built for head_dim {_HEAD_DIM}, not head_dim {q.shape[-1]}"
-    module, why = load_extension()
-    if module is None:
-        return why
-    if not hasattr(module, "flash_bwd"):
+    if not hasattr(load_extension()[0], "flash_bwd"):
         return "scaled_rope._C was built without flash_bwd; reinstall to rebuild it"
     major, minor = torch.cuda.get_device_capability(q.device)
     if major != 9:
