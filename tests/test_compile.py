@@ -188,10 +188,6 @@ def test_gpu_compiled_training_step(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="cudagraph trees (mode='reduce-overhead') refuse the step: per-device scratch "
-                   "tensors the ops make on first use land in the cudagraph pool during its warm-up and stay alive "
-                   "(H200, torch 2.11, 2026-12-04); capture with torch.cuda.graph works "
-                   "(test_gpu_static_cache_decode_step_captured_in_cuda_graph)")
 def test_gpu_decode_step_in_a_cuda_graph():
     """mode="reduce-overhead": the compiled decode step replays as a CUDA graph (no host synchronisation, no
     allocation that changes between steps) and matches eager step by step while row 0 crosses the original

@@ -1021,16 +1021,7 @@ _CACHE: dict = {}  # small derived tensors reused between calls (default positio
 
 
 def _cached(key, device, make):
-    """_CACHE[key], made on a miss; nothing is kept from a CUDA-graph capture (it records the kernels that fill
-    a tensor without running them)."""
-    found = _CACHE.get(key)
-    if found is None:
-        found = make()
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if len(_CACHE) >= 256:
-                _CACHE.clear()
-            _CACHE[key] = found
-    return found
+    return _alloc.kept(_CACHE, key, device, make, 256)
 
 
 def default_positions(batch: int, start: int, n: int, device) -> torch.Tensor:

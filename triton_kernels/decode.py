@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._alloc import empty
+from .._alloc import empty, kept
 from .._env import triton_interpret
 from ._host import cdiv, next_power_of_2
 from .rope import rope_cos_sin
@@ -509,15 +509,10 @@ _SCRATCH: dict = {}
 
 def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-device placeholders for pointer arguments a specialisation never reads (int64, float32) and for a
-    status nobody checks (int32); made once, outside any CUDA-graph capture (a capture would only record their
-    fill)."""
-    found = _SCRATCH.get(device)
-    if found is None:
-        found = (torch.zeros(1, dtype=torch.int64, device=device), torch.ones(1, dtype=torch.float32, device=device),
-                 torch.ones(1, dtype=torch.int32, device=device))
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _SCRATCH[device] = found
-    return found
+    status nobody checks (int32)."""
+    return kept(_SCRATCH, device, device, lambda: (torch.zeros(1, dtype=torch.int64, device=device),
+                                                   torch.ones(1, dtype=torch.float32, device=device),
+                                                   torch.ones(1, dtype=torch.int32, device=device)), 64)
 
 
 def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:

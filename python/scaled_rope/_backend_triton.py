@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _env
+from ._alloc import kept
 from ._backend_reference import capacity, check_lengths
 from ._backends import AttentionCall, Backend, KVCacheCall, RotationCall
 from .tables import factor_rows
@@ -72,13 +73,8 @@ _STATUS: dict = {}
 
 def _status_flag(device: torch.device) -> torch.Tensor:
     """Per-device int32 flag, 1 until a kernel meets a row outside the cache (then 0 for good: the assertion on
-    it has failed and CUDA's context with it). Made outside CUDA-graph capture, where its fill would not run."""
-    flag = _STATUS.get(device)
-    if flag is None:
-        flag = torch.ones(1, dtype=torch.int32, device=device)
-        if not torch.cuda.is_current_stream_capturing():
-            _STATUS[device] = flag
-    return flag
+    it has failed and CUDA's context with it)."""
+    return kept(_STATUS, device, device, lambda: torch.ones(1, dtype=torch.int32, device=device), 64)
 
 
 class TritonBackend(Backend):

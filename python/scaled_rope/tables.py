@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._alloc import kept
 from .scaling import RopeScaling, rope_from_handle
 
 TWO_POW_64 = 2.0 ** 64
@@ -161,21 +162,8 @@ _TABLE_CACHE: dict = {}
 _CACHE_LIMIT = 1024
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _remember(key, device: torch.device, make):
-    """_TABLE_CACHE[key], made by make() on a miss; nothing is stored during a CUDA-graph capture (the capture
-    records the kernels that fill a tensor without running them)."""
-    found = _TABLE_CACHE.get(key)
-    if found is None:
-        found = make()
-        if not _capturing(device):
-            if len(_TABLE_CACHE) >= _CACHE_LIMIT:
-                _TABLE_CACHE.clear()
-            _TABLE_CACHE[key] = found
-    return found
+    return kept(_TABLE_CACHE, key, device, make, _CACHE_LIMIT)
 
 
 def _set_from(rope: RopeScaling, freq: torch.Tensor, factor: torch.Tensor, rerope_window: int | None,
