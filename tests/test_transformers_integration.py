@@ -314,6 +314,12 @@ def test_static_cache_generate_and_limits():
     with pytest.raises(RuntimeError, match="padded rows"):
         with torch.no_grad():
             patched(ids2, attention_mask=mask, past_key_values=_static_cache(patched, 2, 16), use_cache=True)
+    # a second prefill chunk into a filled static cache is refused (checked by the first layer)
+    cache = _static_cache(patched, 1, 64)
+    with torch.no_grad():
+        patched(tokens(1, 20), past_key_values=cache, use_cache=True)
+        with pytest.raises(NotImplementedError, match="chunked prefill"):
+            patched(tokens(1, 20), past_key_values=cache, use_cache=True)
     _, sliding = make_pair("mistral")
     patch_model(sliding, backend="reference")
     with pytest.raises(NotImplementedError, match="sliding-window"):

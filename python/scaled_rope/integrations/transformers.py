@@ -298,7 +298,7 @@ def _decode_kernel_runs(patch: _Patch, q: torch.Tensor) -> bool:
 def _decode_plan(patch: _Patch, step: _Step, q, k, v, options: dict):
     """The step's DecodePlan, made by its first decode layer: tables of each row's length, split count and kernel
     arguments; the other layers reuse it (a layer with other shapes gets its own)."""
-    from ..tables import build_tables
+    from ..tables import factor_rows, table_set
     from ..triton_kernels.decode import DecodePlan
 
     plan = step.decode
@@ -307,14 +307,14 @@ def _decode_plan(patch: _Patch, step: _Step, q, k, v, options: dict):
     batch, device = q.shape[0], q.device
     seqlens = torch.full((batch,), step.total, dtype=torch.int32, device=device)
     rope = patch.rope
-    lens = seqlens if rope.length_dependent else step.total
-    tables = build_tables(rope, batch, device, seq_lens=lens)
+    # cached tables (selected per row on the device for length-dependent ropes): no table build per step
+    tables = table_set(rope, device, lengths=seqlens if rope.length_dependent else None,
+                       rerope_window=patch.rerope_window, rerope_leak=patch.rerope_leak)
     far = {}
     if patch.rerope_window is not None:
-        extra = dict(seq_lens=lens, rerope_window=patch.rerope_window, rerope_leak=patch.rerope_leak)
-        far = dict(q_far_tables=build_tables(rope, batch, device, far="q", **extra),
-                   k_far_tables=build_tables(rope, batch, device, far="k", **extra))
-    step.decode = DecodePlan(q, k, v, seqlens, tables, max_seqlen=step.total, **far, **options)
+        far = dict(q_far_tables=tables.far_q, k_far_tables=tables.far_k)
+    step.decode = DecodePlan(q, k, v, seqlens, factor_rows(tables.near, batch), max_seqlen=step.total, **far,
+                             **options)
     return step.decode
 
 
@@ -350,7 +350,9 @@ def _static_attention(module, patch: _Patch, layer, q, k, v, attention_mask, cac
     an empty cache runs the prefill kernel over the new tokens."""
     batch, n = q.shape[:2]
     compiling = torch.compiler.is_compiling()
-    if n > DECODE_MAX_QUERIES and not compiling and int(layer.cumulative_length if layer.is_initialized else 0):
+    # checked on the host by the first layer only: its synchronisation waits for little queued work there
+    if (n > DECODE_MAX_QUERIES and not compiling and module.layer_idx == 0
+            and int(layer.cumulative_length if layer.is_initialized else 0)):
         raise NotImplementedError("patched models prefill a StaticCache in one forward from empty (chunked "
                                   "prefill into a static cache is not supported); use DynamicCache")
     keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), module.layer_idx)
