@@ -18,7 +18,8 @@ CUDA-synchronised wall times. Also checks that both give the same next token aft
 (out of memory, missing kernel) is recorded as n/a with the error. Prints versions, progress and a markdown table;
 writes model-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
 
-    python bench/bench_model.py [--out DIR|PATH] [--quick] [--models a,b] [--compiled a,b|all|none]
+    python bench/bench_model.py [--out DIR|PATH] [--quick] [--models a,b] [--prompts 4096,32768]
+                                [--compiled a,b|all|none]
 
 --quick: 4k prompts only, fewer decode steps. --models: which models (default all). --compiled: models that also
 get the compiled rows (default llama3.2-1b: each compiled row costs a compilation per prompt length). Without a
@@ -74,9 +75,16 @@ def build_model(family: str, shape: dict, device: str, dtype: torch.dtype):
                              "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[family]
     config = config_cls(attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=0, **shape)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = model_cls(config)
-    return model.to(dtype).eval()
+    # built in dtype as from_pretrained(dtype=...) builds: the rotary buffers stay float32 (a cast of the model to
+    # bf16 would round the inverse frequencies and wreck stock transformers' angles at long positions)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
 def synchronize(device: str) -> None:
@@ -151,6 +159,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="directory or .json path (default bench/results)")
     parser.add_argument("--quick", action="store_true", help="4k prompts only, fewer decode steps")
     parser.add_argument("--models", default="", help=f"comma-separated models (default all: {', '.join(MODELS)})")
+    parser.add_argument("--prompts", default="", help="comma-separated prompt lengths (default 4096,32768; "
+                        "--quick: 4096)")
     parser.add_argument("--compiled", default="llama3.2-1b",
                         help="models that also get the compiled StaticCache rows: a list, 'all' or 'none'")
     args = parser.parse_args()
@@ -181,6 +191,8 @@ def main() -> int:
         plans = [(name, *MODELS[name]) for name in names]
         dtype, backend = torch.bfloat16, "auto"
         prompts, steps, repeats = ([4096], 32, 2) if args.quick else ([4096, 32768], 64, 3)
+        if args.prompts:
+            prompts = [int(p) for p in args.prompts.split(",")]
     else:
         print("bench_model: no CUDA GPU; running a tiny model on the CPU with the reference backend (smoke test, "
               "timings mean nothing)")
@@ -191,6 +203,15 @@ def main() -> int:
 
     rows = []
     start = time.time()
+
+    def save() -> Path:  # after every model, so a run cut short keeps what it measured
+        return write_results(args.out, "model", env["gpu"], {
+            "date": today(), "env": env, "models": {name: dict(shape) for name, _, shape in plans},
+            "method": "median wall time (CUDA-synchronised) of prefill into an empty cache and of greedy one-token "
+                      "decode steps, batch 1; compiled rows: StaticCache + torch.compile(mode='reduce-overhead', "
+                      "fullgraph=True) for the decode steps",
+            "results": rows})
+
     for name, family, shape in plans:
         model = build_model(family, shape, device, dtype)
         params = sum(p.numel() for p in model.parameters())
@@ -225,6 +246,7 @@ def main() -> int:
         del model
         if cuda:
             torch.cuda.empty_cache()
+        path = save()
 
     print("\n| model | prompt | impl | prefill ms | decode ms/token | vs transformers (prefill / decode) | "
           "vs transformers compiled (decode) |")
@@ -249,12 +271,6 @@ def main() -> int:
             print(f"{row['model']} prompt {row['prompt']} {row['impl']}: same next token {row['same_next_token']}, "
                   f"max |logit diff| {row['max_abs_logit_diff']:.3g} (logits up to {row['logit_scale']:.3g})")
 
-    path = write_results(args.out, "model", env["gpu"], {
-        "date": today(), "env": env, "models": {name: dict(shape) for name, _, shape in plans},
-        "method": "median wall time (CUDA-synchronised) of prefill into an empty cache and of greedy one-token "
-                  "decode steps, batch 1; compiled rows: StaticCache + torch.compile(mode='reduce-overhead', "
-                  "fullgraph=True) for the decode steps",
-        "results": rows})
     print(f"\nwrote {path}")
     return 0
 
