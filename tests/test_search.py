@@ -107,6 +107,16 @@ def test_search_is_reproducible(model, docs):
     assert [h["factors"] for h in a.history] != [h["factors"] for h in c.history]
 
 
+def test_time_budget_still_evaluates_the_seeds(model, docs):
+    """max_seconds=0 stops the search as soon as it may, which is after the PI, NTK and YaRN seeds: the result is
+    never worse than its best seed."""
+    found = _search(model, docs, seed=5, max_seconds=0.0)
+    origins = [h["origin"] for h in found.history]
+    assert found.stopped_early and {"seed:pi", "seed:ntk", "seed:yarn"} <= set(origins)
+    assert all(o.startswith("seed:") for o in origins)
+    assert found.fitness == min(h["fitness"] for h in found.history)
+
+
 def test_resume_from_checkpoint_continues_identically(model, docs, tmp_path):
     whole = _search(model, docs, seed=7, generations=3)
     path = tmp_path / "search.json"

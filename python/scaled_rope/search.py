@@ -31,7 +31,7 @@ Reproducible: one `random.Random(seed)` drives every choice, and the evaluation 
 Resumable: with `checkpoint=PATH` the state (generation, parents, pending children and their fitness so far, the
 random state, history) is written as JSON after every generation and every `checkpoint_seconds` within one; calling
 again with the same arguments continues from it and ends exactly where an uninterrupted run ends (`generations` may
-be raised to search further). `max_seconds` (checked between evaluations, after at least one) and
+be raised to search further). `max_seconds` (checked between evaluations, once the seeds are evaluated) and
 `max_evaluations` stop a call early (the result says so; the checkpoint resumes it).
 
 `search_short_factors` searches the short set the same way with fitness at the original length (the long set, n̂
@@ -405,8 +405,11 @@ class _Evolution:
                 for c in self.pending:
                     if c.fitness is not None:
                         continue
-                    if (max_evaluations is not None and evaluations >= max_evaluations) or \
-                            (max_seconds is not None and evaluations and time.perf_counter() - start >= max_seconds):
+                    # the seeds (PI, NTK, YaRN) are evaluated whatever the time: a result worse than its seeds
+                    # would be no search at all
+                    out_of_time = max_seconds is not None and evaluations and not c.origin.startswith("seed:") \
+                        and time.perf_counter() - start >= max_seconds
+                    if (max_evaluations is not None and evaluations >= max_evaluations) or out_of_time:
                         stopped = True
                         break
                     self._evaluate(c)
