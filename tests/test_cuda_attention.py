@@ -54,7 +54,7 @@ def test_window(dtype, causal, window):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("leak", [None, 16.0])
+@pytest.mark.parametrize("leak", [None, 16.0, 1 / 16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_rerope(dtype, dim, leak, causal):
     check(2, 450, 600, 4, 2, dim, dtype, RopeScaling.default(dim), seed=31, causal=causal, rerope_window=100,

@@ -152,7 +152,7 @@ def test_chunked_prefill(causal, window):
 
 
 @needs_triton
-@pytest.mark.parametrize("leak", [None, 4.0])
+@pytest.mark.parametrize("leak", [None, 4.0, 0.25])
 @pytest.mark.parametrize("n_q", [1, 6])
 def test_rerope_decode(leak, n_q):
     case = Case([6, 40, 120], n_new=n_q, n_q=n_q, seed=17, page_size=16)

@@ -171,7 +171,7 @@ def _relative_scores(q, k, rope, delta_eff):
     return s + torch.einsum("bqhd,bkhd->bhqk", q[..., 2 * h:], k[..., 2 * h:])
 
 
-@pytest.mark.parametrize("leak", [None, 4.0])
+@pytest.mark.parametrize("leak", [None, 4.0, 0.25])
 def test_rerope_matches_relative_position_formula(leak):
     torch.manual_seed(2)
     rope = RopeScaling.linear(32, 2.0, rotary_dim=24)
@@ -252,7 +252,8 @@ def _qkv(dtype=torch.float32):
     (dict(window=0), "window"),
     (dict(rerope_window=-3), "rerope_window"),
     (dict(rerope_leak=4.0), "rerope_leak"),
-    (dict(rerope_window=4, rerope_leak=0.5), "rerope_leak"),
+    (dict(rerope_window=4, rerope_leak=0.0), "rerope_leak"),
+    (dict(rerope_window=4, rerope_leak=-2.0), "rerope_leak"),
     (dict(logn_base=1.0), "logn_base"),
     (dict(softmax_scale=float("nan")), "softmax_scale"),
     (dict(backend="tpu"), "backend"),

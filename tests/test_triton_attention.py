@@ -96,7 +96,7 @@ def test_sliding_window(causal, window):
     check(1, 70, 70, 2, 1, 32, torch.float32, schedules(32)["ntk"], seed=4, causal=causal, window=window)
 
 
-@pytest.mark.parametrize("leak", [None, 4.0])
+@pytest.mark.parametrize("leak", [None, 4.0, 0.25])  # 0.25: inverse Leaky ReRoPE (far side stretched)
 @pytest.mark.parametrize("w,window", [(20, None), (45, 70), (5, None)])
 def test_rerope_near_far_straddling(leak, w, window):
     cfg = tattn._FWD_CONFIGS[0].kwargs

@@ -116,8 +116,10 @@ def _check_options(rope, *, causal, window, softmax_scale, rerope_window, rerope
     if rerope_leak is not None:
         if rerope_window is None:
             raise ValueError("rerope_leak needs rerope_window")
-        if not (isinstance(rerope_leak, (int, float)) and math.isfinite(rerope_leak) and rerope_leak >= 1):
-            raise ValueError(f"rerope_leak must be a finite number >= 1 or None, got {rerope_leak!r}")
+        # below 1 the far side grows (inverse Leaky ReRoPE: train with it, infer with plain RoPE)
+        if not (isinstance(rerope_leak, (int, float)) and not isinstance(rerope_leak, bool)
+                and math.isfinite(rerope_leak) and rerope_leak > 0):
+            raise ValueError(f"rerope_leak must be a finite number > 0 or None, got {rerope_leak!r}")
     if rerope_window is not None:
         if rope is None:
             raise ValueError("rerope_window needs a rope (rope=None means no rotation at all)")
