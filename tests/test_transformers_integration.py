@@ -26,7 +26,9 @@ from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 from scaled_rope import RopeScaling  # noqa: E402
-from scaled_rope.integrations.transformers import is_patched, patch_model, unpatch_model  # noqa: E402
+from scaled_rope.integrations import transformers as integration  # noqa: E402
+from scaled_rope.integrations.transformers import (LayerAttention, hwfa_layers, is_patched, patch_model,  # noqa: E402
+                                                   unpatch_model)
 
 transformers.logging.set_verbosity_error()
 
@@ -458,7 +460,7 @@ def _explicit_rerope_attention(q, k, v, rope, window, leak, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("leak", [None, 4.0])
+@pytest.mark.parametrize("leak", [None, 4.0, 0.25])
 def test_rerope_layer_matches_explicit_form(leak):
     _, patched = make_pair("llama", "linear")
     patch_model(patched, rerope_window=5, rerope_leak=leak, backend="reference")
@@ -548,6 +550,67 @@ def test_errors():
         logits(stock, ids)
 
 
+# ---- per-layer layouts (HWFA) ---------------------------------------------------------------------------------
+def test_hwfa_layers_layout():
+    layout = hwfa_layers(5, window=8, full_layers=(1, -1), logn_base=64.0)
+    assert [layout[i] for i in range(5)] == [LayerAttention(window=8), LayerAttention(rope=False, logn_base=64.0),
+                                             LayerAttention(window=8), LayerAttention(window=8),
+                                             LayerAttention(rope=False, logn_base=64.0)]
+    rerope = hwfa_layers(3, window=8, full="rerope", rerope_window=8)
+    assert rerope[2] == LayerAttention(rerope_window=8) and rerope[0] == LayerAttention(window=8)
+    assert hwfa_layers(3, window=8, full="rope")[2] == LayerAttention()
+    for kwargs, match in [(dict(full="xpos"), "full"), (dict(full="rerope"), "rerope_window"),
+                          (dict(rerope_window=4), "rerope_window"), (dict(full_layers=(3,)), "full_layers")]:
+        with pytest.raises(ValueError, match=match):
+            hwfa_layers(3, window=8, **kwargs)
+
+
+@pytest.mark.parametrize("full", ["nope", "rerope"])
+def test_patch_model_runs_the_layer_layout_asked(monkeypatch, full):
+    """Each layer calls the attention with its own settings (window layers: window and RoPE; full layers: NoPE
+    with log-n, or ReRoPE), and cached decoding equals recomputing the whole sequence."""
+    _, patched = make_pair("llama", "default", num_hidden_layers=3)
+    layout = hwfa_layers(3, window=4, full_layers=(1,), full=full, logn_base=8.0,
+                         rerope_window=4 if full == "rerope" else None)
+    patch_model(patched, backend="reference", layers=layout)
+    seen = []
+    for name in ("scaled_rope_attention", "scaled_rope_attention_with_kvcache"):
+        real = getattr(integration, name)
+
+        def spy(q, k, v, rope, *args, real=real, **kwargs):
+            seen.append((rope is None, kwargs["window"], kwargs["logn_base"], kwargs["rerope_window"]))
+            return real(q, k, v, rope, *args, **kwargs)
+        monkeypatch.setattr(integration, name, spy)
+    ids = tokens(1, 12)
+    sequences, steps, _ = _generate_logits(patched, ids, 4)
+    full_layer = (True, None, 8.0, None) if full == "nope" else (False, None, 8.0, 4)
+    assert seen[:3] == [(False, 4, None, None), full_layer, (False, 4, None, None)]  # prefill, then each step
+    assert seen[3:6] == seen[:3]
+    recomputed = logits(patched, sequences[:, :-1])[:, 11:]
+    assert max_diff(steps.double(), recomputed) < 1e-6  # generate() hands its logits back in float32
+    with pytest.raises(ValueError, match="layer indices"):
+        patch_model(patched, layers={3: LayerAttention()})
+    with pytest.raises(ValueError, match="rerope_window needs a rope"):
+        patch_model(patched, layers={0: LayerAttention(rope=False, rerope_window=4)})
+    with pytest.raises(TypeError, match="LayerAttention"):
+        patch_model(patched, layers={0: dict(window=4)})
+
+
+def test_layer_layout_through_the_decode_plans(monkeypatch):
+    """Triton's decode path keeps one DecodePlan per layer setting within a step: window RoPE layers and a full
+    NoPE layer decode as the reference backend does."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _, model = make_pair("llama", "default", dtype=torch.float32, num_hidden_layers=3)
+    layout = hwfa_layers(3, window=4, full_layers=(1,), logn_base=8.0)
+    ids = tokens(1, 10)
+    got = {}
+    for backend in ("reference", "triton"):
+        patch_model(model, backend=backend, layers=layout)
+        got[backend] = _generate_logits(model, ids, 3)[1]
+    assert max_diff(got["triton"], got["reference"]) < 1e-4
+
+
 # ---- Triton interpreter (CPU) and GPU tiers -------------------------------------------------------------------
 def test_triton_backend_in_interpreter(monkeypatch):
     pytest.importorskip("triton")
@@ -561,6 +624,33 @@ def test_triton_backend_in_interpreter(monkeypatch):
         got, want = patched.generate(ids, **options), stock.generate(ids, **options)
     assert torch.equal(got.sequences, want.sequences)
     assert max_diff(torch.stack(got.logits), torch.stack(want.logits)) < 1e-4
+
+
+def test_inverse_leaky_rerope_trains_then_infers_with_plain_rope(monkeypatch):
+    """Inverse Leaky ReRoPE (seed 004): rerope_leak = 1/16 < 1 stretches far relative positions 16x. A tiny model
+    trains a few steps with it through the Triton kernels' fused backward (interpreter), step for step as with the
+    reference backend, the loss falls, and the trained model then runs with plain RoPE."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ids = tokens(2, 24, seed=3)
+    losses = {}
+    for backend in ("reference", "triton"):
+        _, model = make_pair("llama", "default", dtype=torch.float32, seed=4)
+        patch_model(model, rerope_window=6, rerope_leak=1 / 16, backend=backend)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses[backend] = []
+        for _ in range(4):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[backend].append(loss.item())
+        patch_model(model, backend=backend)  # inference with plain RoPE
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()
+    assert losses["triton"] == pytest.approx(losses["reference"], rel=1e-4)
+    assert losses["reference"][-1] < losses["reference"][0]
 
 
 def _gpu_pair(family, rope, dtype, **overrides):

@@ -31,6 +31,12 @@ and no allocation that varies: it can be captured in a CUDA graph, and `torch.co
 mode="reduce-overhead", fullgraph=True)` compiles it (the attention is a registered torch.library op). Static caches
 take rows without padding (checked on the device); prefill into an empty static cache runs the fused prefill kernel.
 
+Per-layer layouts. `patch_model(..., layers={index: LayerAttention(...)})` gives chosen layers their own window,
+NoPE, ReRoPE or log-n settings; `hwfa_layers` builds the hybrid window-full layouts of seed 004 (HWFA: window
+layers with RoPE and full NoPE layers with log-n scaling; HWFA2: full layers with RoPE in training, ReRoPE at
+inference). Window layers do no work beyond their window (the kernels skip those tiles); their caches still hold
+every key.
+
 The model's config gets `_attn_implementation = "scaled_rope"`, registered with transformers' AttentionInterface
 and AttentionMaskInterface: the mask handed to the layers is the 2D padding mask (no 4D mask is built; with a
 static cache it is padded to the cache's length so that its shape does not change between steps).
@@ -46,6 +52,7 @@ from typing import Any
 import torch
 
 from .._env import triton_interpret
+from .._plan import _check_options
 
 from ..attention import scaled_rope_attention
 from ..kvcache import scaled_rope_attention_with_kvcache
@@ -72,6 +79,53 @@ def _supported_attention_classes() -> tuple[type, ...]:
 
 
 # ---- state ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one patched layer attends, overriding the model-wide settings of `patch_model` for that layer.
+
+    window: keys at distance >= window are not attended (the kernels do no work beyond it); None: the model's own
+    (a config sliding window, else full attention). rope: False for NoPE (q and k not rotated). rerope_window,
+    rerope_leak, logn_base: as in `scaled_rope_attention`, for this layer (they replace the model-wide values).
+    """
+
+    window: int | None = None
+    rope: bool = True
+    rerope_window: int | None = None
+    rerope_leak: float | None = None
+    logn_base: float | None = None
+
+
+def hwfa_layers(num_layers: int, window: int, full_layers=(-1,), *, full: str = "nope",
+                logn_base: float | None = None, rerope_window: int | None = None) -> dict[int, LayerAttention]:
+    """Per-layer settings of the hybrid window-full attention layouts (seed 004, posts 9 and 14), for
+    `patch_model(..., layers=...)`.
+
+    Every layer attends within `window` with RoPE, except those in `full_layers` (indices; negative counts from
+    the end), which attend to every key:
+      full="nope"    HWFA: no rotation, log-n logit scaling with `logn_base` (the training length, as the post
+                     scales by log_{L_train} n)
+      full="rope"    HWFA2 in training: plain RoPE
+      full="rerope"  HWFA2 at inference: ReRoPE with `rerope_window` (the post takes the training window)
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if full not in ("nope", "rope", "rerope"):
+        raise ValueError(f"full must be 'nope', 'rope' or 'rerope', got {full!r}")
+    if full == "rerope" and rerope_window is None:
+        raise ValueError("full='rerope' needs rerope_window")
+    if full != "rerope" and rerope_window is not None:
+        raise ValueError(f"rerope_window is for full='rerope', not full={full!r}")
+    chosen = set()
+    for index in full_layers:
+        if isinstance(index, bool) or not isinstance(index, int) or not -num_layers <= index < num_layers:
+            raise ValueError(f"full_layers must hold layer indices in [-{num_layers}, {num_layers}), got {index!r}")
+        chosen.add(index % num_layers)
+    full_setting = {"nope": LayerAttention(rope=False, logn_base=logn_base),
+                    "rope": LayerAttention(logn_base=logn_base),
+                    "rerope": LayerAttention(rerope_window=rerope_window, logn_base=logn_base)}[full]
+    return {i: full_setting if i in chosen else LayerAttention(window=window) for i in range(num_layers)}
+
+
 @dataclass
 class _Patch:
     """What a patched model runs with, shared by its attention layers."""
@@ -82,6 +136,7 @@ class _Patch:
     logn_base: float | None
     backend: str
     previous_attn_implementation: Any
+    layers: dict | None = None          # layer_idx -> LayerAttention (patch_model's `layers`)
     forward_id: int = 0  # bumped by a pre-hook on each model forward
     step: "_Step | None" = None
     hooks: tuple = ()
@@ -116,7 +171,7 @@ class _Step:
     standard: bool
     has_pad: bool
     total: int = 0                    # T: keys after this forward's tokens are added
-    decode: Any = None                # the step's DecodePlan (Triton decode kernel), made by its first layer
+    decode: dict = None               # the step's DecodePlans (Triton decode kernel) by layer setting
 
     def positions(self, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_positions (B, n), k_positions (B, T)), materialised for a standard step."""
@@ -276,9 +331,30 @@ def _sliding_window(module) -> int | None:
     return getattr(module.config, "sliding_window", None)  # Mistral, Phi-3: every layer
 
 
+def _layer(module, patch: _Patch) -> LayerAttention | None:
+    return patch.layers.get(module.layer_idx) if patch.layers else None
+
+
+def _rope(module, patch: _Patch) -> RopeScaling | None:
+    layer = _layer(module, patch)
+    return None if layer is not None and not layer.rope else patch.rope
+
+
+def _window(module, patch: _Patch) -> int | None:
+    """The layer's window: its LayerAttention's, else the config's sliding window."""
+    layer = _layer(module, patch)
+    if layer is not None and layer.window is not None:
+        return layer.window
+    return _sliding_window(module)
+
+
 def _options(module, patch: _Patch, window) -> dict:
-    return dict(causal=True, window=window, softmax_scale=module.scaling, rerope_window=patch.rerope_window,
-                rerope_leak=patch.rerope_leak, logn_base=patch.logn_base)
+    layer = _layer(module, patch)
+    if layer is None:
+        rerope = dict(rerope_window=patch.rerope_window, rerope_leak=patch.rerope_leak, logn_base=patch.logn_base)
+    else:
+        rerope = dict(rerope_window=layer.rerope_window, rerope_leak=layer.rerope_leak, logn_base=layer.logn_base)
+    return dict(causal=True, window=window, softmax_scale=module.scaling, **rerope)
 
 
 def _decode_kernel_runs(patch: _Patch, q: torch.Tensor) -> bool:
@@ -295,27 +371,31 @@ def _decode_kernel_runs(patch: _Patch, q: torch.Tensor) -> bool:
     return True
 
 
-def _decode_plan(patch: _Patch, step: _Step, q, k, v, options: dict):
-    """The step's DecodePlan, made by its first decode layer: tables of each row's length, split count and kernel
-    arguments; the other layers reuse it (a layer with other shapes gets its own)."""
+def _decode_plan(rope: RopeScaling | None, step: _Step, q, k, v, options: dict):
+    """The step's DecodePlan for these settings, made by the first decode layer with them: tables of each row's
+    length, split count and kernel arguments; the other layers reuse it (a layer with other shapes gets its own)."""
     from ..tables import factor_rows, table_set
     from ..triton_kernels.decode import DecodePlan
 
-    plan = step.decode
-    if plan is not None and plan.shapes[:5] == (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), v.stride()):
+    key = (rope is not None, *sorted(options.items()))
+    shapes = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), v.stride())
+    plans = step.decode if step.decode is not None else {}
+    step.decode = plans
+    plan = plans.get(key)
+    if plan is not None and plan.shapes[:5] == shapes:
         return plan
     batch, device = q.shape[0], q.device
     seqlens = torch.full((batch,), step.total, dtype=torch.int32, device=device)
-    rope = patch.rope
-    # cached tables (selected per row on the device for length-dependent ropes): no table build per step
-    tables = table_set(rope, device, lengths=seqlens if rope.length_dependent else None,
-                       rerope_window=patch.rerope_window, rerope_leak=patch.rerope_leak)
-    far = {}
-    if patch.rerope_window is not None:
-        far = dict(q_far_tables=tables.far_q, k_far_tables=tables.far_k)
-    step.decode = DecodePlan(q, k, v, seqlens, factor_rows(tables.near, batch), max_seqlen=step.total, **far,
-                             **options)
-    return step.decode
+    tables, far = None, {}
+    if rope is not None:
+        # cached tables (selected per row on the device for length-dependent ropes): no table build per step
+        tables = table_set(rope, device, lengths=seqlens if rope.length_dependent else None,
+                           rerope_window=options["rerope_window"], rerope_leak=options["rerope_leak"])
+        if options["rerope_window"] is not None:
+            far = dict(q_far_tables=tables.far_q, k_far_tables=tables.far_k)
+        tables = factor_rows(tables.near, batch)
+    plans[key] = DecodePlan(q, k, v, seqlens, tables, max_seqlen=step.total, **far, **options)
+    return plans[key]
 
 
 def _dynamic_attention(module, patch: _Patch, q, k, v, attention_mask, cache, position_ids):
@@ -326,21 +406,21 @@ def _dynamic_attention(module, patch: _Patch, q, k, v, attention_mask, cache, po
         keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), module.layer_idx)
         k, v = keys.transpose(1, 2), values.transpose(1, 2)  # (B, T_layer, Hkv, D) views of the cache
     total, length = step.total, k.shape[1]  # sliding-window layers hold the last `length` keys
-    window = _sliding_window(module)
+    window, rope = _window(module, patch), _rope(module, patch)
     if step.has_pad:
         window = window or PAD_WINDOW
     options = _options(module, patch, window)
     full = step.standard and length == total
     if full and step.seen and n <= DECODE_MAX_QUERIES and patch.backend != "cuda":
         if _decode_kernel_runs(patch, q):
-            return _decode_plan(patch, step, q, k, v, options)(q, k, v)[0]
+            return _decode_plan(rope, step, q, k, v, options)(q, k, v)[0]
         seqlens = torch.full((batch,), total, dtype=torch.int32, device=q.device)
-        return scaled_rope_attention_with_kvcache(q, k, v, patch.rope, cache_seqlens=seqlens,
+        return scaled_rope_attention_with_kvcache(q, k, v, rope, cache_seqlens=seqlens,
                                                   backend=patch.backend, **options)
     if full:
-        return scaled_rope_attention(q, k, v, patch.rope, backend=patch.backend, **options)
+        return scaled_rope_attention(q, k, v, rope, backend=patch.backend, **options)
     q_positions, k_positions = step.positions(batch, n, q.device)
-    return scaled_rope_attention(q, k, v, patch.rope, q_positions=q_positions,
+    return scaled_rope_attention(q, k, v, rope, q_positions=q_positions,
                                  k_positions=k_positions[:, total - length:], backend=patch.backend, **options)
 
 
@@ -368,12 +448,12 @@ def _static_attention(module, patch: _Patch, layer, q, k, v, attention_mask, cac
         keys_in = torch.arange(attention_mask.shape[1], device=q.device) < total
         torch._assert_async((attention_mask.to(q.device).bool() | ~keys_in).all(),
                             "patched model with a StaticCache: padded rows are not supported; use DynamicCache")
-    options = _options(module, patch, _sliding_window(module))
+    options, rope = _options(module, patch, _window(module, patch)), _rope(module, patch)
     if n > DECODE_MAX_QUERIES and not compiling:
-        return scaled_rope_attention(q, k, v, patch.rope, backend=patch.backend, **options)
+        return scaled_rope_attention(q, k, v, rope, backend=patch.backend, **options)
     k_all, v_all = keys.transpose(1, 2), values.transpose(1, 2)  # (B, max_len, Hkv, D) views of the cache
     seqlens = total.to(torch.int32).expand(batch).contiguous()
-    return scaled_rope_attention_with_kvcache(q, k_all, v_all, patch.rope, cache_seqlens=seqlens,
+    return scaled_rope_attention_with_kvcache(q, k_all, v_all, rope, cache_seqlens=seqlens,
                                               backend=patch.backend, **options)
 
 
@@ -452,37 +532,58 @@ def _phi3_generation_override(model):
 
 
 # ---- public API ------------------------------------------------------------------------------------------------
+def _check_layers(layers, rope: RopeScaling, num_layers: int) -> dict[int, LayerAttention] | None:
+    """patch_model's `layers`, checked, with non-negative indices."""
+    if layers is None:
+        return None
+    if not isinstance(layers, dict):
+        raise TypeError(f"layers must be a dict of layer index -> LayerAttention, got {type(layers).__name__}")
+    checked = {}
+    for index, setting in layers.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not -num_layers <= index < num_layers:
+            raise ValueError(f"layers: keys must be layer indices in [-{num_layers}, {num_layers}), got {index!r}")
+        if not isinstance(setting, LayerAttention):
+            raise TypeError(f"layers[{index}] must be a LayerAttention, got {type(setting).__name__}")
+        _check_options(rope if setting.rope else None, causal=True, window=setting.window, softmax_scale=None,
+                       rerope_window=setting.rerope_window, rerope_leak=setting.rerope_leak,
+                       logn_base=setting.logn_base, backend="auto")
+        if index % num_layers in checked:
+            raise ValueError(f"layers: layer {index % num_layers} is given twice (as {index})")
+        checked[index % num_layers] = setting
+    return checked
+
+
 def patch_model(model, rope: RopeScaling | None = None, rerope_window: int | None = None,
-                rerope_leak: float | None = None, logn_base: float | None = None, backend: str = "auto"):
+                rerope_leak: float | None = None, logn_base: float | None = None, backend: str = "auto",
+                layers: dict[int, LayerAttention] | None = None):
     """Route the attention layers of a transformers Llama / Mistral / Qwen2 / Qwen3 / Phi-3 model through
     scaled_rope, in place; returns the model.
 
     rope: a RopeScaling (default: `RopeScaling.from_hf_config(model.config)`, the model's own rope). rerope_window,
     rerope_leak, logn_base: as in `scaled_rope_attention` (ReRoPE / Leaky ReRoPE, log-n logit scaling). backend:
     "auto", "triton", "cuda" or "reference" (decode steps use the KV-cache kernel, which has no "cuda" backend:
-    with backend="cuda" they run through `scaled_rope_attention`). Patching a patched model replaces its settings.
+    with backend="cuda" they run through `scaled_rope_attention`). layers: {layer index: LayerAttention} for
+    layers that attend differently (window, NoPE, their own ReRoPE / log-n settings; negative indices count from
+    the end), e.g. `hwfa_layers(...)` for the HWFA layouts. Patching a patched model replaces its settings.
     Phi-3's generate() no longer drops the cache when a sequence passes the original length (no re-prefill).
     Raises NotImplementedError for other architectures.
     """
     classes = _supported_attention_classes()
-    layers = [m for m in model.modules() if type(m) in classes]
-    if not layers:
+    attention_layers = [m for m in model.modules() if type(m) in classes]
+    if not attention_layers:
         raise NotImplementedError(f"patch_model supports the {_FAMILIES} families of transformers; "
                                   f"{type(model).__name__} has none of their attention layers")
     if rope is None:
         rope = RopeScaling.from_hf_config(model.config)
     elif not isinstance(rope, RopeScaling):
         raise TypeError(f"rope must be a RopeScaling or None, got {type(rope).__name__}")
-    head_dims = {m.head_dim for m in layers}
+    head_dims = {m.head_dim for m in attention_layers}
     if head_dims != {rope.head_dim}:
         raise ValueError(f"rope.head_dim ({rope.head_dim}) does not match the model's attention head dim "
                          f"({sorted(head_dims)})")
-    if rerope_leak is not None and rerope_window is None:
-        raise ValueError("rerope_leak needs rerope_window")
-    if rerope_window is not None and rope.n_hat:
-        raise ValueError("rerope_window cannot be combined with n_hat > 0 (rope.n_hat)")
-    if backend not in ("auto", "triton", "cuda", "reference"):
-        raise ValueError(f"backend must be one of 'auto', 'triton', 'cuda', 'reference', got {backend!r}")
+    _check_options(rope, causal=True, window=None, softmax_scale=None, rerope_window=rerope_window,
+                   rerope_leak=rerope_leak, logn_base=logn_base, backend=backend)
+    layers_by_index = _check_layers(layers, rope, len(attention_layers))
     from transformers import PreTrainedModel
 
     previous = getattr(model, "_scaled_rope_patch", None)
@@ -492,10 +593,10 @@ def patch_model(model, rope: RopeScaling | None = None, rerope_window: int | Non
         for handle in previous.hooks:
             handle.remove()
     _register()
-    patch = _Patch(rope, rerope_window, rerope_leak, logn_base, backend, attn_implementation)
+    patch = _Patch(rope, rerope_window, rerope_leak, logn_base, backend, attn_implementation, layers_by_index)
     patch.hooks = tuple(m.register_forward_pre_hook(_new_forward(patch), with_kwargs=True)
                         for m in model.modules() if isinstance(m, PreTrainedModel))
-    for module in layers:
+    for module in attention_layers:
         module._scaled_rope_patch = patch
         module.forward = types.MethodType(_patched_forward, module)
     for module in _rotary_embeddings(model):
