@@ -12,6 +12,9 @@ For each prompt length (4k, 32k), the same weights run as:
   transformers compiled StaticCache + torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) for the
                         decode steps: transformers' own fast decode path (prefill eager, as generate() does)
   scaled_rope compiled  the patched model the same way (the attention is a registered torch.library op)
+  scaled_rope hwfa      (--hwfa models) a different model on the same weights: HWFA layout (seed 004), every layer
+                        but the last attends within 4096 keys with RoPE, the last attends to all keys with NoPE and
+                        log-n scaling (`hwfa_layers`); against "scaled_rope", its cost relative to full attention
 prefill = one forward over the prompt into an empty cache (logits of the last token only, as generate() does);
 decode = greedy steps of one token over that cache, timed together (host overhead included). Medians of
 CUDA-synchronised wall times. Also checks that both give the same next token after the prompt. A run that fails
@@ -19,7 +22,7 @@ CUDA-synchronised wall times. Also checks that both give the same next token aft
 writes model-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path).
 
     python bench/bench_model.py [--out DIR|PATH] [--quick] [--models a,b] [--prompts 4096,32768]
-                                [--compiled a,b|all|none]
+                                [--compiled a,b|all|none] [--hwfa a,b|all|none]
 
 --quick: 4k prompts only, fewer decode steps. --models: which models (default all). --compiled: models that also
 get the compiled rows (default llama3.2-1b: each compiled row costs a compilation per prompt length). Without a
@@ -63,6 +66,7 @@ PHI3_MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num
                                   "original_max_position_embeddings": 4096})
 MODELS = {"llama3.2-1b": ("llama", LLAMA_1B), "llama3.1-8b": ("llama", LLAMA_8B), "qwen2.5-7b": ("qwen2", QWEN_7B),
           "phi3-mini": ("phi3", PHI3_MINI)}
+HWFA_WINDOW = 4096  # HWFA rows: window layers of 4096 keys, the last layer full with NoPE and log-n (base 4096)
 TINY = dict(LLAMA_1B, vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
@@ -161,13 +165,15 @@ def main() -> int:
     parser.add_argument("--models", default="", help=f"comma-separated models (default all: {', '.join(MODELS)})")
     parser.add_argument("--prompts", default="", help="comma-separated prompt lengths (default 4096,32768; "
                         "--quick: 4096)")
+    parser.add_argument("--hwfa", default="llama3.2-1b",
+                        help="models that also get the HWFA row: a list, 'all' or 'none'")
     parser.add_argument("--compiled", default="llama3.2-1b",
                         help="models that also get the compiled StaticCache rows: a list, 'all' or 'none'")
     args = parser.parse_args()
 
     import transformers
 
-    from scaled_rope.integrations.transformers import patch_model, unpatch_model
+    from scaled_rope.integrations.transformers import hwfa_layers, patch_model, unpatch_model
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -188,6 +194,7 @@ def main() -> int:
             parser.error(f"--models takes {', '.join(MODELS)}; got {sorted(unknown)}")
         compiled = set(MODELS) if args.compiled == "all" else set() if args.compiled == "none" else \
             set(args.compiled.split(","))
+        hwfa = set(MODELS) if args.hwfa == "all" else set() if args.hwfa == "none" else set(args.hwfa.split(","))
         plans = [(name, *MODELS[name]) for name in names]
         dtype, backend = torch.bfloat16, "auto"
         prompts, steps, repeats = ([4096], 32, 2) if args.quick else ([4096, 32768], 64, 3)
@@ -196,7 +203,7 @@ def main() -> int:
     else:
         print("bench_model: no CUDA GPU; running a tiny model on the CPU with the reference backend (smoke test, "
               "timings mean nothing)")
-        plans, compiled = [("tiny", "llama", TINY)], set()
+        plans, compiled, hwfa = [("tiny", "llama", TINY)], set(), set()
         dtype, backend = torch.float32, "reference"
         prompts, steps, repeats = [64, 128], 4, 1
     env.update(dtype=str(dtype).replace("torch.", ""), backend=backend)
@@ -223,10 +230,14 @@ def main() -> int:
             variants = [("transformers", False, False), ("scaled_rope", True, False)]
             if name in compiled:
                 variants += [("transformers compiled", False, True), ("scaled_rope compiled", True, True)]
+            if name in hwfa:
+                variants.append(("scaled_rope hwfa", True, False))
             results = {}
             for impl, patched, compile_it in variants:
                 if patched:
-                    patch_model(model, backend=backend)
+                    layers = hwfa_layers(shape["num_hidden_layers"], window=HWFA_WINDOW, full_layers=(-1,),
+                                         logn_base=HWFA_WINDOW) if impl.endswith("hwfa") else None
+                    patch_model(model, backend=backend, layers=layers)
                 results[impl] = measure(model, prompt, steps, repeats, device, compiled=compile_it)
                 if patched:
                     unpatch_model(model)
@@ -236,7 +247,8 @@ def main() -> int:
             for impl, result in results.items():
                 base = results["transformers compiled" if "compiled" in impl else "transformers"]
                 check = {}
-                if "logits" in base and "logits" in result and impl.startswith("scaled_rope"):
+                if "logits" in base and "logits" in result and impl.startswith("scaled_rope") and \
+                        not impl.endswith("hwfa"):  # another model: no logits to compare
                     check = {"same_next_token": base["next_token"] == result["next_token"],
                              "max_abs_logit_diff": (base["logits"] - result["logits"]).abs().max().item(),
                              "logit_scale": base["logits"].abs().max().item()}

@@ -69,7 +69,7 @@ def attention_table(path: Path) -> list[str]:
 
 COLUMNS = {
     "decode": ("shape", "method", "ms", "tbps"),
-    "model": ("prompt", "impl", "prefill_tokens_per_s", "decode_tokens_per_s", "same_next_token",
+    "model": ("model", "prompt", "impl", "prefill_ms", "decode_ms_per_token", "same_next_token",
               "max_abs_logit_diff"),
     "rope": ("shape", "method", "ms", "gbps"),
     "cuda-forward": ("case", "backend", "ms", "tflops"),
@@ -89,6 +89,29 @@ def generic_table(path: Path, title: str, columns: tuple[str, ...]) -> list[str]
     for row in rows:
         cells = [_number(row[c]) if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def extension_table(path: Path) -> list[str]:
+    """Perplexity / passkey accuracy per method and length of a bench_extension run, and its 8x verdict."""
+    data = json.loads(path.read_text())
+    lengths = data.get("lengths", [])
+    cells = {(r["method"], r["length"]): r for r in data.get("results", [])}
+    methods = list(dict.fromkeys(r["method"] for r in data.get("results", [])))
+    if not methods:
+        return []
+    model = data.get("model", {})
+    lines = [f"Context extension without fine-tuning (perplexity / passkey accuracy), byte-level model of "
+             f"{model.get('parameters', 0) / 1e6:.1f}M parameters trained at {model.get('context')} — "
+             f"{env_line(path, data)}:", "",
+             "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for method in methods:
+        row = [cells.get((method, n)) for n in lengths]
+        lines.append(f"| {method} | " + " | ".join(
+            "n/a" if r is None else f"{r['perplexity']:.3f} / {r['passkey']:.0%}" for r in row) + " |")
+    claim = data.get("claim") or {}
+    if claim.get("sentence"):
+        lines += ["", claim["sentence"]]
     return lines
 
 
@@ -113,6 +136,8 @@ def build() -> str:
                           ("rope", "Standalone rotation")):
         if (path := newest(prefix)) is not None:
             blocks.append(generic_table(path, title, COLUMNS[prefix]))
+    if (path := newest("extension")) is not None:
+        blocks.append(extension_table(path))
     return "\n\n".join("\n".join(b) for b in blocks if b)
 
 
