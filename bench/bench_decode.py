@@ -176,6 +176,14 @@ def main() -> int:
                 q, k_cache, v_cache, RopeScaling.default(dim), cache_seqlens=cached, k_new=k_new, v_new=v_new,
                 rerope_window=512, rerope_leak=16.0),
         }
+        # the kernels alone on prebuilt tables: plain RoPE against Leaky ReRoPE (two key rotations per tile)
+        default, leaky = RopeScaling.default(dim), dict(rerope_window=512, rerope_leak=16.0)
+        near = build_tables(default, batch, dev, seq_lens=seqlens)
+        q_far = build_tables(default, batch, dev, seq_lens=seqlens, far="q", **leaky)
+        k_far = build_tables(default, batch, dev, seq_lens=seqlens, far="k", **leaky)
+        methods["ours kernel plain rope"] = lambda: decode_attention(q, k_cache, v_cache, seqlens, near)
+        methods["ours kernel leaky-rerope w512 k16"] = lambda: decode_attention(
+            q, k_cache, v_cache, seqlens, near, q_far_tables=q_far, k_far_tables=k_far, **leaky)
         k_rot = eager_rotate(k_cache, rope, ctx)()
         q_rot = eager_rotate(q, rope, ctx, start=ctx - 1)
         methods["sdpa default (prerotated)"] = lambda: sdpa(q, k_rot, v_cache)
@@ -209,12 +217,6 @@ def main() -> int:
                                                          config=cfg), warmup=5, rep=25, return_mode="median")
             sweep += [dict(r, method="longrope") for r in sweep_configs(SWEEP_CONFIGS, shape, splits, plain)]
             if hkv < hq and batch > 1:
-                default = RopeScaling.default(dim)
-                leaky = dict(rerope_window=512, rerope_leak=16.0)
-                near = build_tables(default, batch, dev, seq_lens=seqlens)
-                q_far = build_tables(default, batch, dev, seq_lens=seqlens, far="q", **leaky)
-                k_far = build_tables(default, batch, dev, seq_lens=seqlens, far="k", **leaky)
-
                 def leaky_run(n_splits, cfg):
                     return do_bench(lambda: decode_attention(q, k_cache, v_cache, seqlens, near, q_far_tables=q_far,
                                                              k_far_tables=k_far, num_splits=n_splits, config=cfg,
@@ -222,6 +224,8 @@ def main() -> int:
                 sweep += [dict(r, method="leaky-rerope") for r in sweep_configs(LEAKY_SWEEP, shape, splits, leaky_run)]
         methods.clear()  # drop this shape's tensors before the next one is allocated
         torch.cuda.empty_cache()
+        path = write_results(args.out, "decode", gpu, {"date": today(), "env": env, "results": rows, "sweep": sweep,
+                                                       "bytes": "K + V bytes of the used cache"})  # kept if cut short
 
     print()
     print("| shape | method | time (us) | host (us/call) | KV TB/s | of copy | method time / ours api |")
@@ -244,8 +248,6 @@ def main() -> int:
             ms = f"{row['ms'] * 1e3:.0f}" if row["ms"] else row.get("error", "n/a")
             print(f"| {row['shape']} | {row['method']} | {row['BLOCK_N']} | {row['num_warps']} | {row['num_stages']} | "
                   f"{row['maxnreg']} | {row['num_splits']} | {ms} |")
-    path = write_results(args.out, "decode", gpu, {"date": today(), "env": env, "bytes": "K + V bytes of the used cache",
-                                                   "results": rows, "sweep": sweep})
     print(f"\nwrote {path}")
     return 0
 
