@@ -65,6 +65,23 @@ def _check_input(name: str, x) -> None:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {x.stride()}")
 
 
+def _check_qkv(q, k, v, key_length: str) -> None:
+    """q (B, Nq, Hq, D), k and v (B, <key_length>, Hkv, D): inputs of one dtype and device, Hq a multiple of Hkv."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_input(name, x)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, _, hq, dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"k must be (B={batch}, {key_length}, Hkv, D={dim}), got {tuple(k.shape)}")
+    if k.shape[2] == 0 or hq % k.shape[2]:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[2]})")
+
+
 def _check_positions(name: str, pos, batch: int, length: int, device: torch.device) -> None:
     if pos is None:
         return
@@ -153,20 +170,9 @@ def _tables(rope, choice: _backends.Choice, device: torch.device, lengths, *, ad
 # ---- attention --------------------------------------------------------------------------------------------------
 def attention_plan(q, k, v, rope, *, causal, q_positions, k_positions, window, softmax_scale, rerope_window,
                    rerope_leak, logn_base, backend) -> AttentionPlan:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_input(name, x)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_qkv(q, k, v, "Nk")
     batch, nq, hq, dim = q.shape
     nk = k.shape[1]
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != dim:
-        raise ValueError(f"k must be (B={batch}, Nk, Hkv, D={dim}), got {tuple(k.shape)}")
-    if k.shape[2] == 0 or hq % k.shape[2]:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[2]})")
     if nq >= MAX_LENGTH or nk >= MAX_LENGTH:
         raise ValueError(f"q and k lengths must be < 2**30, got {nq} and {nk}")
     if batch * hq * -(-max(nq, nk) // 16) >= 2 ** 31:  # programs of a 1-D grid (tiles of >= 16 rows)

@@ -53,7 +53,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ._plan import _check_options, _check_rope
+from ._plan import _check_options, _check_qkv, _check_rope
 from .attention import scaled_rope_attention
 from .scaling import RopeScaling
 
@@ -181,26 +181,8 @@ def _group(group):
 
 def _validate(q, k, v, rope, *, causal, q_positions, k_positions, window, softmax_scale, rerope_window,
               rerope_leak, logn_base, backend, sharding) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be (B, N_local, H, D), got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOATS:
-            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension, got strides {x.stride()}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_qkv(q, k, v, "N_local")
     batch, nq, hq, dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != dim:
-        raise ValueError(f"k must be (B={batch}, N_local, Hkv, D={dim}), got {tuple(k.shape)}")
-    if k.shape[2] == 0 or hq % k.shape[2]:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[2]})")
     if nq == 0 or k.shape[1] == 0:
         raise ValueError(f"q and k: every rank needs at least one token, got N_local {nq} and {k.shape[1]}")
     _check_rope(rope, dim)
