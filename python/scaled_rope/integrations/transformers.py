@@ -371,13 +371,13 @@ def _decode_kernel_runs(patch: _Patch, q: torch.Tensor) -> bool:
     return True
 
 
-def _decode_plan(rope: RopeScaling | None, step: _Step, q, k, v, options: dict):
-    """The step's DecodePlan for these settings, made by the first decode layer with them: tables of each row's
-    length, split count and kernel arguments; the other layers reuse it (a layer with other shapes gets its own)."""
+def _decode_plan(key, rope: RopeScaling | None, step: _Step, q, k, v, options: dict):
+    """The step's DecodePlan for the layers with this key (their LayerAttention and window, which settle rope and
+    options), made by the first decode layer with it: tables of each row's length, split count and kernel
+    arguments; the other layers reuse it (a layer with other shapes gets its own)."""
     from ..tables import factor_rows, table_set
     from ..triton_kernels.decode import DecodePlan
 
-    key = (rope is not None, *sorted(options.items()))
     shapes = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), v.stride())
     plans = step.decode if step.decode is not None else {}
     step.decode = plans
@@ -413,7 +413,7 @@ def _dynamic_attention(module, patch: _Patch, q, k, v, attention_mask, cache, po
     full = step.standard and length == total
     if full and step.seen and n <= DECODE_MAX_QUERIES and patch.backend != "cuda":
         if _decode_kernel_runs(patch, q):
-            return _decode_plan(rope, step, q, k, v, options)(q, k, v)[0]
+            return _decode_plan((_layer(module, patch), window), rope, step, q, k, v, options)(q, k, v)[0]
         seqlens = torch.full((batch,), total, dtype=torch.int32, device=q.device)
         return scaled_rope_attention_with_kvcache(q, k, v, rope, cache_seqlens=seqlens,
                                                   backend=patch.backend, **options)
