@@ -1,5 +1,5 @@
 // FlashAttention backward over already rotated q and k (torch-free): csrc/flash_bwd_sm90.cu, for sm_90a (H100/H200),
-// head_dim 128, float16 and bfloat16.
+// head_dim 96 and 128, float16 and bfloat16.
 // Semantics: those of the forward (csrc/flash_fwd.h) with default positions (query row i at seqlen_k - seqlen_q + i,
 // key j at j) and no ReRoPE. With P the softmax of s = softmax_scale * g(pos) * <q, k> over the allowed keys (lse:
 // the forward's natural-log row logsumexp, -inf on empty rows), dP = dout v^T, Delta = rowsum(dout * out) - dlse

@@ -1,5 +1,9 @@
-// FlashAttention backward for sm_90a (H100/H200) over already rotated q and k, head_dim 128: warp-specialised, with
-// TMA and wgmma, in the manner of FlashAttention-3's backward. Semantics: csrc/flash_bwd.h.
+// FlashAttention backward for sm_90a (H100/H200) over already rotated q and k, head_dim 96 or 128: warp-specialised,
+// with TMA and wgmma, in the manner of FlashAttention-3's backward. Semantics: csrc/flash_bwd.h.
+//
+// Tiles are 128 columns wide. For head_dim 96 the tensor maps are 96 columns wide, so TMA fills columns 96..127 of
+// every Q, K, V and dO tile with zeros: they add nothing to S^T or dP^T, give zero columns of dV, dK and dQ, and the
+// epilogues store the first 96.
 //
 // Three launches. (1) A preprocess kernel writes, per query row, the exponent scale c = softmax_scale log2(e) g(pos),
 // lse in log2 units L (+inf on empty and padding rows, so that p = 2^(c s - L) = 0 there), the log-n factor g(pos)
@@ -39,7 +43,7 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kD = kHeadDim;
+constexpr int kD = 128;  // tile columns (head_dim 96: the last 32 zero)
 constexpr int kBlockM = kFlashBwdBlockM;  // query rows per step
 constexpr int kBlockN = 128;              // keys per CTA: 64 per consumer warpgroup
 constexpr int kStages = 2;                // Q / dO ring
@@ -158,7 +162,7 @@ __device__ __forceinline__ RowRange allowed_rows(int key, int base, int seqlen_k
 }
 
 // ---- preprocess: row info, dq_accum zeroed --------------------------------------------------------------------------
-// One CTA of 256 threads per (batch, q head, query tile); 4 threads a row, 32 elements each.
+// One CTA of 256 threads per (batch, q head, query tile); 4 threads a row, head_dim / 4 elements each.
 template <typename T>
 __global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const FlashBwdParams p, int n_query_tiles) {
   const int64_t tile = blockIdx.x;  // (b * heads_q + h) * n_query_tiles + query tile
@@ -174,12 +178,13 @@ __global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const FlashBw
   const bool valid = row < p.seqlen_q;
   float dot = 0.0f;
   if (valid) {
+    const int per_part = static_cast<int>(p.head_dim) / 4;  // 32 or 24: whole 16-byte chunks
     const uint4* o = reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + b * p.o_batch_stride +
-                                                    row * p.o_row_stride + h * p.o_head_stride + part * 32);
+                                                    row * p.o_row_stride + h * p.o_head_stride + part * per_part);
     const uint4* d = reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + b * p.do_batch_stride +
-                                                    row * p.do_row_stride + h * p.do_head_stride + part * 32);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
+                                                    row * p.do_row_stride + h * p.do_head_stride + part * per_part);
+#pragma unroll 4
+    for (int c = 0; c < per_part / 8; ++c) {
       const uint4 ov = o[c], dv = d[c];
       const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w}, dw[4] = {dv.x, dv.y, dv.z, dv.w};
 #pragma unroll
@@ -483,6 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       T* dv_row = dv_base + key * p.dv_row_stride;
 #pragma unroll
       for (int db = 0; db < kD / 8; ++db) {
+        if (db * 8 >= p.head_dim) break;
         *reinterpret_cast<uint32_t*>(dk_row + db * 8 + 2 * t) =
             pack2<T>(dk[4 * db + 2 * r] * scale, dk[4 * db + 2 * r + 1] * scale);
         *reinterpret_cast<uint32_t*>(dv_row + db * 8 + 2 * t) = pack2<T>(dv[4 * db + 2 * r], dv[4 * db + 2 * r + 1]);
@@ -493,8 +499,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- dq_accum -> dq ---------------------------------------------------------------------------------------------
-// dq = softmax_scale * dq_accum in the input dtype. One CTA of 256 threads per (batch, q head, query tile); each
-// thread converts float4s: a warp covers one row.
+// dq = softmax_scale * dq_accum in the input dtype (the first head_dim columns). One CTA of 256 threads per (batch,
+// q head, query tile); each thread converts float4s: a warp covers one row.
 template <typename T>
 __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const FlashBwdParams p, int n_query_tiles) {
   const int64_t tile = blockIdx.x;
@@ -507,6 +513,7 @@ __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const FlashBw
     const int r = f / (kD / 4), col = f % (kD / 4) * 4;
     const int64_t row = m0 + r;
     if (row >= p.seqlen_q) break;  // rows only grow with f
+    if (col >= p.head_dim) continue;
     const float4 x = *reinterpret_cast<const float4*>(acc + dq_accum_index(r, col));
     uint2 packed;
     packed.x = pack2<T>(x.x * p.softmax_scale, x.y * p.softmax_scale);
@@ -543,19 +550,19 @@ std::string launch(const FlashBwdParams& p, cudaStream_t stream) {
   if (kv_blocks > 0) {
     constexpr const char* kWho = "flash_bwd";
     BwdMaps maps;
-    std::string err = encode_tile_map<T>(&maps.k, kWho, "k", p.k, p.batch, p.seqlen_k, p.heads_kv, p.k_batch_stride,
-                                         p.k_row_stride, p.k_head_stride, kBlockN);
+    std::string err = encode_tile_map<T>(&maps.k, kWho, "k", p.k, p.batch, p.seqlen_k, p.heads_kv, p.head_dim,
+                                         p.k_batch_stride, p.k_row_stride, p.k_head_stride, kBlockN);
     if (err.empty()) {
-      err = encode_tile_map<T>(&maps.v, kWho, "v", p.v, p.batch, p.seqlen_k, p.heads_kv, p.v_batch_stride,
-                               p.v_row_stride, p.v_head_stride, kBlockN);
+      err = encode_tile_map<T>(&maps.v, kWho, "v", p.v, p.batch, p.seqlen_k, p.heads_kv, p.head_dim,
+                               p.v_batch_stride, p.v_row_stride, p.v_head_stride, kBlockN);
     }
     if (err.empty() && p.seqlen_q > 0) {
-      err = encode_tile_map<T>(&maps.q, kWho, "q", p.q, p.batch, p.seqlen_q, p.heads_q, p.q_batch_stride,
-                               p.q_row_stride, p.q_head_stride, kBlockM);
+      err = encode_tile_map<T>(&maps.q, kWho, "q", p.q, p.batch, p.seqlen_q, p.heads_q, p.head_dim,
+                               p.q_batch_stride, p.q_row_stride, p.q_head_stride, kBlockM);
     }
     if (err.empty() && p.seqlen_q > 0) {
-      err = encode_tile_map<T>(&maps.dout, kWho, "dout", p.dout, p.batch, p.seqlen_q, p.heads_q, p.do_batch_stride,
-                               p.do_row_stride, p.do_head_stride, kBlockM);
+      err = encode_tile_map<T>(&maps.dout, kWho, "dout", p.dout, p.batch, p.seqlen_q, p.heads_q, p.head_dim,
+                               p.do_batch_stride, p.do_row_stride, p.do_head_stride, kBlockM);
     }
     if (!err.empty()) return err;
     if (p.seqlen_q == 0) maps.q = maps.dout = maps.k;  // never read: no query tile to visit
@@ -595,7 +602,9 @@ bool aligned(const void* ptr, int bytes, std::initializer_list<int64_t> strides)
 std::string flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   using flash::aligned;
   if (p.dtype != kFloat16 && p.dtype != kBFloat16) return "flash_bwd: dtype must be float16 or bfloat16";
-  if (p.head_dim != flash::kD) return "flash_bwd: head_dim " + std::to_string(p.head_dim) + " is not supported (128)";
+  if (p.head_dim != 96 && p.head_dim != 128) {
+    return "flash_bwd: head_dim " + std::to_string(p.head_dim) + " is not supported (96 or 128)";
+  }
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.heads_q < 0 || p.heads_kv <= 0) {
     return "flash_bwd: invalid sizes";
   }

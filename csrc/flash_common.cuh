@@ -144,7 +144,7 @@ __device__ __forceinline__ TileRange default_key_tiles(int q_min, int q_max, int
   return range;
 }
 
-// sm_90a kernel (csrc/flash_fwd_sm90.cu) for head_dim 128: launches it and sets *launched when this build holds
+// sm_90a kernel (csrc/flash_fwd_sm90.cu) for head_dim 64, 96, 128: launches it and sets *launched when this build holds
 // sm_90a code, the device is compute capability 9.x and SCALED_ROPE_FLASH_SM80 is unset or 0; else returns "" with
 // *launched false and the caller runs the sm_80 kernel. Returns "" on success, else an error message.
 std::string flash_fwd_sm90(const FlashFwdParams& params, cudaStream_t stream, bool* launched);

@@ -513,8 +513,8 @@ bool aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
 
 std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   if (p.dtype != kFloat16 && p.dtype != kBFloat16) return "flash_fwd: dtype must be float16 or bfloat16";
-  if (p.head_dim != 64 && p.head_dim != 128) {
-    return "flash_fwd: head_dim " + std::to_string(p.head_dim) + " is not supported (64 or 128)";
+  if (p.head_dim != 64 && p.head_dim != 96 && p.head_dim != 128) {
+    return "flash_fwd: head_dim " + std::to_string(p.head_dim) + " is not supported (64, 96 or 128)";
   }
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.heads_q < 0 || p.heads_kv <= 0) {
     return "flash_fwd: invalid sizes";
@@ -554,6 +554,10 @@ std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   bool launched = false;
   const std::string err = flash::flash_fwd_sm90(p, stream, &launched);
   if (launched) return err;
+  if (p.head_dim == 96) {
+    return "flash_fwd: head_dim 96 runs on the sm_90a kernel only (a compute capability 9.x device, an extension built "
+           "with sm_90a, SCALED_ROPE_FLASH_SM80 unset)";
+  }
   if (p.dtype == kFloat16) {
     return p.head_dim == 64 ? launch<__half, 64>(p, stream) : launch<__half, 128>(p, stream);
   }

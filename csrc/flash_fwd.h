@@ -1,6 +1,6 @@
 // FlashAttention forward over already rotated q and k (torch-free): an sm_80+ kernel (mma.sync, ldmatrix, cp.async;
-// csrc/flash_fwd.cu) and, for head_dim 128 on compute capability 9.x when the build has sm_90a code, a wgmma kernel
-// (csrc/flash_fwd_sm90.cu); SCALED_ROPE_FLASH_SM80=1 forces the sm_80 kernel.
+// csrc/flash_fwd.cu; head_dim 64 and 128) and, on compute capability 9.x when the build has sm_90a code, a wgmma
+// kernel (csrc/flash_fwd_sm90.cu; head_dim 64, 96 and 128); SCALED_ROPE_FLASH_SM80=1 forces the sm_80 kernel.
 // Semantics: docs/DESIGN.md §3 with the rotation done beforehand (csrc/rope.cu writes the rotated q, k and, for
 // ReRoPE, the far pair q_far, k_far into scratch buffers). For a query at position P and a key at position Q,
 // delta = P - Q: allowed when (not causal or delta >= 0) and (no window or delta < window); the score is

@@ -1,6 +1,10 @@
-// FlashAttention forward for sm_90a (H100/H200) over already rotated q and k, head_dim 128: warp-specialised, with
-// the tensor memory accelerator (TMA) and warpgroup MMA (wgmma). Semantics as csrc/flash_fwd.h; csrc/flash_fwd.cu
+// FlashAttention forward for sm_90a (H100/H200) over already rotated q and k, head_dim 64, 96 or 128: warp-specialised,
+// with the tensor memory accelerator (TMA) and warpgroup MMA (wgmma). Semantics as csrc/flash_fwd.h; csrc/flash_fwd.cu
 // launches this kernel where it applies and the sm_80 one otherwise.
+//
+// Tiles are kD = 64 or 128 columns wide. head_dim 96 runs the kD = 128 kernel: its tensor maps are 96 columns wide,
+// so TMA fills columns 96..127 of every tile with zeros; they add nothing to Q K^T, give zero columns of P V, and the
+// epilogue stores the first 96 (a quarter of the tensor-core work is spent on the zeros, none of the softmax).
 //
 // One CTA of three warpgroups takes kBlockM = 128 query rows of one (batch, q head). Warpgroup 0 is the producer: one
 // thread issues every copy (TMA boxes of 64 columns x 128 rows, 128-byte swizzle) and the others exit. Warpgroups 1
@@ -34,14 +38,16 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kD = 128;
 constexpr int kBlockM = 128;
 constexpr int kBlockN = 128;
 constexpr int kNB = kBlockN / 8;            // n8 blocks of S per thread row
 static_assert(kNB * 8 == kBlockN && kBlockN % kFlashBlockN == 0, "key tiles of whole n8 blocks and prepass tiles");
 constexpr int kPrepassTiles = kBlockN / kFlashBlockN;  // key tiles of the (min, max) prepass per key tile
-constexpr int kQBytes = kBlockM * kD * 2;
-constexpr int kKVBytes = kBlockN * kD * 2;
+// Bytes of a Q tile and of one K or V stage, kD (64 or 128) columns wide.
+template <int kD>
+constexpr int kQTileBytes = kBlockM * kD * 2;
+template <int kD>
+constexpr int kKVStageBytes = kBlockN * kD * 2;
 
 // ---- visits, masks, softmax --------------------------------------------------------------------------------------
 // Keys allowed for a query at position pos where key positions are the columns (docs/DESIGN.md §3.3: col < seqlen_k,
@@ -238,12 +244,14 @@ __device__ __forceinline__ void softmax_visit(float (&s)[64], const Visit& v, Ro
   }
 }
 
-template <typename T>
+template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ TileMaps maps, const FlashFwdParams p, int num_q_tiles,
                              int section_heads) {
 #ifdef SCALED_ROPE_SM90A
+  static_assert(kD == 64 || kD == 128, "tiles of one or two 64-column blocks");
   constexpr int S = kStages;
+  constexpr int kQBytes = kQTileBytes<kD>, kKVBytes = kKVStageBytes<kD>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t bars[1 + 4 * S];  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
   __shared__ int q_range[2][kThreads / 32];
@@ -367,15 +375,15 @@ __global__ void __launch_bounds__(kThreads, 1)
                     desc_plus(kd, (kk >> 2) * kBlockN * 128 + (kk & 3) * 32), kk > 0 ? 1 : 0);
       }
     };
-    auto issue_pv = [&](float (&o)[64], const uint32_t (&pa)[kBlockN / 16][4], int stage) {
+    auto issue_pv = [&](float (&o)[kD / 2], const uint32_t (&pa)[kBlockN / 16][4], int stage) {
       const uint64_t vd = desc_plus(v_desc, stage * kKVBytes);
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_rs<T>(o, pa[kk], desc_plus(vd, kk * 16 * 128), 1);
     };
 
-    float o[64];
+    float o[kD / 2];  // O rows as an m64 x kD accumulator
 #pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    for (int i = 0; i < kD / 2; ++i) o[i] = 0.0f;
     uint32_t pa[kBlockN / 16][4];
     // Turns: warpgroup c waits at barrier 1 + c before issuing, then opens the other's; the second warpgroup
     // opens the first's turn once to start.
@@ -420,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // other skips the 64 multiplications.
         if (!__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
 #pragma unroll
-          for (int e = 0; e < 64; ++e) o[e] *= alpha[(e >> 1) & 1];
+          for (int e = 0; e < kD / 2; ++e) o[e] *= alpha[(e >> 1) & 1];
         }
       }
       fence_regs(pa);  // P(i-1) stays untouched until its product is done
@@ -443,7 +451,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_regs(o);
     fence_regs(pa);
 
-    // Epilogue: normalise, write out (input dtype) and lse (natural log); empty rows give 0 and -inf.
+    // Epilogue: normalise, write out (input dtype; the first head_dim columns) and lse (natural log); empty rows give 0
+    // and -inf.
     T* out_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
     float* lse_base = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride;
 #pragma unroll
@@ -457,6 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       T* out_row = out_base + row * p.o_row_stride;
 #pragma unroll
       for (int db = 0; db < kD / 8; ++db) {
+        if (db * 8 >= p.head_dim) break;
         *reinterpret_cast<uint32_t*>(out_row + db * 8 + 2 * t) =
             pack2<T>(o[4 * db + 2 * r] * inv, o[4 * db + 2 * r + 1] * inv);
       }
@@ -477,27 +487,28 @@ bool env_flag(const char* name) {
   return value != nullptr && value[0] != '\0' && value[0] != '0';
 }
 
-template <typename T>
+template <typename T, int kD>
 std::string launch_kernel(const FlashFwdParams& p, cudaStream_t stream) {
+  constexpr int kQBytes = kQTileBytes<kD>, kKVBytes = kKVStageBytes<kD>;
   const bool rerope = p.rerope_window > 0, keys = p.seqlen_k > 0;
   TileMaps maps;
   constexpr const char* kWho = "flash_fwd (sm_90a)";
-  std::string err = encode_tile_map<T>(&maps.q, kWho, "q", p.q, p.batch, p.seqlen_q, p.heads_q, p.q_batch_stride,
-                                       p.q_row_stride, p.q_head_stride, kBlockM);
+  std::string err = encode_tile_map<T>(&maps.q, kWho, "q", p.q, p.batch, p.seqlen_q, p.heads_q, p.head_dim,
+                                       p.q_batch_stride, p.q_row_stride, p.q_head_stride, kBlockM);
   if (err.empty() && rerope) {  // q_far is laid out with q's strides
-    err = encode_tile_map<T>(&maps.q_far, kWho, "q_far", p.q_far, p.batch, p.seqlen_q, p.heads_q,
+    err = encode_tile_map<T>(&maps.q_far, kWho, "q_far", p.q_far, p.batch, p.seqlen_q, p.heads_q, p.head_dim,
                              p.q_batch_stride, p.q_row_stride, p.q_head_stride, kBlockM);
   }
   if (err.empty() && keys) {
-    err = encode_tile_map<T>(&maps.k, kWho, "k", p.k, p.batch, p.seqlen_k, p.heads_kv, p.k_batch_stride,
-                             p.k_row_stride, p.k_head_stride, kBlockN);
+    err = encode_tile_map<T>(&maps.k, kWho, "k", p.k, p.batch, p.seqlen_k, p.heads_kv, p.head_dim,
+                             p.k_batch_stride, p.k_row_stride, p.k_head_stride, kBlockN);
   }
   if (err.empty() && keys) {
-    err = encode_tile_map<T>(&maps.v, kWho, "v", p.v, p.batch, p.seqlen_k, p.heads_kv, p.v_batch_stride,
-                             p.v_row_stride, p.v_head_stride, kBlockN);
+    err = encode_tile_map<T>(&maps.v, kWho, "v", p.v, p.batch, p.seqlen_k, p.heads_kv, p.head_dim,
+                             p.v_batch_stride, p.v_row_stride, p.v_head_stride, kBlockN);
   }
   if (err.empty() && keys && rerope) {
-    err = encode_tile_map<T>(&maps.k_far, kWho, "k_far", p.k_far, p.batch, p.seqlen_k, p.heads_kv,
+    err = encode_tile_map<T>(&maps.k_far, kWho, "k_far", p.k_far, p.batch, p.seqlen_k, p.heads_kv, p.head_dim,
                              p.k_far_batch_stride, p.k_far_row_stride, p.k_far_head_stride, kBlockN);
   }
   if (!err.empty()) return err;
@@ -507,7 +518,7 @@ std::string launch_kernel(const FlashFwdParams& p, cudaStream_t stream) {
   if (!keys || !rerope) maps.k_far = maps.k;
 
   const size_t smem = static_cast<size_t>((rerope ? 2 : 1) * kQBytes + kStages * 2 * kKVBytes + 1024);
-  auto kernel = flash_fwd_sm90_kernel<T>;
+  auto kernel = flash_fwd_sm90_kernel<T, kD>;
   const cudaError_t attr_err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (attr_err != cudaSuccess) {
@@ -522,20 +533,27 @@ std::string launch_kernel(const FlashFwdParams& p, cudaStream_t stream) {
   return launch_error("attention kernel launch failed");
 }
 
+template <typename T, int kD>
+std::string try_launch_dim(const FlashFwdParams& p, cudaStream_t stream, bool* launched) {
+  if (!has_sm90a_code<flash_fwd_sm90_kernel<T, kD>>()) return "";
+  *launched = true;
+  return launch_kernel<T, kD>(p, stream);
+}
+
+template <typename T>
+std::string try_launch(const FlashFwdParams& p, cudaStream_t stream, bool* launched) {
+  return p.head_dim == 64 ? try_launch_dim<T, 64>(p, stream, launched)
+                          : try_launch_dim<T, 128>(p, stream, launched);
+}
+
 }  // namespace
 
 std::string flash_fwd_sm90(const FlashFwdParams& p, cudaStream_t stream, bool* launched) {
   *launched = false;
-  if (p.head_dim != kD) return "";
+  if (p.head_dim != 64 && p.head_dim != 96 && p.head_dim != 128) return "";
   if (env_flag("SCALED_ROPE_FLASH_SM80")) return "";
-  if (p.dtype == kFloat16) {
-    if (!has_sm90a_code<flash_fwd_sm90_kernel<__half>>()) return "";
-    *launched = true;
-    return launch_kernel<__half>(p, stream);
-  }
-  if (!has_sm90a_code<flash_fwd_sm90_kernel<__nv_bfloat16>>()) return "";
-  *launched = true;
-  return launch_kernel<__nv_bfloat16>(p, stream);
+  return p.dtype == kFloat16 ? try_launch<__half>(p, stream, launched)
+                             : try_launch<__nv_bfloat16>(p, stream, launched);
 }
 
 }  // namespace flash

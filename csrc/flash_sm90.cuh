@@ -1,6 +1,6 @@
 // Hopper (sm_90a) building blocks shared by the flash forward (csrc/flash_fwd_sm90.cu) and backward
 // (csrc/flash_bwd_sm90.cu): wgmma with shared-memory descriptors, mbarriers, TMA tensor and bulk copies, named
-// barriers, the register budget, and the tensor maps of (batch, rows, heads, 128) tensors.
+// barriers, the register budget, and the tensor maps of (batch, rows, heads, head_dim) tensors.
 //
 // Shared tiles are 64-column blocks of 128-byte rows with 16-byte chunks XOR-swizzled by (row & 7): the layout TMA's
 // 128-byte swizzle writes into a 1024-byte aligned destination, and the one the wgmma descriptors below describe.
@@ -22,8 +22,6 @@
 namespace scaled_rope {
 namespace flash {
 namespace sm90 {
-
-constexpr int kHeadDim = 128;  // the tensor maps' row length (elements)
 
 // ---- wgmma -------------------------------------------------------------------------------------------------------
 // Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte offsets (>> 4 each).
@@ -82,7 +80,7 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[M][N]) {
 template <typename T>
 struct Wgmma;
 // One input type (TYPE: the PTX type name, bf16 or f16): m64n128k16 and m64n64k16 with A and B in shared memory
-// (TRANS_A / TRANS_B: 0 = K-major, 1 = M/N-major), and m64n128k16 with A in registers and B N-major.
+// (TRANS_A / TRANS_B: 0 = K-major, 1 = M/N-major), and the same two shapes with A in registers and B N-major.
 #define SCALED_ROPE_WGMMA(T, TYPE)                                                                                \
   template <>                                                                                                   \
   struct Wgmma<T> {                                                                                             \
@@ -109,6 +107,13 @@ struct Wgmma;
                    : SCALED_ROPE_WGMMA_OPERANDS64(d)                                                             \
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));                          \
     }                                                                                                           \
+    static __device__ __forceinline__ void rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int scale_d) { \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                 \
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE "\n" SCALED_ROPE_WGMMA_D32       \
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                               \
+                   : SCALED_ROPE_WGMMA_OPERANDS32(d)                                                             \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));                          \
+    }                                                                                                           \
   };
 SCALED_ROPE_WGMMA(__nv_bfloat16, "bf16")
 SCALED_ROPE_WGMMA(__half, "f16")
@@ -123,10 +128,10 @@ template <typename T, int TRANS_A = 0, int TRANS_B = 0, int R>
 __device__ __forceinline__ void wgmma_ss(float (&d)[R], uint64_t a, uint64_t b, int scale_d) {
   Wgmma<T>::template ss<TRANS_A, TRANS_B>(d, a, b, scale_d);
 }
-// d += A (m64 x k16, registers: the accumulator layout of an m64 product, packed in pairs) * B (k16 x n128, shared,
-// N-major).
-template <typename T>
-__device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b, int scale_d) {
+// d += A (m64 x k16, registers: the accumulator layout of an m64 product, packed in pairs) * B (k16 x n, shared,
+// N-major; n = 2 * R: 128 or 64).
+template <typename T, int R>
+__device__ __forceinline__ void wgmma_rs(float (&d)[R], const uint32_t (&a)[4], uint64_t b, int scale_d) {
   Wgmma<T>::rs(d, a, b, scale_d);
 }
 
@@ -238,21 +243,22 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encoder;
 }
 
-// Tensor map of a (batch, rows, heads, 128) tensor of 2-byte elements with the given element strides: boxes of
-// 64 columns x box_rows rows, 128-byte swizzle, rows past the end read as zeros. A stride of 0 (a dimension of size
-// 1, see scaled_rope._cuda._stride) becomes a valid one that is never stepped on. Returns "" or an error message
-// that starts with `who`.
+// Tensor map of a (batch, rows, heads, head_dim) tensor of 2-byte elements with the given element strides: boxes of
+// 64 columns x box_rows rows, 128-byte swizzle; rows past the end and columns past head_dim read as zeros (so a
+// head_dim of 96 fills two 64-column blocks, the last 32 columns zero). A stride of 0 (a dimension of size 1, see
+// scaled_rope._cuda._stride) becomes a valid one that is never stepped on. Returns "" or an error message that
+// starts with `who`.
 template <typename T>
 std::string encode_tile_map(CUtensorMap* map, const char* who, const char* name, const void* base, int64_t batch,
-                            int64_t rows, int64_t heads, int64_t batch_stride, int64_t row_stride, int64_t head_stride,
-                            int box_rows) {
+                            int64_t rows, int64_t heads, int64_t head_dim, int64_t batch_stride, int64_t row_stride,
+                            int64_t head_stride, int box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return std::string(who) + ": the CUDA driver has no cuTensorMapEncodeTiled";
-  const cuuint64_t row_bytes = row_stride ? row_stride * 2 : kHeadDim * 2;
+  const cuuint64_t row_bytes = row_stride ? row_stride * 2 : head_dim * 2;
   const cuuint64_t head_bytes = head_stride ? head_stride * 2 : row_bytes * rows;
   const cuuint64_t batch_bytes = batch_stride ? batch_stride * 2 : head_bytes * heads;
-  const cuuint64_t dims[4] = {kHeadDim, static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(batch)};
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
   const cuuint64_t strides[3] = {row_bytes, head_bytes, batch_bytes};
   const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};

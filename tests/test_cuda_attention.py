@@ -1,8 +1,9 @@
 """CUDA attention (csrc/flash_fwd.cu forward, Triton backward) against the reference, docs/DESIGN.md §6 rule.
 
-GPU tier only. The kernels work on tiles of 128 queries x 64 keys (sm_80) or 128 x 128 (sm_90a, head_dim 128 on
-compute capability 9.x), so the lengths below put partial tiles, diagonal tiles and (for ReRoPE windows of 64-200)
-near, far and straddling tiles in every test. test_kernel_paths_head_dim_128 runs every kernel path on one device.
+GPU tier only. The kernels work on tiles of 128 queries x 64 keys (sm_80) or 128 x 128 (sm_90a on compute capability
+9.x: head_dim 64, 96 (in 128-column tiles, the last 32 columns zero-filled by TMA) and 128), so the lengths below put
+partial tiles, diagonal tiles and (for ReRoPE windows of 64-200) near, far and straddling tiles in every test.
+test_kernel_paths_head_dim_128 runs every kernel path on one device; head_dim 96 has the sm_90a kernel only.
 """
 import pytest
 import torch
@@ -31,18 +32,28 @@ def check(batch, nq, nk, hq, hkv, dim, dtype, rope, seed=0, grads=False, **kwarg
     compare_attention(q, k, v, rope, backend="cuda", grads=grads, seed=seed, **kwargs)
 
 
+def needs_sm90(dim):
+    """head_dim 96 runs on the sm_90a kernel only: skip it where that does not run (the test of that refusal is
+    test_head_dim_96_needs_the_sm90a_kernel)."""
+    if dim in _cuda.SM90_ONLY_HEAD_DIMS and not _cuda.sm90_kernel_applies(torch.device("cuda"), torch.bfloat16, dim):
+        pytest.skip(f"head_dim {dim} runs on the sm_90a kernel only")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dim", [64, 96, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (1, 17), (17, 17), (97, 97), (97, 257), (257, 97), (1025, 1025)])
 def test_lengths(dtype, dim, causal, nq, nk):
+    needs_sm90(dim)
     check(2, nq, nk, 3, 3, dim, dtype, longrope(dim), seed=nq * 7 + nk, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [96, 128])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 1)])
-def test_gqa(dtype, hq, hkv):
-    check(2, 200, 333, hq, hkv, 128, dtype, longrope(128), seed=hq + hkv)
+def test_gqa(dtype, dim, hq, hkv):
+    needs_sm90(dim)
+    check(2, 200, 333, hq, hkv, dim, dtype, longrope(dim), seed=hq + hkv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -53,10 +64,11 @@ def test_window(dtype, causal, window):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dim", [64, 96, 128])
 @pytest.mark.parametrize("leak", [None, 16.0, 1 / 16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_rerope(dtype, dim, leak, causal):
+    needs_sm90(dim)
     check(2, 450, 600, 4, 2, dim, dtype, RopeScaling.default(dim), seed=31, causal=causal, rerope_window=100,
           rerope_leak=leak)
 
@@ -68,8 +80,9 @@ def test_rerope_with_window_and_logn(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dim", [64, 96, 128])
 def test_logn(dtype, dim):
+    needs_sm90(dim)
     check(1, 300, 1100, 4, 4, dim, dtype, longrope(dim, original=512), seed=33, logn_base=512.0)
 
 
@@ -187,6 +200,32 @@ def test_grads_through_triton_backward(dtype):
     check(1, 200, 300, 2, 2, 64, dtype, RopeScaling.default(64), seed=43, grads=True, rerope_window=100)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_dim_96_positions_window_leaky_and_grads(dtype):
+    """head_dim 96 (columns 96..127 of every tile zero-filled) with explicit unsorted positions and Leaky ReRoPE
+    straddling tiles, GQA with a window and log-n, and gradients (Triton's backward for ReRoPE, the sm_90a one for
+    the default positions)."""
+    needs_sm90(96)
+    nq, nk = 300, 700
+    g = torch.Generator().manual_seed(46)
+    k_positions = torch.randperm(nk, generator=g)[None, :] * 2
+    q_positions = torch.randint(-3, 2 * nk, (1, nq), generator=g)
+    check(1, nq, nk, 2, 1, 96, dtype, RopeScaling.default(96), seed=47, q_positions=q_positions.cuda(),
+          k_positions=k_positions.cuda(), rerope_window=150, rerope_leak=4.0)
+    check(2, 257, 385, 4, 2, 96, dtype, longrope(96), seed=48, window=200, logn_base=64.0, grads=True)
+    check(1, 200, 300, 2, 2, 96, dtype, RopeScaling.default(96), seed=49, grads=True, rerope_window=100)
+
+
+def test_head_dim_96_needs_the_sm90a_kernel(monkeypatch):
+    """With the sm_80 kernel forced, head_dim 96 is refused with the reason, never run on a kernel without its
+    tiles."""
+    monkeypatch.setenv("SCALED_ROPE_FLASH_SM80", "1")
+    q, k, v = random_inputs(1, 17, 17, 2, 2, 96, torch.bfloat16, device="cuda")
+    assert "sm_90a" in _cuda.attention_support(q.device, q.dtype, 96)
+    with pytest.raises(BackendUnsupported, match="sm_90a"):
+        scaled_rope_attention(q, k, v, RopeScaling.default(96), backend="cuda")
+
+
 def test_lse_gradient():
     """A loss through out and lse: the CUDA backend's backward takes the lse gradient (the Triton backward fed the
     CUDA forward's out and lse), by the rule for every gradient."""
@@ -210,7 +249,7 @@ def test_lse_gradient():
 
 
 def test_unsupported_head_dim_and_dtype():
-    for dim, dtype, word in ((96, torch.bfloat16, "head_dim 96"), (64, torch.float32, "float32")):
+    for dim, dtype, word in ((80, torch.bfloat16, "head_dim 80"), (64, torch.float32, "float32")):
         q, k, v = random_inputs(1, 17, 17, 2, 2, dim, dtype, device="cuda")
         assert word in _cuda.attention_support(q.device, q.dtype, dim)
         with pytest.raises(BackendUnsupported, match=word):
@@ -228,3 +267,6 @@ def test_auto_order():
     assert explain_backend(q)[0] == ("cuda" if on_sm90 else "triton")
     assert explain_backend(q, needs_grad=True)[0] == ("cuda" if on_sm90 else "triton")
     assert explain_backend(torch.empty(1, 1, 2, 64, device="cuda", dtype=torch.bfloat16))[0] == "triton"
+    q96 = torch.empty(1, 1, 2, 96, device="cuda", dtype=torch.bfloat16)
+    assert explain_backend(q96)[0] == ("cuda" if on_sm90 else "triton")
+    assert explain_backend(q96, needs_grad=True)[0] == ("cuda" if on_sm90 else "triton")

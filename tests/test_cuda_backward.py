@@ -1,5 +1,5 @@
-"""CUDA backward (csrc/flash_bwd_sm90.cu: sm_90a, head_dim 128, default positions) against the reference gradients,
-docs/DESIGN.md §6.1 rule.
+"""CUDA backward (csrc/flash_bwd_sm90.cu: sm_90a, head_dim 96 and 128, default positions) against the reference
+gradients, docs/DESIGN.md §6.1 rule.
 
 GPU tier only, Hopper only (elsewhere `cuda_backward_support` refuses and the tests skip). The kernel takes key
 tiles of 128 keys per CTA and query tiles of 64 rows, so the lengths below put partial tiles, diagonal tiles, tiles
@@ -23,8 +23,8 @@ SHORT = [1.0 + 0.05 * i for i in range(64)]
 LONG = [1.5 + 0.3 * i for i in range(64)]
 
 
-def longrope(original=4096):
-    return RopeScaling.longrope(128, original, 131072, SHORT, LONG, n_hat=4)
+def longrope(original=4096, dim=128):
+    return RopeScaling.longrope(dim, original, 131072, SHORT[:dim // 2], LONG[:dim // 2], n_hat=4)
 
 
 @pytest.fixture(autouse=True)
@@ -59,25 +59,28 @@ def check_grads(q, k, v, rope, *, seed, with_dlse=True, **options):
         assert_close_to_gold(name, x, gx, bx, dtype)
 
 
-def check(batch, nq, nk, hq, hkv, dtype, rope, *, seed, with_dlse=True, **options):
-    q, k, v = random_inputs(batch, nq, nk, hq, hkv, 128, dtype, device="cuda", seed=seed)
+def check(batch, nq, nk, hq, hkv, dtype, rope, *, seed, with_dlse=True, dim=128, **options):
+    q, k, v = random_inputs(batch, nq, nk, hq, hkv, dim, dtype, device="cuda", seed=seed)
     check_grads(q, k, v, rope, seed=seed, with_dlse=with_dlse, **options)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [96, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (1, 17), (17, 17), (97, 97), (97, 257), (257, 97), (1025, 1025),
                                    (65, 1025)])
-def test_lengths(dtype, causal, nq, nk):
-    check(2, nq, nk, 3, 3, dtype, longrope(), seed=nq * 7 + nk, causal=causal)
+def test_lengths(dtype, dim, causal, nq, nk):
+    """head_dim 96 runs in 128-column tiles whose last 32 columns TMA fills with zeros."""
+    check(2, nq, nk, 3, 3, dtype, longrope(dim=dim), seed=nq * 7 + nk, causal=causal, dim=dim)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [96, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 1)])
-def test_gqa(dtype, causal, hq, hkv):
+def test_gqa(dtype, dim, causal, hq, hkv):
     """dk and dv summed over the q heads of a group: each CTA walks the query tiles of every head of its group."""
-    check(2, 200, 333, hq, hkv, dtype, longrope(), seed=hq + hkv, causal=causal)
+    check(2, 200, 333, hq, hkv, dtype, longrope(dim=dim), seed=hq + hkv, causal=causal, dim=dim)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,8 +91,14 @@ def test_window(dtype, causal, window):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_logn(dtype):
-    check(1, 300, 1100, 4, 4, dtype, longrope(original=512), seed=33, logn_base=512.0)
+@pytest.mark.parametrize("dim", [96, 128])
+def test_logn(dtype, dim):
+    check(1, 300, 1100, 4, 4, dtype, longrope(original=512, dim=dim), seed=33, logn_base=512.0, dim=dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_head_dim_96(dtype):
+    check(1, 300, 700, 4, 2, dtype, RopeScaling.yarn(96, 8.0, 256), seed=34, window=100, dim=96)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -156,7 +165,7 @@ def test_support_names_what_it_does_not_run():
     q = torch.empty(1, 4, 2, 128, device="cuda", dtype=torch.bfloat16)
     positions = torch.arange(4, device="cuda")[None]
     cases = [(q, dict(q_positions=positions), "positions"), (q, dict(k_positions=positions), "positions"),
-             (q, dict(rerope_window=16), "ReRoPE"), (q[..., :64], {}, "head_dim 64"),
+             (q, dict(rerope_window=16), "ReRoPE"), (q[..., :64], {}, "head_dim 64"), (q[..., :80], {}, "head_dim 80"),
              (q.float(), {}, "float32"), (q.cpu(), {}, "CUDA tensors")]
     for x, kwargs, word in cases:
         reason = cuda_backward_support(x, **kwargs)

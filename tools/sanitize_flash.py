@@ -1,10 +1,11 @@
-"""Small CUDA-attention cases for compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
+"""Small CUDA-attention cases for compute-sanitizer (memcheck, racecheck, synccheck, initcheck): the forward kernels
+and, with gradients, the sm_90a backward.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_flash.py
     compute-sanitizer --tool racecheck python tools/sanitize_flash.py
 
-Every case also checks out and lse against the float32 reference (loose bound: this is a sanitizer run, the
-tests apply the real rule). Exits 1 on a mismatch. Without caching, memcheck sees every torch allocation exactly,
+Every case also checks out and lse (and the gradient cases dq, dk, dv) against the float32 reference (loose bound:
+this is a sanitizer run, the tests apply the real rule). Exits 1 on a mismatch. Without caching, memcheck sees every torch allocation exactly,
 so a read past the end of q, k, v or the positions is reported.
 """
 import os
@@ -47,6 +48,25 @@ def run(name, batch, nq, nk, hq, hkv, dim, dtype=torch.bfloat16, rope="default",
     return ok
 
 
+def run_backward(name, batch, nq, nk, hq, hkv, dim, dtype=torch.bfloat16, **kw):
+    """Forward and backward through backend="cuda" with default positions (the sm_90a backward on Hopper)."""
+    g = torch.Generator().manual_seed(nq * 17 + nk)
+    x = [torch.randn(batch, n, h, dim, generator=g).to("cuda", dtype).requires_grad_(True)
+         for n, h in ((nq, hq), (nk, hkv), (nk, hkv))]
+    dout = torch.randn(batch, nq, hq, dim, generator=g).to("cuda", dtype)
+    rope = RopeScaling.yarn(dim, 4.0, 64)
+    scaled_rope_attention(*x, rope, backend="cuda", **kw).backward(dout)
+    torch.cuda.synchronize()
+    ref = [t.detach().float().requires_grad_(True) for t in x]
+    reference.attention(*ref, rope, compute_dtype=torch.float32, **kw)[0].backward(dout.float())
+    errs = [((a.grad.float() - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-6)).item()
+            for a, b in zip(x, ref)]
+    ok = max(errs) < 0.05 and not any(torch.isnan(a.grad).any() for a in x)
+    print(f"{'ok  ' if ok else 'FAIL'} backward {name}: relative errors dq {errs[0]:.1e}, dk {errs[1]:.1e}, "
+          f"dv {errs[2]:.1e}", flush=True)
+    return ok
+
+
 LONGROPE = RopeScaling.longrope(128, 128, 4096, [1.0 + 0.05 * i for i in range(64)], [1.5 + 0.3 * i for i in range(64)])
 
 
@@ -66,6 +86,15 @@ def main():
         # head_dim 128 on Hopper: several laps of the sm_90a kernel's K/V stage ring, plain and ReRoPE
         ("ring laps", 1, 300, 900, 2, 1, 128),
         ("ring laps rerope", 1, 300, 900, 2, 1, 128, torch.float16, "default", True, dict(rerope_window=200)),
+        # head_dim 96: 128-column tiles whose last 32 columns TMA fills with zeros (sm_90a only)
+        ("d96 gqa window", 2, 97, 300, 4, 2, 96, torch.bfloat16, "default", False, dict(window=150)),
+        ("d96 explicit rerope", 1, 130, 260, 2, 1, 96, torch.float16, "default", True, dict(rerope_window=70)),
+    ]
+    backward_cases = [
+        ("d128 gqa partial tiles", 2, 97, 130, 4, 2, 128, torch.bfloat16, {}),
+        ("d128 nq>nk empty rows", 1, 100, 30, 2, 1, 128, torch.float16, {}),
+        ("d96 window logn", 1, 150, 300, 2, 2, 96, torch.bfloat16, dict(window=90, logn_base=16.0)),
+        ("d96 noncausal", 1, 70, 200, 2, 1, 96, torch.float16, dict(causal=False)),
     ]
     ok = True
     for case in cases:
@@ -75,6 +104,8 @@ def main():
         explicit = rest[2] if len(rest) > 2 else False
         kw = dict(rest[3]) if len(rest) > 3 else {}
         ok &= run(name, batch, nq, nk, hq, hkv, dim, dtype, rope, explicit, **kw)
+    for name, batch, nq, nk, hq, hkv, dim, dtype, kw in backward_cases:
+        ok &= run_backward(name, batch, nq, nk, hq, hkv, dim, dtype, **kw)
     print("all ok" if ok else "MISMATCH")
     return 0 if ok else 1
 

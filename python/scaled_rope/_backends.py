@@ -145,6 +145,9 @@ def get(name: str) -> Backend:
 
 
 # ---- the choice policy ----------------------------------------------------------------------------------------
+_CUDA_FIRST_HEAD_DIMS = (96, 128)  # where the sm_90a kernels beat Triton's (auto_order says by how much)
+
+
 def auto_order(op: str, device: torch.device, dtype: torch.dtype, head_dim: int, needs_grad: bool) -> tuple:
     """The backends "auto" tries, fastest first; the reference comes after them.
 
@@ -161,7 +164,7 @@ def auto_order(op: str, device: torch.device, dtype: torch.dtype, head_dim: int,
     if op == "attention":
         from ._cuda import sm90_kernel_applies
 
-        if device.type == "cuda" and sm90_kernel_applies(device, dtype, head_dim):
+        if device.type == "cuda" and head_dim in _CUDA_FIRST_HEAD_DIMS and sm90_kernel_applies(device, dtype, head_dim):
             return ("cuda", "triton")
         return ("triton", "cuda")
     if op == "kvcache":

@@ -90,7 +90,8 @@ def cuda_rotate(x: torch.Tensor, positions: torch.Tensor, tables, inverse: bool 
 
 # ---- attention (csrc/flash_fwd.cu) ----------------------------------------------------------------------------
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_HEAD_DIMS = (64, 96, 128)
+SM90_ONLY_HEAD_DIMS = (96,)  # the sm_80 kernel has no tiles for these
 _KEY_TILE = 64  # kFlashBlockN in csrc/flash_fwd.h: keys per tile of the prepass workspace
 
 
@@ -102,7 +103,7 @@ def attention_support(device: torch.device, dtype: torch.dtype, head_dim: int) -
     if dtype not in ATTENTION_DTYPES:
         return f"the CUDA attention takes float16 or bfloat16, not {dtype}"
     if head_dim not in ATTENTION_HEAD_DIMS:
-        return f"the CUDA attention is built for head_dim 64 and 128, not head_dim {head_dim}"
+        return f"the CUDA attention is built for head_dim 64, 96 and 128, not head_dim {head_dim}"
     module, why = load_extension()
     if module is None:
         return why
@@ -110,16 +111,22 @@ def attention_support(device: torch.device, dtype: torch.dtype, head_dim: int) -
         return "scaled_rope._C was built without flash_fwd; reinstall to rebuild it"
     if torch.cuda.get_device_capability(device)[0] < 8:
         return "the CUDA attention needs compute capability 8.0 or newer (mma.sync bf16, cp.async)"
+    if head_dim in SM90_ONLY_HEAD_DIMS and not _sm90_runs(device):
+        return (f"the CUDA attention runs head_dim {head_dim} on its sm_90a kernel only (a compute capability 9.x "
+                f"device, an extension built with sm_90a, SCALED_ROPE_FLASH_SM80 unset)")
     return None
 
 
 def sm90_kernel_applies(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """True when the CUDA attention runs such inputs on its sm_90a kernel (csrc/flash_fwd_sm90.cu): head_dim 128,
-    float16 or bfloat16, a compute capability 9.x device, an extension built with sm_90a, SCALED_ROPE_FLASH_SM80
-    not set."""
-    if head_dim != 128 or _env.flash_sm80() or attention_support(device, dtype, head_dim) is not None:
-        return False
-    return torch.cuda.get_device_capability(device)[0] == 9 and _built_for_sm90a()
+    """True when the CUDA attention runs such inputs on its sm_90a kernel (csrc/flash_fwd_sm90.cu): head_dim 64, 96
+    or 128, float16 or bfloat16, a compute capability 9.x device, an extension built with sm_90a,
+    SCALED_ROPE_FLASH_SM80 not set."""
+    return attention_support(device, dtype, head_dim) is None and _sm90_runs(device)
+
+
+def _sm90_runs(device: torch.device) -> bool:
+    """Whether the sm_90a kernels run on this device (the extension loaded, head_dim and dtype aside)."""
+    return (not _env.flash_sm80() and torch.cuda.get_device_capability(device)[0] == 9 and _built_for_sm90a())
 
 
 @lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
-"""The CUDA attention backward (csrc/flash_bwd_sm90.cu): sm_90a, head_dim 128, float16/bfloat16, default positions,
-no ReRoPE. `cuda_backward_support` says why not for everything else, so that the caller runs the Triton backward
-there instead (explicitly: nothing here falls back on its own).
+"""The CUDA attention backward (csrc/flash_bwd_sm90.cu): sm_90a, head_dim 96 or 128, float16/bfloat16, default
+positions, no ReRoPE. `cuda_backward_support` says why not for everything else, so that the caller runs the Triton
+backward there instead (explicitly: nothing here falls back on its own).
 
 Like the Triton backward, it rotates q and k into scratch buffers (the CUDA rotation), runs the kernel over the
 rotated tensors and maps dq and dk back with the rotation's transpose at the same positions; nothing rotated is kept
@@ -16,7 +16,8 @@ from . import _alloc
 from ._cuda import _DTYPE_CODES, _built_for_sm90a, _stride, attention_support, cuda_rotate, load_extension
 from ._scale import fold_scale_sign
 
-_HEAD_DIM = 128
+HEAD_DIMS = (96, 128)
+_TILE_COLUMNS = 128  # kD in csrc/flash_bwd_sm90.cu: dq_accum rows are this wide whatever the head_dim
 _BLOCK_M = 64  # kFlashBwdBlockM in csrc/flash_bwd.h: the workspaces are padded to whole query tiles of this many rows
 
 
@@ -29,8 +30,8 @@ def cuda_backward_support(q: torch.Tensor, *, q_positions=None, k_positions=None
     reason = attention_support(q.device, q.dtype, q.shape[-1])  # what the CUDA forward needs, the backward too
     if reason is not None:
         return reason
-    if q.shape[-1] != _HEAD_DIM:
-        return f"the CUDA backward is built for head_dim {_HEAD_DIM}, not head_dim {q.shape[-1]}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"the CUDA backward is built for head_dim 96 and 128, not head_dim {q.shape[-1]}"
     if not hasattr(load_extension()[0], "flash_bwd"):
         return "scaled_rope._C was built without flash_bwd; reinstall to rebuild it"
     major, minor = torch.cuda.get_device_capability(q.device)
@@ -60,11 +61,11 @@ def cuda_flash_backward(q_rot, k_rot, v, out, lse, dout, dlse, *, causal: bool, 
                         softmax_scale: float, logn_base: float | None):
     """(dq_rot, dk_rot, dv): gradients w.r.t. the rotated q and k and w.r.t. v (csrc/flash_bwd.h).
 
-    q_rot, out, dout (B, Nq, Hq, 128); k_rot, v (B, Nk, Hkv, 128); one dtype (float16 or bfloat16), one CUDA
-    device; lse (B, Hq, Nq) float32, natural log, -inf on empty rows (the forward's); dlse the gradient reaching lse,
-    same shape, or None. softmax_scale > 0 (fold a sign into q_rot beforehand); window None or >= 1; logn_base None
-    or > 1. Default positions (query i at Nk - Nq + i, key j at j). dq_rot and dk_rot come back as (B, N, H, D) views
-    of head-major buffers, dv contiguous, all in the input dtype.
+    q_rot, out, dout (B, Nq, Hq, D); k_rot, v (B, Nk, Hkv, D), D 96 or 128; one dtype (float16 or bfloat16), one
+    CUDA device; lse (B, Hq, Nq) float32, natural log, -inf on empty rows (the forward's); dlse the gradient reaching
+    lse, same shape, or None. softmax_scale > 0 (fold a sign into q_rot beforehand); window None or >= 1; logn_base
+    None or > 1. Default positions (query i at Nk - Nq + i, key j at j). dq_rot and dk_rot come back as (B, N, H, D)
+    views of head-major buffers, dv contiguous, all in the input dtype.
     """
     reason = cuda_backward_support(q_rot)
     if reason is not None:
@@ -103,7 +104,8 @@ def cuda_flash_backward(q_rot, k_rot, v, out, lse, dout, dlse, *, causal: bool, 
     if dlse is not None and dlse.stride(-1) != 1:
         dlse = dlse.contiguous()
     rows_padded = -(-nq // _BLOCK_M) * _BLOCK_M
-    dq_accum = _alloc.empty((batch, heads, rows_padded, dim), torch.float32, q_rot.device)  # zeroed by the kernel
+    dq_accum = _alloc.empty((batch, heads, rows_padded, _TILE_COLUMNS), torch.float32,
+                            q_rot.device)  # zeroed by the kernel
     row_info = _alloc.empty((batch, heads, rows_padded, 4), torch.float32, q_rot.device)
     ext = load_extension()[0]
     device = q_rot.device
@@ -132,8 +134,8 @@ def cuda_flash_backward(q_rot, k_rot, v, out, lse, dout, dlse, *, causal: bool, 
 
 def cuda_attention_backward(q, k, v, out, lse, dout, dlse, *, q_tables, k_tables, q_positions=None,
                             k_positions=None, causal, window, softmax_scale, rerope_window=None, logn_base):
-    """(dq, dk, dv) for the unrotated q (B, Nq, Hq, 128), k, v (B, Nk, Hkv, 128), given the out and lse (natural
-    log, (B, Hq, Nq) float32, -inf on empty rows) that a forward computed with the same arguments, the output
+    """(dq, dk, dv) for the unrotated q (B, Nq, Hq, D), k, v (B, Nk, Hkv, D) (D 96 or 128), given the out and lse
+    (natural log, (B, Hq, Nq) float32, -inf on empty rows) that a forward computed with the same arguments, the output
     gradient dout and the lse gradient dlse (or None). q_tables, k_tables: the rotation tables of q and k
     (`scaled_rope.tables.build_tables` with every row's length Nk; None: no rotation); the other arguments as for
     the attention itself (docs/DESIGN.md §3). Raises NotImplementedError with the reason where
