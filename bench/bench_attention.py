@@ -19,7 +19,7 @@ Peers, in the same run (each one that cannot run is recorded as n/a with the rea
   two FlexAttention + merge  near and far parts as two FlexAttention calls merged by their LSE
 TFLOP/s = 4*B*H*N^2*D/2 (causal) forward, 3.5x that for forward+backward (backward = 2.5x forward); rope FLOPs not
 counted; do_bench medians. Ratio = peer time / our time (> 1: ours is faster). Peak memory of forward+backward
-is measured for ours and the SDPA pipelines. Prints the GPU, versions, progress and one markdown table; writes
+(above the inputs) is measured for every pipeline on the GPU. Prints the GPU, versions, progress and one markdown table; writes
 attention-<date>-<gpu>.json to bench/results (or --out, a directory or a .json path); a run without a GPU writes
 to bench/results/cpu/ instead, which results_table.py does not read.
 
@@ -394,7 +394,7 @@ def run_one(case: Case, name: str, fn, backward: bool) -> dict:
             del out
             ms = timer(step, case.device)
         entry.update(ms=ms, tflops=case.flops(backward) / ms / 1e9)
-        if backward and case.device == "cuda" and (name.startswith("ours") or "SDPA flash" in name):
+        if backward and case.device == "cuda":  # every pipeline: the bound is SDPA's peak + one N x H x D
             for x in (q, k, v):
                 x.grad = None
             entry["peak_mb"] = peak_memory_mb(step)

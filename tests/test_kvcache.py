@@ -199,6 +199,23 @@ def test_split_counts_agree(num_splits, dtype):
 
 
 @needs_triton
+def test_window_sets_the_split_count_by_the_window():
+    """A windowed decode reads at most window + Nq keys per query: its split count follows that, not the cache
+    length (more splits would only add empty programs and a longer merge); the result still matches the reference."""
+    from scaled_rope.tables import build_tables
+    from scaled_rope.triton_kernels.decode import DecodePlan, _num_sms, choose_num_splits
+
+    case = Case([1500], seed=30, capacity=1600)
+    rope = longrope(64)
+    tables = build_tables(rope, 1, case.q.device, seq_lens=case.cache_seqlens)
+    windowed = DecodePlan(case.q, case.k_cache, case.v_cache, case.cache_seqlens, tables, window=64)
+    full = DecodePlan(case.q, case.k_cache, case.v_cache, case.cache_seqlens, tables)
+    programs, sms = case.k_cache.shape[2], _num_sms(case.q.device)
+    assert windowed.num_splits == choose_num_splits(programs, 64 + 1, sms) < full.num_splits
+    case.check(rope, window=64)
+
+
+@needs_triton
 def test_paged_and_contiguous_agree():
     from scaled_rope.tables import build_tables
     from scaled_rope.triton_kernels.decode import decode_attention

@@ -598,8 +598,10 @@ class DecodePlan:
             cfg["BLOCK_N"] = min(cfg["BLOCK_N"], page_size)
         capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
         if num_splits is None:
-            num_splits = choose_num_splits(B * n_kv * n_m_blocks, capacity if max_seqlen is None else max_seqlen,
-                                           _num_sms(q.device))
+            max_keys = capacity if max_seqlen is None else max_seqlen
+            if window is not None:  # a query attends at most its window and the new tokens after it
+                max_keys = min(max_keys, window + n_q)
+            num_splits = choose_num_splits(B * n_kv * n_m_blocks, max_keys, _num_sms(q.device))
         has_rot = tables is not None
         rerope = rerope_window is not None
         dummy_i64, dummy_f32, dummy_status = _scratch(q.device)
