@@ -176,7 +176,7 @@ def main() -> int:
                 q, k_cache, v_cache, RopeScaling.default(dim), cache_seqlens=cached, k_new=k_new, v_new=v_new,
                 rerope_window=512, rerope_leak=16.0),
         }
-        # the kernels alone on prebuilt tables: plain RoPE against Leaky ReRoPE (two key rotations per tile)
+        # the kernels alone on prebuilt tables: plain RoPE against Leaky ReRoPE (far keys on their own j-table)
         default, leaky = RopeScaling.default(dim), dict(rerope_window=512, rerope_leak=16.0)
         near = build_tables(default, batch, dev, seq_lens=seqlens)
         q_far = build_tables(default, batch, dev, seq_lens=seqlens, far="q", **leaky)

@@ -115,30 +115,38 @@ def _score(a1, a2, ap, b1, b2, bp, HAS_ROT: tl.constexpr, HAS_PASS: tl.constexpr
     return acc
 
 
-NEAR: tl.constexpr = tl.constexpr(0)   # every pair near (or no ReRoPE): q shifted per tile, keys by the j-table
-FAR: tl.constexpr = tl.constexpr(1)    # every pair far (ReRoPE)
-BOTH: tl.constexpr = tl.constexpr(2)   # tile straddles the ReRoPE window
-EXACT: tl.constexpr = tl.constexpr(3)  # tile reaches below n_hat: keys rotated exactly per element
+NEAR: tl.constexpr = tl.constexpr(0)       # every pair near (or no ReRoPE): q shifted per tile, keys by the j-table
+FAR: tl.constexpr = tl.constexpr(1)        # every pair far (ReRoPE)
+NEAR_PART: tl.constexpr = tl.constexpr(2)  # tile straddles the ReRoPE window: its near pairs (the far ones masked)
+EXACT: tl.constexpr = tl.constexpr(3)      # tile reaches below n_hat: keys rotated exactly per element
+FAR_PART: tl.constexpr = tl.constexpr(4)   # tile straddles the ReRoPE window: its far pairs (the near ones masked)
 
 
 @triton.jit
 def _attend_tiles(acc, l_i, m_i, lo, hi,
                   k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
                   stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
-                  factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+                  factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
                   d_mask, MODE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                   PASS: tl.constexpr, PASS_PAD: tl.constexpr, HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                   PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   LEAKY: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ANCHOR: tl.constexpr):
-    """Online softmax over key tiles lo..hi-1 of one kind (MODE)."""
+    """Online softmax over key tiles lo..hi-1 of one kind (MODE). A tile straddling the ReRoPE window is visited
+    twice, once per pair (NEAR_PART, FAR_PART), so that one key rotation and one j-table are live at a time: the
+    kernel then fits the register budget of plain RoPE (two CTAs per SM) with Leaky ReRoPE too."""
+    far_side: tl.constexpr = MODE == FAR or MODE == FAR_PART
+    # keys at p0 + j rotate by the j-table cos/sin(j w) times the keys' factor m (Leaky far keys: w / kappa), q by
+    # -p0 w per tile; the table is made here, so only this segment's stays live
+    j_turns = turns_kf if far_side and LEAKY else turns
     zero_pairs = tl.zeros([HALF_PAD], dtype=tl.int64)
-    c_step, s_step = rope_cos_sin(zero_pairs + BLOCK_N, turns, zero_pairs)
-    c_step_f, s_step_f = rope_cos_sin(zero_pairs + BLOCK_N, turns_kf, zero_pairs)
-    c_n = tl.zeros([HALF_PAD], dtype=tl.float32)
-    s_n = c_n
-    c_f = c_n
-    s_f = c_n
+    c_step, s_step = rope_cos_sin(zero_pairs + BLOCK_N, j_turns, zero_pairs)
+    cos_j, sin_j = rope_cos_sin(offs_j.to(tl.int64)[:, None], j_turns[None, :],
+                                tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
+    cos_j = cos_j * factor
+    sin_j = sin_j * factor
+    c_b = tl.zeros([HALF_PAD], dtype=tl.float32)
+    s_b = c_b
     for tile in range(lo, hi):
         p0 = tile * BLOCK_N
         offs_n = p0 + offs_j
@@ -170,27 +178,27 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                                          tl.where(early, ks, ks * factor))
                 qk = _score(qr1.to(DTYPE), qr2.to(DTYPE), qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0,
                             DOT_PRECISION)
-            if MODE == NEAR or MODE == BOTH:
-                c_n, s_n = _tile_base(tile, lo, c_n, s_n, c_step, s_step, turns, BLOCK_N, HALF_PAD, ANCHOR)
-                a1, a2 = _shift_q(qr1, qr2, c_n, s_n, DTYPE)
+            if MODE == NEAR or MODE == NEAR_PART:
+                c_b, s_b = _tile_base(tile, lo, c_b, s_b, c_step, s_step, j_turns, BLOCK_N, HALF_PAD, ANCHOR)
+                a1, a2 = _shift_q(qr1, qr2, c_b, s_b, DTYPE)
                 ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_j, sin_j)
                 qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
-            if MODE == FAR or MODE == BOTH:
+            if far_side:
                 if LEAKY:
-                    c_f, s_f = _tile_base(tile, lo, c_f, s_f, c_step_f, s_step_f, turns_kf, BLOCK_N, HALF_PAD, ANCHOR)
-                    a1, a2 = _shift_q(qf1, qf2, c_f, s_f, DTYPE)
-                    ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_jf, sin_jf)
-                    s_far = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+                    c_b, s_b = _tile_base(tile, lo, c_b, s_b, c_step, s_step, j_turns, BLOCK_N, HALF_PAD, ANCHOR)
+                    a1, a2 = _shift_q(qf1, qf2, c_b, s_b, DTYPE)
+                    ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_j, sin_j)
+                    qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
                 else:
-                    s_far = _score(qf1_d, qf2_d, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
-                if MODE == BOTH:
-                    qk = tl.where(delta < rerope_window, qk, s_far)
-                else:
-                    qk = s_far
+                    qk = _score(qf1_d, qf2_d, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
         else:
             qk = _score(qp, qp, qp, kp, kp, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
 
         allowed = key_valid[None, :]
+        if MODE == NEAR_PART:
+            allowed = allowed & (delta < rerope_window)
+        if MODE == FAR_PART:
+            allowed = allowed & (delta >= rerope_window)
         if CAUSAL:
             allowed = allowed & (delta >= 0)
         if HAS_WINDOW:
@@ -281,10 +289,6 @@ def _decode_kernel(
     qr2 = qr1
     qf1 = qr1
     qf2 = qr1
-    cos_j = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.float32)
-    sin_j = cos_j
-    cos_jf = cos_j
-    sin_jf = cos_j
     turns = tl.zeros([HALF_PAD], dtype=tl.int64)
     turns_kf = turns
     turns_un = turns
@@ -293,7 +297,6 @@ def _decode_kernel(
         factor = tl.load(FACTOR + b)
         turns = tl.load(TURNS + b64 * stride_tb + pair, mask=pair_mask, other=0)
         zero = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.int64)
-        zero_j = tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64)
         qx1, qx2 = _load_pairs(q_row, row_valid, stride_qd, BLOCK_M, HALF, HALF_PAD, INTERLEAVED)
         qx1 = qx1.to(tl.float32)
         qx2 = qx2.to(tl.float32)
@@ -306,19 +309,12 @@ def _decode_kernel(
             q_factor = tl.where(q_pos < n_hat, 1.0, q_factor)
         qc, qs = rope_cos_sin(qpos64, q_turns, zero)
         qr1, qr2 = _rotate_pairs(qx1, qx2, qc * q_factor[:, None], qs * q_factor[:, None])
-        # keys at p0 + j: cos/sin(j w) times the keys' factor m (keys below n_hat take the exact path)
-        cos_j, sin_j = rope_cos_sin(offs_j.to(tl.int64)[:, None], turns[None, :], zero_j)
-        cos_j = cos_j * factor
-        sin_j = sin_j * factor
         if REROPE:
             turns_qf = tl.load(TURNS_QF + b64 * stride_tqb + pair, mask=pair_mask, other=0)
             offset_qf = tl.load(OFFSET_QF + b64 * stride_oqb + pair, mask=pair_mask, other=0)
             qc, qs = rope_cos_sin(qpos64, turns_qf[None, :] + zero, offset_qf[None, :] + zero)
-            if LEAKY:  # far keys rotate at Q / kappa: table cos/sin(j w / kappa) times m
+            if LEAKY:  # far keys rotate at Q / kappa (their j-table: cos/sin(j w / kappa) times m)
                 turns_kf = tl.load(TURNS_KF + b64 * stride_tkb + pair, mask=pair_mask, other=0)
-                cos_jf, sin_jf = rope_cos_sin(offs_j.to(tl.int64)[:, None], turns_kf[None, :], zero_j)
-                cos_jf = cos_jf * factor
-                sin_jf = sin_jf * factor
                 qf1, qf2 = _rotate_pairs(qx1, qx2, qc * factor, qs * factor)
             else:  # far keys are unrotated but still times m: fold m * m into q
                 qf1, qf2 = _rotate_pairs(qx1, qx2, qc * (factor * factor), qs * (factor * factor))
@@ -334,28 +330,35 @@ def _decode_kernel(
     k_head = K + pid_h.to(tl.int64) * stride_kh
     v_head = V + pid_h.to(tl.int64) * stride_vh
     # the tiles of this split, in segments of one kind each (a kind is a compile-time specialisation)
-    if REROPE:  # all pairs far / mixed / all near, for every row of the block
+    if REROPE:  # all pairs far / mixed (visited once per pair) / all near, for every row of the block
         t_far = tl.maximum(p_min - rerope_window + 1, 0) // BLOCK_N
         t_near = tl.cdiv(tl.maximum(p_max - rerope_window + 1, 0), BLOCK_N)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tile_lo, tl.minimum(tile_hi, t_far),
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
-            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, FAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
             PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_far), tl.minimum(tile_hi, t_near),
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
-            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-            d_mask, BOTH, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            d_mask, FAR_PART, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, tl.maximum(tile_lo, t_far), tl.minimum(tile_hi, t_near),
+            k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
+            stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
+            factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            d_mask, NEAR_PART, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
             PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_near), tile_hi,
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
-            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
             PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
     elif HAS_NHAT:  # tiles reaching below n_hat rotate exactly per element
@@ -364,14 +367,14 @@ def _decode_kernel(
             acc, l_i, m_i, tile_lo, tl.minimum(tile_hi, t_exact),
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
-            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, EXACT, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
             PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_exact), tile_hi,
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
-            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
             PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
     else:
@@ -379,7 +382,7 @@ def _decode_kernel(
             acc, l_i, m_i, tile_lo, tile_hi,
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
-            factor, cos_j, sin_j, cos_jf, sin_jf, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
+            factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
             d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
             PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
 
@@ -528,8 +531,8 @@ def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
 
 
 def default_config(head_dim: int, elem_size: int, block_m: int, page_size: int | None, heavy: bool) -> dict:
-    """BLOCK_N / num_warps / num_stages / maxnreg; one config under the interpreter. heavy: Leaky ReRoPE or n_hat
-    (two key rotations or an exact per-element path): these spill at 128 registers (ptxas -v, sm_90a). K and V
+    """BLOCK_N / num_warps / num_stages / maxnreg; one config under the interpreter. heavy: n_hat (tiles below n_hat
+    rotate exactly per element): that path spills at 128 registers (ptxas -v, sm_90a). K and V
     stages take 2 * 3 * BLOCK_N * D * elem_size bytes of shared memory: 96 KB at BLOCK_N 64, D 128, 16 bits."""
     block_n = 64 if head_dim * elem_size <= 256 else 32
     if page_size is not None:
@@ -592,7 +595,7 @@ class DecodePlan:
         rows = group * n_q
         block_m = min(64, _pow2(rows))
         n_m_blocks = cdiv(rows, block_m)
-        heavy = tables is not None and (tables.n_hat > 0 or (rerope_window is not None and rerope_leak is not None))
+        heavy = tables is not None and tables.n_hat > 0
         cfg = dict(default_config(head_dim, q.element_size(), block_m, page_size, heavy), **(config or {}))
         if paged:  # a tile must lie in one page
             cfg["BLOCK_N"] = min(cfg["BLOCK_N"], page_size)
