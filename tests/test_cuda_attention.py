@@ -257,9 +257,9 @@ def test_unsupported_head_dim_and_dtype():
 
 
 def test_auto_order():
-    """"auto" takes the CUDA backend where the sm_90a kernel runs (head_dim 128 on a Hopper GPU), for a forward and
-    for training (its backward: the sm_90a one, or Triton's), Triton for head_dim 64 (the measurements behind it:
-    scaled_rope._backends.auto_order)."""
+    """"auto" takes the CUDA backend where the sm_90a kernels run (head_dim 96 and 128 on a Hopper GPU), for a forward
+    and for training (its backward: the sm_90a one, or Triton's), Triton for head_dim 64 (the measurements behind
+    it: scaled_rope._backends.auto_order)."""
     q = torch.empty(1, 1, 2, 128, device="cuda", dtype=torch.bfloat16)
     on_sm90 = _cuda.sm90_kernel_applies(q.device, q.dtype, 128)
     if torch.cuda.get_device_capability()[0] == 9:

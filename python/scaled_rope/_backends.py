@@ -155,10 +155,13 @@ def auto_order(op: str, device: torch.device, dtype: torch.dtype, head_dim: int,
     causal forward): where the sm_90a CUDA kernel runs the inputs its forward beats Triton's at every measured shape
     (LongRoPE B1 H32 N16k D128: 550 vs 493 TFLOP/s, B4 N4k 1.34 vs 1.40 ms; ReRoPE N4k-128k 0.93-0.97x of its time).
     The same holds with a gradient: the CUDA backend's backward is the sm_90a backward where it runs the inputs
-    (head_dim 128, default positions, no ReRoPE), else Triton's on the CUDA forward's out and lse, so training
+    (head_dim 96 or 128, default positions, no ReRoPE), else Triton's on the CUDA forward's out and lse, so training
     keeps the faster forward (bench/results/attention-2026-12-04-nvidia-h200-models.json: "ours (cuda)" against
-    "ours (triton)"). Triton goes first elsewhere (head_dim 64 runs the sm_80 kernel: 210 vs 338 TFLOP/s at B8
-    H16 N4k; head_dim 96 has no CUDA kernel).
+    "ours (triton)"). head_dim 96 runs the sm_90a forward and backward in 128-column tiles: Phi-3's shape at B1
+    N16k, 3.90 vs 4.22 ms forward and 14.60 vs 19.13 forward + backward against Triton
+    (attention-2026-12-05-nvidia-h100-80gb-hbm3-models.json). Triton goes first for head_dim 64: the sm_90a
+    kernel there is no faster than Triton's (same file, Llama-3.2-1B's heads: 2.80 vs 2.66 ms at B1 N16k) and the
+    sm_80 one slower (210 vs 338 TFLOP/s at B8 H16 N4k), and on other GPUs.
     KV cache: only Triton has a decode kernel. Rotation: the CUDA kernel, then Triton's.
     """
     if op == "attention":

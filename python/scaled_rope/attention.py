@@ -42,11 +42,11 @@ def scaled_rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
     Positions may be negative (int32 or int64, |p| < 2**30). Rows with no allowed key give 0 and lse = -inf.
     Differentiable in q, k, v through out and lse, with every backend.
 
-    backend: "auto" (fastest that runs the inputs: cuda -> triton for a forward without gradient that the sm_90a
-    kernel runs, i.e. head_dim 128 on a Hopper GPU; triton -> cuda otherwise; then reference), "cuda", "triton" or
-    "reference"; `explain_backend` says which "auto" picks. An explicit backend that cannot run the inputs raises
-    BackendUnsupported (a NotImplementedError and a ValueError) naming why. torch.compile(fullgraph=True) traces
-    the call without a graph break (custom op scaled_rope::attention).
+    backend: "auto" (fastest that runs the inputs: cuda -> triton where the sm_90a kernels run them, i.e. head_dim
+    96 or 128 on a Hopper GPU, with or without a gradient; triton -> cuda otherwise; then reference), "cuda",
+    "triton" or "reference"; `explain_backend` says which "auto" picks. An explicit backend that cannot run the
+    inputs raises BackendUnsupported (a NotImplementedError and a ValueError) naming why.
+    torch.compile(fullgraph=True) traces the call without a graph break (custom op scaled_rope::attention).
     """
     plan = attention_plan(q, k, v, rope, causal=causal, q_positions=q_positions, k_positions=k_positions,
                           window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
