@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
 # Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe-order]
-#        [smoke] [sanitize] [sass] [check-bwd] [ncu] [host-profile] [long-shapes] [model-logits] [model-profile]
+#        [smoke] [sanitize] [sass] [check-bwd] [ncu] [host-profile] [train-profile] [long-shapes] [model-logits]
+#        [model-profile]
 # Environment: TEST_FILES (paths relative to the repo or absolute; default tests), TEST_WORKERS, TESTS_TIMEOUT,
 # BENCH_BUDGET, BENCH_LABEL, BENCH_ONLY, BENCH_MAX_N, LONG_SHAPES_TIMEOUT.
 set -uo pipefail
@@ -51,6 +52,7 @@ for step in "$@"; do
         python3 "$REPO/tools/profile_flash.py" > "$OUT/ncu.txt" 2>&1; grep -E "Duration|Throughput|Stall|Issue|Eligible" "$OUT/ncu.txt" | head -n 40
       timeout 120 ncu --clock-control none -k regex:flash_fwd --launch-skip 1 --launch-count 1 --section WarpStateStats \
         --print-details all python3 "$REPO/tools/profile_flash.py" > "$OUT/ncu_stalls.txt" 2>&1 ;;
+    train-profile) timeout 240 python3 "$REPO/tools/profile_training_step.py" 2>&1 | grep -v "^\[W" | tee "$OUT/profile_training_step.log" | grep -E "^(==|round)" ;;
     host-profile) timeout 150 python3 "$REPO/tools/host_profile.py" > "$OUT/host_profile.log" 2>&1; grep -E "^==" "$OUT/host_profile.log" ;;
     long-shapes) timeout "${LONG_SHAPES_TIMEOUT:-240}" python3 "$REPO/tools/check_long_shapes.py" 2>&1 | tee "$OUT/long_shapes.log" | tail -n 12 ;;
     model-logits) timeout 240 python3 "$REPO/tools/check_model_logits.py" 2>&1 | tee "$OUT/check_model_logits.log" | grep -v "^\[" ;;
