@@ -133,8 +133,7 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                   PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   LEAKY: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ANCHOR: tl.constexpr):
     """Online softmax over key tiles lo..hi-1 of one kind (MODE). A tile straddling the ReRoPE window is visited
-    twice, once per pair (NEAR_PART, FAR_PART), so that one key rotation and one j-table are live at a time: the
-    kernel then fits the register budget of plain RoPE (two CTAs per SM) with Leaky ReRoPE too."""
+    twice, once per pair (NEAR_PART, FAR_PART), each visit with one key rotation and this segment's j-table."""
     far_side: tl.constexpr = MODE == FAR or MODE == FAR_PART
     # keys at p0 + j rotate by the j-table cos/sin(j w) times the keys' factor m (Leaky far keys: w / kappa), q by
     # -p0 w per tile; the table is made here, so only this segment's stays live
@@ -145,6 +144,11 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                                 tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
     cos_j = cos_j * factor
     sin_j = sin_j * factor
+    q1 = qr1  # this segment's q pair
+    q2 = qr2
+    if far_side:
+        q1 = qf1
+        q2 = qf2
     c_b = tl.zeros([HALF_PAD], dtype=tl.float32)
     s_b = c_b
     for tile in range(lo, hi):
@@ -178,19 +182,13 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                                          tl.where(early, ks, ks * factor))
                 qk = _score(qr1.to(DTYPE), qr2.to(DTYPE), qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0,
                             DOT_PRECISION)
-            if MODE == NEAR or MODE == NEAR_PART:
+            elif LEAKY or MODE == NEAR or MODE == NEAR_PART:  # keys rotated by the j-table, q shifted per tile
                 c_b, s_b = _tile_base(tile, lo, c_b, s_b, c_step, s_step, j_turns, BLOCK_N, HALF_PAD, ANCHOR)
-                a1, a2 = _shift_q(qr1, qr2, c_b, s_b, DTYPE)
+                a1, a2 = _shift_q(q1, q2, c_b, s_b, DTYPE)
                 ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_j, sin_j)
                 qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
-            if far_side:
-                if LEAKY:
-                    c_b, s_b = _tile_base(tile, lo, c_b, s_b, c_step, s_step, j_turns, BLOCK_N, HALF_PAD, ANCHOR)
-                    a1, a2 = _shift_q(qf1, qf2, c_b, s_b, DTYPE)
-                    ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_j, sin_j)
-                    qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
-                else:
-                    qk = _score(qf1_d, qf2_d, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
+            else:  # plain ReRoPE's far keys are not rotated (their factor is folded into the far q)
+                qk = _score(qf1_d, qf2_d, qp, k1, k2, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
         else:
             qk = _score(qp, qp, qp, kp, kp, kp, HAS_ROT, PASS > 0, DOT_PRECISION)
 
@@ -532,7 +530,9 @@ def choose_num_splits(programs: int, max_keys: int, num_sms: int) -> int:
 
 def default_config(head_dim: int, elem_size: int, block_m: int, page_size: int | None, heavy: bool) -> dict:
     """BLOCK_N / num_warps / num_stages / maxnreg; one config under the interpreter. heavy: n_hat (tiles below n_hat
-    rotate exactly per element): that path spills at 128 registers (ptxas -v, sm_90a). K and V
+    rotate exactly per element), which keeps the uncapped registers. At maxnreg 128 the kernel spills (ptxas 12.8,
+    sm_90a, B8 GQA 32/8 D128 bf16: 0.9 KB of spill stores plain, 3.1 KB Leaky ReRoPE; uncapped: 255 registers, one
+    CTA per SM) and still reads faster with two CTAs per SM (bench/NOTES.md, decode v4). K and V
     stages take 2 * 3 * BLOCK_N * D * elem_size bytes of shared memory: 96 KB at BLOCK_N 64, D 128, 16 bits."""
     block_n = 64 if head_dim * elem_size <= 256 else 32
     if page_size is not None:
@@ -540,7 +540,7 @@ def default_config(head_dim: int, elem_size: int, block_m: int, page_size: int |
     if _INTERPRET:
         return {"BLOCK_N": min(block_n, 32), "num_warps": 4, "num_stages": 1}
     config = {"BLOCK_N": block_n, "num_warps": 8, "num_stages": 3}
-    if block_m <= 16 and head_dim * elem_size <= 256 and not heavy:  # 2 CTAs of 8 warps per SM, no spills
+    if block_m <= 16 and head_dim * elem_size <= 256 and not heavy:  # 2 CTAs of 8 warps per SM
         config["maxnreg"] = 128
     return config
 
