@@ -2,12 +2,15 @@
 steps at a real model's attention shape (bench_attention's "models" cases), GPU time per step by kernel.
 
     python tools/profile_training_step.py [--models phi3-mini,llama3.1-8b] [--batch 1] [--n 16384] [--steps 5]
-                                          [--backends cuda,triton]
+                                          [--backends cuda,triton] [--forward]
 
 Then, for each model, the backends timed in alternating rounds (A B A B ...) with do_bench medians, so that an
-order effect between two calls shows up as a difference between rounds, not between backends.
+order effect between two calls shows up as a difference between rounds, not between backends. A backend may carry
+environment switches for its calls, e.g. --backends cuda,cuda:SCALED_ROPE_L2_SECTION_HEADS=1 (an A/B of one
+switch in one process). --forward times the forward alone.
 """
 import argparse
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +28,30 @@ def inputs(batch, n, hq, hkv, dim, seed=0):
     make = lambda h: torch.randn(batch, n, h, dim, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
     q, k, v = make(hq).requires_grad_(True), make(hkv).requires_grad_(True), make(hkv).requires_grad_(True)
     return q, k, v, make(hq)
+
+
+def finish(out, dout, forward_only: bool):
+    if not forward_only:
+        out.backward(dout)
+
+
+def with_env(env: dict, step):
+    """step run with the environment switches env set (restored afterwards)."""
+    if not env:
+        return step
+
+    def run():
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            step()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return run
 
 
 def kernel_times(step, steps: int) -> dict:
@@ -53,7 +80,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--backends", default="cuda,triton")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--forward", action="store_true", help="time the forward alone")
     args = parser.parse_args()
+    direction = "fwd" if args.forward else "fwd+bwd"
     from triton.testing import do_bench
 
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}", flush=True)
@@ -61,13 +90,17 @@ def main():
     for model in args.models.split(","):
         hq, hkv, dim, rope = ropes[model]
         q, k, v, dout = inputs(args.batch, args.n, hq, hkv, dim)
-        steps = {f"ours ({b})": (lambda b=b: scaled_rope_attention(q, k, v, rope, backend=b).backward(dout))
-                 for b in args.backends.split(",")}
-        steps["SDPA cuDNN (no rope)"] = lambda: sdpa(q, k, v, "cudnn").backward(dout)
+        steps = {}
+        for spec in args.backends.split(","):
+            backend, *switches = spec.split(":")
+            env = dict(item.split("=", 1) for item in switches)
+            steps[f"ours ({spec})"] = with_env(env, lambda b=backend: finish(
+                scaled_rope_attention(q, k, v, rope, backend=b), dout, args.forward))
+        steps["SDPA cuDNN (no rope)"] = lambda: finish(sdpa(q, k, v, "cudnn"), dout, args.forward)
         for name, step in steps.items():
             times = kernel_times(step, args.steps)
             total = sum(times.values())
-            print(f"== {model} B{args.batch} N{args.n} fwd+bwd, {name}: {total / 1e3:.3f} ms of kernels per step",
+            print(f"== {model} B{args.batch} N{args.n} {direction}, {name}: {total / 1e3:.3f} ms of kernels per step",
                   flush=True)
             for kernel, us in sorted(times.items(), key=lambda kv: -kv[1])[:12]:
                 print(f"   {us:9.1f} us  {kernel[:110]}")
