@@ -12,6 +12,7 @@ switch in one process). --forward times the forward alone.
 import argparse
 import os
 import sys
+from unittest import mock
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,20 +38,9 @@ def finish(out, dout, forward_only: bool):
 
 def with_env(env: dict, step):
     """step run with the environment switches env set (restored afterwards)."""
-    if not env:
-        return step
-
     def run():
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
+        with mock.patch.dict(os.environ, env):
             step()
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
     return run
 
 
