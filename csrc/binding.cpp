@@ -1,10 +1,12 @@
 // pybind11 module scaled_rope._C. Takes plain integers (data pointers, sizes, strides, dtype code, device, stream);
 // python/scaled_rope/_cuda.py checks the tensors and passes them.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "flash_bwd.h"
 #include "flash_fwd.h"
@@ -27,6 +29,32 @@ void use_device(int device) {
   int current = -1;
   check(cudaGetDevice(&current), "cudaGetDevice");
   if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
+}
+
+// The on-chip rotation's tables from the launcher's integers (scaled_rope._cuda.rope_args): turns, offset,
+// turns_unscaled, factor (pointers), rotary_dim, n_hat, interleaved, stride_tb, stride_offb, stride_fb; empty: none.
+// One list rather than ten keyword arguments: pybind11 3.x's keyword bookkeeping failed an assertion on the
+// backward's call with them (67 keywords; 57 pass).
+scaled_rope::RopeTables rope_tables(const std::vector<int64_t>& v) {
+  scaled_rope::RopeTables r;
+  if (v.empty()) return r;
+  if (v.size() != 10) {
+    throw std::invalid_argument("rope: expected 10 integers (turns, offset, turns_unscaled, factor, rotary_dim, "
+                                "n_hat, interleaved, stride_tb, stride_offb, stride_fb), got " +
+                                std::to_string(v.size()));
+  }
+  if (v[0] == 0) throw std::invalid_argument("rope: the turns pointer is null");
+  r.turns = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(v[0]));
+  r.offset = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(v[1]));
+  r.turns_unscaled = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(v[2]));
+  r.factor = reinterpret_cast<const float*>(static_cast<uintptr_t>(v[3]));
+  r.rotary_dim = v[4];
+  r.n_hat = v[5];
+  r.interleaved = v[6] != 0;
+  r.stride_tb = v[7];
+  r.stride_offb = v[8];
+  r.stride_fb = v[9];
+  return r;
 }
 
 void rotate(uintptr_t x, uintptr_t out, uintptr_t positions, uintptr_t turns, uintptr_t offset,
@@ -81,8 +109,10 @@ void flash_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_far, uintptr_t
                int64_t o_batch_stride, int64_t o_row_stride, int64_t o_head_stride, int64_t lse_batch_stride,
                int64_t lse_head_stride, int64_t q_positions_batch_stride, int64_t k_positions_batch_stride,
                double softmax_scale, bool causal, int64_t window, int64_t rerope_window, double logn_base, int dtype,
-               int device, uintptr_t stream) {
+               int device, uintptr_t stream, const std::vector<int64_t>& rope, double q_sign) {
   scaled_rope::FlashFwdParams p;
+  p.q_rope = rope_tables(rope);
+  p.q_rope_sign = static_cast<float>(q_sign);
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
   p.v = reinterpret_cast<const void*>(v);
@@ -140,8 +170,10 @@ void flash_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t d
                int64_t dk_head_stride, int64_t dv_batch_stride, int64_t dv_row_stride, int64_t dv_head_stride,
                int64_t lse_batch_stride, int64_t lse_head_stride, int64_t dlse_batch_stride, int64_t dlse_head_stride,
                double softmax_scale, bool causal, int64_t window, double logn_base, int dtype, int device,
-               uintptr_t stream) {
+               uintptr_t stream, const std::vector<int64_t>& rope, double q_sign) {
   scaled_rope::FlashBwdParams p;
+  p.rope = rope_tables(rope);
+  p.q_sign = static_cast<float>(q_sign);
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
   p.v = reinterpret_cast<const void*>(v);
@@ -216,7 +248,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_ob"), py::arg("stride_on"), py::arg("stride_oh"), py::arg("stride_pb"), py::arg("stride_pn"),
         py::arg("stride_tb"), py::arg("stride_offb"), py::arg("stride_fb"), py::arg("device"), py::arg("stream"));
   m.def("flash_fwd", &flash_fwd,
-        "FlashAttention-2 forward over rotated q/k (sm_80+); window, rerope_window, logn_base: 0 = off",
+        "FlashAttention-2 forward over rotated q/k (sm_80+); window, rerope_window, logn_base: 0 = off; rope (10 integers, "
+        "see rope_tables): q unrotated, rotated on-chip (sm_90a), times q_sign",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_far"), py::arg("k_far"), py::arg("out"), py::arg("lse"),
         py::arg("q_positions"), py::arg("k_positions"), py::arg("k_tile_minmax"), py::arg("batch"),
         py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("head_dim"),
@@ -226,10 +259,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v_head_stride"), py::arg("o_batch_stride"), py::arg("o_row_stride"), py::arg("o_head_stride"),
         py::arg("lse_batch_stride"), py::arg("lse_head_stride"), py::arg("q_positions_batch_stride"),
         py::arg("k_positions_batch_stride"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window"),
-        py::arg("rerope_window"), py::arg("logn_base"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("rerope_window"), py::arg("logn_base"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("rope") = std::vector<int64_t>{}, py::arg("q_sign") = 1.0);
   m.def("flash_bwd", &flash_bwd,
-        "FlashAttention backward over rotated q/k (sm_90a, head_dim 128, default positions); dlse 0 = none; "
-        "window, logn_base: 0 = off",
+        "FlashAttention backward over rotated q/k (sm_90a, head_dim 96 or 128, default positions); dlse 0 = none; "
+        "window, logn_base: 0 = off; rope given: k unrotated, rotated on-chip, dq and dk w.r.t. the unrotated "
+        "q and k; dq times q_sign",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("dlse"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dq_accum"), py::arg("row_info"), py::arg("batch"),
         py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("head_dim"),
@@ -241,7 +276,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dk_head_stride"), py::arg("dv_batch_stride"), py::arg("dv_row_stride"), py::arg("dv_head_stride"),
         py::arg("lse_batch_stride"), py::arg("lse_head_stride"), py::arg("dlse_batch_stride"),
         py::arg("dlse_head_stride"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window"),
-        py::arg("logn_base"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("logn_base"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("rope") = std::vector<int64_t>{}, py::arg("q_sign") = 1.0);
   m.def("cuda_version", &runtime_version, "CUDA runtime version this module was built with (e.g. 13000)");
   m.def("compiled_archs", []() { return std::string(SCALED_ROPE_CUDA_ARCHS); },
         "SCALED_ROPE_CUDA_ARCHS at build time, e.g. '80;90a'");

@@ -1,5 +1,5 @@
-// FlashAttention backward for sm_90a (H100/H200) over already rotated q and k, head_dim 96 or 128: warp-specialised,
-// with TMA and wgmma, in the manner of FlashAttention-3's backward. Semantics: csrc/flash_bwd.h.
+// FlashAttention backward for sm_90a (H100/H200) over rotated q and rotated or unrotated k (`rope`), head_dim 96 or
+// 128: warp-specialised, with TMA and wgmma, in the manner of FlashAttention-3's backward. Semantics: csrc/flash_bwd.h.
 //
 // Tiles are 128 columns wide. For head_dim 96 the tensor maps are 96 columns wide, so TMA fills columns 96..127 of
 // every Q, K, V and dO tile with zeros: they add nothing to S^T or dP^T, give zero columns of dV, dK and dQ, and the
@@ -10,7 +10,9 @@
 // and Delta g, Delta = rowsum(dout * out) - dlse; it also zeroes dq_accum. (2) The main
 // kernel takes one key tile of kBlockN = 128 keys of one (batch, kv head) per CTA (first key tiles first: under the
 // causal mask they see the most queries) and walks the query tiles of kBlockM = 64 rows of every q head of the GQA
-// group that can see them. (3) A small kernel converts dq_accum to dq in the input dtype. The constant softmax_scale
+// group that can see them. (3) A small kernel converts dq_accum to dq in the input dtype. With `rope` (flash_bwd.h)
+// the consumers rotate their key rows of K in shared memory before the first step, dK goes back through the
+// rotation's transpose in shared memory at the end and (3) applies it to dq. The constant softmax_scale
 // of dS is applied in float32 at the end (dK's epilogue, the conversion of dq), as the Triton backward does: folded
 // into the 16-bit dS it would push small gradients ~11x further into float16's subnormal range.
 //
@@ -61,7 +63,7 @@ constexpr int kKVBytes = 2 * kKVBlock;          // 32 KB each
 constexpr int kQBlock = kBlockM * 128;          // one 64-column block of a Q or dO stage
 constexpr int kQBytes = 2 * kQBlock;            // 16 KB a stage
 constexpr int kDsBytes = kBlockN * kBlockM * 2;  // dS^T: 128 key rows of 64 queries (one 128-byte row each)
-constexpr int kDqBytes = kBlockM * kD * 4;       // a step's float32 dQ, laid out as dq_accum_index says
+constexpr int kDqBytes = kBlockM * kD * 4;       // room for a step's float32 dQ, laid out as dq_accum_index says
 constexpr int kRowInfoBytes = kBlockM * 16;      // per query row (c, L) then (g, Delta g): float2 x 64 each
 constexpr int kRowInfoF4 = kRowInfoBytes / 16;   // float4s a stage
 constexpr int kOffK = 0;
@@ -79,51 +81,49 @@ static_assert(kD == 128 && kBlockM == 64 && kBlockN == 128, "the fragment and de
 constexpr int kBarDs = 1;       // both consumer warpgroups' dS^T halves are in shared memory
 constexpr int kBarDqFull = 2;   // consumers -> writer: the step's dQ is in shared memory
 constexpr int kBarDqEmpty = 3;  // writer -> consumers: the dQ buffer may be written
+constexpr int kBarKRotated = 4;  // + consumer warpgroup (4, 5): its 64 key rows of K (of dK at the end) are in place
+constexpr int kBarEpilogue = 6;  // both consumer warpgroups are past their last read of K (rope: dK takes its buffer)
 
 // Tensor maps (boxes of 64 columns x kBlockN rows for K, V, x kBlockM rows for Q, dO; 128-byte swizzle).
 struct BwdMaps {
   CUtensorMap q, k, v, dout;
 };
 
-// Float index of dQ element (row, col) in a dq_accum tile (and in the shared dQ buffer): the two 64-column halves
-// apart (one per consumer warpgroup), 64 floats a row, the float pairs of a row XOR-swizzled by (row & 3) << 2. A
-// consumer's float2 store covers 8 rows x 4 pairs a warp; the swizzle spreads them over all 32 banks twice, the
-// minimum for 256 bytes. Pairs 2u, 2u + 1 stay adjacent, so 4 floats from a multiple of 4 are one float4.
-__host__ __device__ constexpr int dq_accum_index(int row, int col) {
-  return (col >> 6) * (kBlockM * 64) + row * 64 + ((((col & 63) >> 1) ^ ((row & 3) << 2)) << 1) + (col & 1);
+// Float index of dQ element (row, col) in a dq_accum tile (and in the shared dQ buffer) of `width` = head_dim columns:
+// the two column halves apart (one per consumer warpgroup: 64 columns, then width - 64), a row of a half its columns'
+// floats, the float pairs of a row XOR-swizzled by (row & 3) << 2. A consumer's float2 store covers 8 rows x 4 pairs
+// a warp; the swizzle spreads them over all 32 banks twice for 256-byte rows, the minimum for 256 bytes. Pairs 2u,
+// 2u + 1 stay adjacent, so 4 floats from a multiple of 4 are one float4. Dropping head_dim 96's zero columns keeps
+// the workspace at the size of dq in float32.
+__host__ __device__ constexpr int dq_half_floats(int half, int width) { return half ? width - 64 : 64; }
+__host__ __device__ constexpr int dq_accum_index(int row, int col, int width) {
+  return (col >> 6) * (kBlockM * 64) + row * dq_half_floats(col >> 6, width) +
+         ((((col & 63) >> 1) ^ ((row & 3) << 2)) << 1) + (col & 1);
 }
 
 // The consumers' store addresses for dq_accum_index, from one per-thread base: thread (warp w, lane 4 g + t) of
 // warpgroup `half` stores dQ rows 16 w + g + 8 r, columns 64 half + 8 nb + 2 t (+ 1) at byte
-// (dq_thread_base(w, g, t, half) + 2048 r) ^ (32 nb): base bits 5..7 are (g & 3, 0), so the XOR swizzles as above.
-__host__ __device__ constexpr int dq_thread_base(int w, int g, int t, int half) {
-  return half * (kBlockM * 64 * 4) + (16 * w + g) * 256 + 32 * (g & 3) + 8 * t;
+// (dq_thread_base(w, g, t, half, width) + 32 * dq_half_floats(half, width) * r) ^ (32 nb): base bits 5..6 are g & 3,
+// so the XOR swizzles as above.
+__host__ __device__ constexpr int dq_thread_base(int w, int g, int t, int half, int width) {
+  return half * (kBlockM * 64 * 4) + (16 * w + g) * 4 * dq_half_floats(half, width) + 32 * (g & 3) + 8 * t;
 }
-constexpr bool dq_addressing_matches() {
+constexpr bool dq_addressing_matches(int width) {
   for (int w = 0; w < 4; ++w)
     for (int lane = 0; lane < 32; ++lane)
       for (int half = 0; half < 2; ++half)
         for (int r = 0; r < 2; ++r)
-          for (int nb = 0; nb < 8; ++nb) {
+          for (int nb = 0; nb < dq_half_floats(half, width) / 8; ++nb) {
             const int g = lane >> 2, t = lane & 3;
-            const int bytes = (dq_thread_base(w, g, t, half) + 2048 * r) ^ (32 * nb);
-            if (bytes != 4 * dq_accum_index(16 * w + g + 8 * r, 64 * half + 8 * nb + 2 * t)) return false;
+            const int bytes =
+                (dq_thread_base(w, g, t, half, width) + 32 * dq_half_floats(half, width) * r) ^ (32 * nb);
+            if (bytes != 4 * dq_accum_index(16 * w + g + 8 * r, 64 * half + 8 * nb + 2 * t, width)) return false;
           }
   return true;
 }
-static_assert(dq_addressing_matches(), "the consumers' dQ stores follow dq_accum_index");
+static_assert(dq_addressing_matches(128) && dq_addressing_matches(96), "the consumers' dQ stores follow dq_accum_index");
 
-template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t v);
-template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&v));
-}
-template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-}
 
-__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
 __device__ __forceinline__ void st_shared_v2_f32(uint32_t addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
 }
@@ -170,8 +170,9 @@ __global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const FlashBw
   const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   const int m0 = static_cast<int>(tile % n_query_tiles) * kBlockM;
 
-  float4* acc = reinterpret_cast<float4*>(p.dq_accum + tile * (kBlockM * kD));
-  for (int i = threadIdx.x; i < kBlockM * kD / 4; i += blockDim.x) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const int width = static_cast<int>(p.head_dim);  // dq_accum columns
+  float4* acc = reinterpret_cast<float4*>(p.dq_accum + tile * (kBlockM * width));
+  for (int i = threadIdx.x; i < kBlockM * width / 4; i += blockDim.x) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 
   const int r = threadIdx.x / 4, part = threadIdx.x % 4;
   const int row = m0 + r;
@@ -293,13 +294,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     } else if (steps > 0 && warp == 1) {  // ---- dQ writer ----
       barrier_arrive(kBarDqEmpty, kConsumerThreads + kWriterThreads);  // the buffer starts free
+      const int tile_floats = kBlockM * static_cast<int>(p.head_dim);
       int it = 0;
       for (int gh = 0; gh < group; ++gh) {
-        float* dq_head = p.dq_accum + (b * p.heads_q + hk * group + gh) * n_query_tiles * (kBlockM * kD);
+        float* dq_head = p.dq_accum + (b * p.heads_q + hk * group + gh) * n_query_tiles * tile_floats;
         for (int mt = range.begin; mt < range.end; ++mt) {
           barrier_sync(kBarDqFull, kConsumerThreads + kWriterThreads);
           if (lane == 0) {
-            bulk_reduce_add_f32(dq_head + static_cast<int64_t>(mt) * (kBlockM * kD), sDq, kDqBytes);
+            bulk_reduce_add_f32(dq_head + static_cast<int64_t>(mt) * tile_floats, sDq, tile_floats * 4);
             bulk_commit();
             bulk_wait_read<0>();
           }
@@ -334,9 +336,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Per-thread store bases: dS^T row key_row (+ 8) with chunk c at (base ^ (c << 4)) (+ 1024), bits 4..6 of the
       // base being (key_row & 7) = g; dQ as dq_thread_base says.
       const uint32_t ds_base = sDs + key_row * 128 + (g << 4) + 4 * t;
-      const uint32_t dq_base = sDq + dq_thread_base(w, g, t, wgc);
+      const int width = static_cast<int>(p.head_dim);
+      const uint32_t dq_base = sDq + dq_thread_base(w, g, t, wgc, width);
       mbar_wait(k_full, 0);
       mbar_wait(v_full, 0);
+      if (p.rope.turns != nullptr) {  // k came unrotated: each warpgroup rotates its 64 key rows in place
+        rotate_tile_rows<T>(sK, kBlockN, 64 * wgc, 64, seqlen_k - n0, p.rope, b, n0, nullptr, 1.0f, width,
+                            tid - 128 * wg, 128);
+        fence_proxy_async();
+        barrier_sync(kBarKRotated + wgc, 128);  // its own rows before its S^T; the other's before dQ (kBarDs)
+      }
 
       int mt = range.begin;  // query tile of step it; the q head only matters to the producer and the writer
       for (int it = 0; it < steps; ++it) {
@@ -464,9 +473,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         barrier_sync(kBarDqEmpty, kConsumerThreads + kWriterThreads);
 #pragma unroll
         for (int nb = 0; nb < kD / 2 / 8; ++nb) {
+          // head_dim 96: the second half's last 32 columns are zero and not kept (read from the parameters here,
+          // not held in registers across the loop: that spilled)
+          const int half_floats = dq_half_floats(wgc, static_cast<int>(p.head_dim));
+          if (nb >= half_floats / 8) break;
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            st_shared_v2_f32((dq_base + 2048 * r) ^ (32 * nb), dq[4 * nb + 2 * r], dq[4 * nb + 2 * r + 1]);
+            st_shared_v2_f32((dq_base + 32 * half_floats * r) ^ (32 * nb), dq[4 * nb + 2 * r], dq[4 * nb + 2 * r + 1]);
           }
         }
         fence_proxy_async();
@@ -476,7 +489,33 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // Epilogue: dK (times softmax_scale) and dV rows key_row (+ 8) of the tile, columns 8 db + 2 t (+ 1), in the
-    // input dtype.
+    // input dtype. With rope, dK goes through shared memory: K's buffer takes it once both warpgroups are past their
+    // last dQ product (which reads all 128 keys), each warpgroup applies the rotation's transpose to its 64 rows there
+    // (rotate_tile_rows) and stores them in 16-byte chunks.
+    const bool dk_via_shared = p.rope.turns != nullptr && steps > 0;
+    if (dk_via_shared) {
+      barrier_sync(kBarEpilogue, kConsumerThreads);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int db = 0; db < kD / 8; ++db) {
+          st_shared_b32(tile_word(sK, kBlockN, key_row + 8 * r, db * 8 + 2 * t),
+                        pack2<T>(dk[4 * db + 2 * r] * p.softmax_scale, dk[4 * db + 2 * r + 1] * p.softmax_scale));
+        }
+      }
+      barrier_sync(kBarKRotated + wgc, 128);
+      rotate_tile_rows<T, true>(sK, kBlockN, 64 * wgc, 64, seqlen_k - n0, p.rope, b, n0, nullptr, 1.0f,
+                                static_cast<int>(p.head_dim), tid - 128 * wg, 128);
+      barrier_sync(kBarKRotated + wgc, 128);
+      T* dk_tile = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+      const int chunks = static_cast<int>(p.head_dim) / 8;
+      const int rows = min(64, seqlen_k - n0 - 64 * wgc);
+      for (int u = tid - 128 * wg; u < rows * chunks; u += 128) {
+        const int row = 64 * wgc + u / chunks, c = u % chunks;
+        *reinterpret_cast<uint4*>(dk_tile + static_cast<int64_t>(n0 + row) * p.dk_row_stride + 8 * c) =
+            ld_shared_v4(tile_chunk(sK, kBlockN, row, c));
+      }
+    }
     const float scale = p.softmax_scale;
     T* dk_base = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
     T* dv_base = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
@@ -489,8 +528,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int db = 0; db < kD / 8; ++db) {
         if (db * 8 >= p.head_dim) break;
-        *reinterpret_cast<uint32_t*>(dk_row + db * 8 + 2 * t) =
-            pack2<T>(dk[4 * db + 2 * r] * scale, dk[4 * db + 2 * r + 1] * scale);
+        if (!dk_via_shared) {
+          *reinterpret_cast<uint32_t*>(dk_row + db * 8 + 2 * t) =
+              pack2<T>(dk[4 * db + 2 * r] * scale, dk[4 * db + 2 * r + 1] * scale);
+        }
         *reinterpret_cast<uint32_t*>(dv_row + db * 8 + 2 * t) = pack2<T>(dv[4 * db + 2 * r], dv[4 * db + 2 * r + 1]);
       }
     }
@@ -499,26 +540,57 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- dq_accum -> dq ---------------------------------------------------------------------------------------------
-// dq = softmax_scale * dq_accum in the input dtype (the first head_dim columns). One CTA of 256 threads per (batch,
-// q head, query tile); each thread converts float4s: a warp covers one row.
+// dq = q_sign * softmax_scale * dq_accum in the input dtype, with rope through the rotation's transpose at the query
+// positions. One CTA of 256 threads per (batch, q head, query tile); a thread takes a unit of a row at a time: in the
+// rotated columns, 4 pairs (a float4 and its partner float4 R/2 columns on in the half layout, one float4 of 2 pairs
+// interleaved), then the pass-through float4s.
 template <typename T>
 __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const FlashBwdParams p, int n_query_tiles) {
   const int64_t tile = blockIdx.x;
   const int64_t bh = tile / n_query_tiles;
   const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   const int m0 = static_cast<int>(tile % n_query_tiles) * kBlockM;
-  const float* acc = p.dq_accum + tile * (kBlockM * kD);
+  const int width = static_cast<int>(p.head_dim);
+  const float* acc = p.dq_accum + tile * (kBlockM * width);
   T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
-  for (int f = threadIdx.x; f < kBlockM * kD / 4; f += blockDim.x) {
-    const int r = f / (kD / 4), col = f % (kD / 4) * 4;
+  const bool rope = p.rope.turns != nullptr;
+  const bool interleaved = rope && p.rope.interleaved;
+  const int rotary_dim = rope ? static_cast<int>(p.rope.rotary_dim) : 0;
+  const int rot_units = interleaved ? rotary_dim / 4 : rotary_dim / 8;
+  const int units = rot_units + (width - rotary_dim) / 4;
+  const float scale = p.softmax_scale * p.q_sign;
+  auto load = [&](int r, int col) {
+    const float4 x = *reinterpret_cast<const float4*>(acc + dq_accum_index(r, col, width));
+    return make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale);
+  };
+  auto store = [&](T* at, float4 x) {
+    *reinterpret_cast<uint2*>(at) = make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w));
+  };
+  for (int f = threadIdx.x; f < kBlockM * units; f += blockDim.x) {
+    const int r = f / units, u = f % units;
     const int64_t row = m0 + r;
     if (row >= p.seqlen_q) break;  // rows only grow with f
-    if (col >= p.head_dim) continue;
-    const float4 x = *reinterpret_cast<const float4*>(acc + dq_accum_index(r, col));
-    uint2 packed;
-    packed.x = pack2<T>(x.x * p.softmax_scale, x.y * p.softmax_scale);
-    packed.y = pack2<T>(x.z * p.softmax_scale, x.w * p.softmax_scale);
-    *reinterpret_cast<uint2*>(dq + row * p.dq_row_stride + col) = packed;
+    T* dq_row = dq + row * p.dq_row_stride;
+    const int64_t pos = p.seqlen_k - p.seqlen_q + row;
+    if (u >= rot_units) {
+      const int col = rotary_dim + 4 * (u - rot_units);
+      store(dq_row + col, load(r, col));
+    } else if (interleaved) {
+      const int col = 4 * u;  // pairs 2 u, 2 u + 1
+      const float4 x = load(r, col);
+      const float2 a = rope_apply<true>(x.x, x.y, rope_cos_sin(p.rope, b, pos, 2 * u));
+      const float2 c = rope_apply<true>(x.z, x.w, rope_cos_sin(p.rope, b, pos, 2 * u + 1));
+      store(dq_row + col, make_float4(a.x, a.y, c.x, c.y));
+    } else {
+      const int col = 4 * u, partner = col + rotary_dim / 2;  // pairs col .. col + 3
+      const float4 x = load(r, col), y = load(r, partner);
+      const float2 p0 = rope_apply<true>(x.x, y.x, rope_cos_sin(p.rope, b, pos, col));
+      const float2 p1 = rope_apply<true>(x.y, y.y, rope_cos_sin(p.rope, b, pos, col + 1));
+      const float2 p2 = rope_apply<true>(x.z, y.z, rope_cos_sin(p.rope, b, pos, col + 2));
+      const float2 p3 = rope_apply<true>(x.w, y.w, rope_cos_sin(p.rope, b, pos, col + 3));
+      store(dq_row + col, make_float4(p0.x, p1.x, p2.x, p3.x));
+      store(dq_row + partner, make_float4(p0.y, p1.y, p2.y, p3.y));
+    }
   }
 }
 
@@ -632,6 +704,14 @@ std::string flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   }
   if (!aligned(p.dq_accum, 16, {}) || !aligned(p.row_info, 16, {})) {
     return "flash_bwd: the workspaces need 16-byte alignment";
+  }
+  if (p.q_sign != 1.0f && p.q_sign != -1.0f) return "flash_bwd: q_sign must be 1 or -1";
+  if (p.rope.turns != nullptr) {
+    const std::string err = check_rope(p.rope, p.head_dim, "flash_bwd: rope");
+    if (!err.empty()) return err;
+    if (!aligned(p.dk, 16, {p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride})) {
+      return "flash_bwd: with rope, dk needs 16-byte aligned rows (its 16-byte stores)";
+    }
   }
   return p.dtype == kFloat16 ? flash::launch<__half>(p, stream) : flash::launch<__nv_bfloat16>(p, stream);
 }

@@ -52,6 +52,15 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// One register of two 16-bit values -> two floats (lo: the lower column).
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t v);
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+
 // ---- tile order ---------------------------------------------------------------------------------------------------
 // blockIdx.x -> (b * heads_q + h, query tile). Heads are taken in L2 sections of section_heads and, inside a section,
 // tile-major with the heaviest (last) query tiles first: the CTAs running at once then read the K and V of a few

@@ -18,6 +18,7 @@
 // writes each key tile's (min, max).
 #include "flash_fwd.h"
 #include "flash_common.cuh"
+#include "rope_device.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -542,6 +543,13 @@ std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     return "flash_fwd: out needs 4-byte aligned pairs (even strides)";
   }
 
+  if (p.q_rope.turns != nullptr) {
+    const std::string err = check_rope(p.q_rope, p.head_dim, "flash_fwd: q_rope");
+    if (!err.empty()) return err;
+    if (rerope) return "flash_fwd: q_rope (on-chip rotation of q) does not take ReRoPE; rotate q beforehand";
+    if (p.q_rope_sign != 1.0f && p.q_rope_sign != -1.0f) return "flash_fwd: q_rope_sign must be 1 or -1";
+  }
+
   if (keys && p.k_positions) {
     const int64_t n_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
     if (n_tiles * p.batch > INT_MAX) return "flash_fwd: batch * ceil(seqlen_k / 64) is too large";
@@ -554,6 +562,10 @@ std::string flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   bool launched = false;
   const std::string err = flash::flash_fwd_sm90(p, stream, &launched);
   if (launched) return err;
+  if (p.q_rope.turns != nullptr) {
+    return "flash_fwd: q_rope (on-chip rotation of q) needs the sm_90a kernel (a compute capability 9.x device, an "
+           "extension built with sm_90a, SCALED_ROPE_FLASH_SM80 unset)";
+  }
   if (p.head_dim == 96) {
     return "flash_fwd: head_dim 96 runs on the sm_90a kernel only (a compute capability 9.x device, an extension built "
            "with sm_90a, SCALED_ROPE_FLASH_SM80 unset)";

@@ -1,4 +1,4 @@
-// FlashAttention forward over already rotated q and k (torch-free): an sm_80+ kernel (mma.sync, ldmatrix, cp.async;
+// FlashAttention forward over rotated q and k (torch-free; q may be rotated on-chip, see q_rope): an sm_80+ kernel (mma.sync, ldmatrix, cp.async;
 // csrc/flash_fwd.cu; head_dim 64 and 128) and, on compute capability 9.x when the build has sm_90a code, a wgmma
 // kernel (csrc/flash_fwd_sm90.cu; head_dim 64, 96 and 128); SCALED_ROPE_FLASH_SM80=1 forces the sm_80 kernel.
 // Semantics: docs/DESIGN.md §3 with the rotation done beforehand (csrc/rope.cu writes the rotated q, k and, for
@@ -44,6 +44,11 @@ struct FlashFwdParams {
   int64_t rerope_window;         // 0: no ReRoPE
   float logn_base;               // 0: no log-n scaling
   DType dtype;                   // kFloat16 or kBFloat16
+  // q_rope.turns != nullptr: q arrives unrotated and the sm_90a kernel rotates each query tile on-chip at the query
+  // positions with these tables (csrc/rope_device.cuh; rope_on_chip_layout; no ReRoPE), times q_rope_sign (+1 or -1,
+  // softmax_scale's sign) on every column. Other kernels refuse it.
+  RopeTables q_rope;
+  float q_rope_sign = 1.0f;
 };
 
 // Rows of keys per tile; the workspace k_tile_minmax holds one (min, max) pair per tile of this many keys.

@@ -1,6 +1,6 @@
-// FlashAttention forward for sm_90a (H100/H200) over already rotated q and k, head_dim 64, 96 or 128: warp-specialised,
-// with the tensor memory accelerator (TMA) and warpgroup MMA (wgmma). Semantics as csrc/flash_fwd.h; csrc/flash_fwd.cu
-// launches this kernel where it applies and the sm_80 one otherwise.
+// FlashAttention forward for sm_90a (H100/H200) over rotated k and rotated or unrotated q, head_dim 64, 96 or 128:
+// warp-specialised, with the tensor memory accelerator (TMA) and warpgroup MMA (wgmma). Semantics as csrc/flash_fwd.h;
+// csrc/flash_fwd.cu launches this kernel where it applies and the sm_80 one otherwise.
 //
 // Tiles are kD = 64 or 128 columns wide. head_dim 96 runs the kD = 128 kernel: its tensor maps are 96 columns wide,
 // so TMA fills columns 96..127 of every tile with zeros; they add nothing to Q K^T, give zero columns of P V, and the
@@ -20,6 +20,9 @@
 // while the tensor cores finish P(i-1) V(i-1). (Forcing the two consumers to take turns at issuing, FA3's ping-pong
 // through named barriers, measured no different; three stages instead of two neither: bench/NOTES.md, v6.)
 // Query tiles are taken heaviest first, in L2 sections of heads (flash_common.cuh, tile_order).
+// With q_rope (flash_fwd.h) q arrives unrotated and each consumer warpgroup rotates its 64 rows of the Q tile in shared
+// memory before its first product (csrc/rope_device.cuh). Measured on an H100 it costs ~3 us a tile, about what the
+// rotation pass over q that it replaces costs (bench/NOTES.md, CUDA backward v2); it saves q's scratch copy.
 //
 // Tile classification is that of the sm_80 kernel: skipped, unmasked or masked tiles; for ReRoPE the near pair, the
 // far pair, or (straddling the window) two visits of the tile, far keys with (q_far, k_far) and near keys with
@@ -385,9 +388,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) o[i] = 0.0f;
     uint32_t pa[kBlockN / 16][4];
-    // Turns: warpgroup c waits at barrier 1 + c before issuing, then opens the other's; the second warpgroup
-    // opens the first's turn once to start.
     mbar_wait(q_full, 0);
+    if (p.q_rope.turns != nullptr) {  // q came unrotated: each warpgroup rotates its 64 rows in place
+      const int32_t* q_pos = p.q_positions ? p.q_positions + b * p.q_positions_batch_stride + m0 : nullptr;
+      rotate_tile_rows<T>(sQ, kBlockM, 64 * wgc, 64, seqlen_q - m0, p.q_rope, b, seqlen_k - seqlen_q + m0, q_pos,
+                          p.q_rope_sign, static_cast<int>(p.head_dim), tid - 128 * wg, 128);
+      fence_proxy_async();
+      barrier_sync(1 + wgc, 128);  // the warpgroup's stores before its wgmma reads
+    }
 
     int i = 0, prev_stage = 0;
     uint32_t prev_parity = 0;

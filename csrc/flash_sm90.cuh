@@ -7,6 +7,7 @@
 #pragma once
 
 #include "flash_common.cuh"
+#include "rope_device.cuh"
 
 #include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime's driver entry point)
 #include <cudaTypedefs.h>
@@ -203,6 +204,114 @@ __device__ __forceinline__ void regs_dec() {
 template <int REGS>
 __device__ __forceinline__ void regs_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+// ---- on-chip rotation of a shared tile -------------------------------------------------------------------------
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Address of 16-byte chunk `chunk` (columns 8 chunk .. 8 chunk + 7) of row `row` of a tile of 64-column blocks of
+// block_rows rows each.
+__device__ __forceinline__ uint32_t tile_chunk(uint32_t tile, int block_rows, int row, int chunk) {
+  return tile + (chunk >> 3) * (block_rows * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
+__device__ __forceinline__ uint32_t ld_shared_b32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+// Address of the 4-byte word holding columns col, col + 1 (col even) of row `row` of such a tile.
+__device__ __forceinline__ uint32_t tile_word(uint32_t tile, int block_rows, int row, int col) {
+  return tile_chunk(tile, block_rows, row, col >> 3) + (col & 7) * 2;
+}
+
+// Rotates rows [row_begin, row_begin + rows) of a shared tile of 16-bit elements in place (rope_on_chip_layout
+// tables): tile row r holds position pos0 + r, or positions[r] when positions is given; rows at or past valid_rows
+// (past the tensor's end: TMA's zero fill) are left alone. `sign` (+1 or -1) multiplies the rotated columns and the
+// pass-through ones up to head_dim. `thread` of `threads` (a warpgroup) share the work: each thread keeps one 4-byte
+// word of pairs (one pair interleaved; two, with their partner word R/2 columns on, in the half layout) and walks
+// rows `stride` = threads / words apart, so that consecutive lanes touch consecutive words of a row (no bank
+// conflicts) and m' (cos, sin) comes from the previous row's by one complex multiplication with
+// e^(i stride theta): two special-function evaluations per thread and pair instead of one per row and pair (which
+// measured hardly faster: ~3 us a 128-row tile on an H100 either way, so the special functions are not what the
+// rotation's time goes to; bench/NOTES.md, CUDA backward v2). Explicit positions, and a row whose set differs from the previous row's (the
+// LongRoPE n_hat switch), restart from an exact evaluation. Over the <= 32 rows of a walk the products add < 2e-6 to
+// cos and sin, below a thousandth of a 16-bit element's rounding. The caller orders the stores before tensor-core
+// reads (fence_proxy_async, then a barrier). TRANSPOSE applies the rotation's transpose (gradients).
+template <typename T, bool TRANSPOSE = false>
+__device__ void rotate_tile_rows(uint32_t tile, int block_rows, int row_begin, int rows, int valid_rows,
+                                 const RopeTables& rope, int64_t b, int64_t pos0, const int32_t* positions,
+                                 float sign, int head_dim, int thread, int threads) {
+  const int rotary_dim = static_cast<int>(rope.rotary_dim);
+  const int half = rotary_dim / 2;
+  const int words = rope.interleaved ? half : half / 2;  // words of pairs a row
+  const int stride = threads / words;
+  const int row_end = min(row_begin + rows, valid_rows);
+  const int word = thread % words;
+  if (thread < words * stride) {
+    constexpr int kMaxPairs = 2;
+    const int n_pairs = rope.interleaved ? 1 : 2;
+    const int pair0 = rope.interleaved ? word : 2 * word;  // the word's first pair
+    const int col = 2 * word;                              // the word's columns (lo half in the half layout)
+    float2 cs[kMaxPairs], step[kMaxPairs];
+    int set = -1;  // the rotation set of the previous row: 1 unscaled (below n_hat), 0 scaled
+    for (int row = row_begin + thread / words; row < row_end; row += stride) {
+      const int64_t pos = positions != nullptr ? static_cast<int64_t>(positions[row]) : pos0 + row;
+      const int row_set = rope.n_hat > 0 && pos < rope.n_hat ? 1 : 0;
+#pragma unroll
+      for (int e = 0; e < kMaxPairs; ++e) {
+        if (e >= n_pairs) break;
+        if (positions != nullptr || row_set != set) {
+          const float2 c = rope_cos_sin(rope, b, pos, pair0 + e);
+          cs[e] = make_float2(c.x * sign, c.y * sign);
+          step[e] = rope_step_cos_sin(rope, b, row_set, pair0 + e, stride);
+        } else {
+          cs[e] = make_float2(fmaf(cs[e].x, step[e].x, -cs[e].y * step[e].y),
+                              fmaf(cs[e].x, step[e].y, cs[e].y * step[e].x));
+        }
+      }
+      set = row_set;
+      if (rope.interleaved) {
+        const uint32_t at = tile_word(tile, block_rows, row, col);
+        const float2 xy = unpack2<T>(ld_shared_b32(at));
+        const float2 r = rope_apply<TRANSPOSE>(xy.x, xy.y, cs[0]);
+        st_shared_b32(at, pack2<T>(r.x, r.y));
+      } else {
+        const uint32_t at_lo = tile_word(tile, block_rows, row, col);
+        const uint32_t at_hi = tile_word(tile, block_rows, row, col + half);
+        const float2 x = unpack2<T>(ld_shared_b32(at_lo)), y = unpack2<T>(ld_shared_b32(at_hi));
+        const float2 r0 = rope_apply<TRANSPOSE>(x.x, y.x, cs[0]);
+        const float2 r1 = rope_apply<TRANSPOSE>(x.y, y.y, cs[1]);
+        st_shared_b32(at_lo, pack2<T>(r0.x, r1.x));
+        st_shared_b32(at_hi, pack2<T>(r0.y, r1.y));
+      }
+    }
+  }
+  if (sign == 1.0f) return;
+  const int pass_chunks = (head_dim - rotary_dim) / 8;  // the sign alone: flip each element's sign bit
+  for (int u = thread; u < rows * pass_chunks; u += threads) {
+    const int row = row_begin + u / pass_chunks;
+    if (row >= row_end) break;  // rows only grow with u
+    const uint32_t at = tile_chunk(tile, block_rows, row, rotary_dim / 8 + u % pass_chunks);
+    uint4 v = ld_shared_v4(at);
+    v.x ^= 0x80008000u;
+    v.y ^= 0x80008000u;
+    v.z ^= 0x80008000u;
+    v.w ^= 0x80008000u;
+    st_shared_v4(at, v);
+  }
 }
 
 // ---- host side ---------------------------------------------------------------------------------------------------

@@ -35,6 +35,18 @@ struct RotateParams {
   int64_t stride_fb;              // stride of factor
 };
 
+// The rotation tables of one tensor for the attention kernels that rotate on-chip (csrc/rope_device.cuh): the
+// fields of RotateParams that describe the rotation, with the same meanings. turns == nullptr: no rotation.
+struct RopeTables {
+  const int64_t* turns = nullptr;           // (B, R/2)
+  const int64_t* offset = nullptr;          // (B, R/2) or nullptr
+  const int64_t* turns_unscaled = nullptr;  // (R/2,), used for positions p < n_hat; nullptr without n_hat
+  const float* factor = nullptr;            // (B,)
+  int64_t rotary_dim = 0, n_hat = 0;
+  bool interleaved = false;
+  int64_t stride_tb = 0, stride_offb = 0, stride_fb = 0;  // batch-row strides (0: one row for every batch row)
+};
+
 // Launches the rotation on `stream` (of the current device). Returns "" on success, else an error message.
 std::string rotate(const RotateParams& params, cudaStream_t stream);
 

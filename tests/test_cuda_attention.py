@@ -18,7 +18,9 @@ SHORT = [1.0 + 0.05 * i for i in range(64)]
 # Switches read by the extension on every call (no-ops where the sm_90a kernel does not apply).
 KERNEL_PATHS = {"default": {}, "sm80": {"SCALED_ROPE_FLASH_SM80": "1"},
                 # tile order: L2 sections of 3 heads (a partial last section, sections across batch rows), head by head
-                "sections-3": {"SCALED_ROPE_L2_SECTION_HEADS": "3"}, "sections-1": {"SCALED_ROPE_L2_SECTION_HEADS": "1"}}
+                "sections-3": {"SCALED_ROPE_L2_SECTION_HEADS": "3"}, "sections-1": {"SCALED_ROPE_L2_SECTION_HEADS": "1"},
+                # q rotated by a pass of its own instead of on-chip in the sm_90a kernel
+                "rotation-passes": {"SCALED_ROPE_ROTATION_PASSES": "1"}}
 LONG = [1.5 + 0.3 * i for i in range(64)]
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -133,6 +135,32 @@ def test_partial_rotary_layouts_and_scale(layout):
 
 def test_no_rope():
     check(2, 100, 150, 2, 1, 64, torch.bfloat16, None, seed=39)
+
+
+@pytest.mark.parametrize("passes", ["0", "1"])
+@pytest.mark.parametrize("dim,rotary_dim,layout", [(128, 128, "half"), (96, 96, "half"), (64, 64, "half"),
+                                                   (128, 96, "half"), (128, 32, "half"), (128, 64, "interleaved"),
+                                                   (96, 24, "interleaved"), (64, 20, "interleaved")])
+def test_q_rotated_on_chip_or_by_a_pass(passes, dim, rotary_dim, layout, monkeypatch):
+    """The sm_90a kernel rotates q on-chip (and signs it: softmax_scale < 0 here, also on pass-through columns) where
+    its layout allows, k going through one rotation pass; with other tables or SCALED_ROPE_ROTATION_PASSES=1 both go
+    through passes. The number of passes tells which path ran; both match the reference, with explicit positions
+    and the LongRoPE per-row switch too."""
+    needs_sm90(dim)
+    monkeypatch.setenv("SCALED_ROPE_ROTATION_PASSES", passes)
+    passes_run = []
+    rotate = _cuda.cuda_rotate
+    monkeypatch.setattr(_cuda, "cuda_rotate", lambda *args, **kw: passes_run.append(1) or rotate(*args, **kw))
+    on_chip_layout = rotary_dim % 8 == 0 if layout == "interleaved" else rotary_dim in (64, 96, 128)
+    on_chip = passes == "0" and on_chip_layout and _cuda.sm90_kernel_applies(torch.device("cuda"), torch.bfloat16,
+                                                                               dim)
+    rope = RopeScaling.yarn(dim, 8.0, 256, rotary_dim=rotary_dim, layout=layout)
+    check(2, 200, 333, 4, 2, dim, torch.bfloat16, rope, seed=60 + rotary_dim, softmax_scale=-0.09)
+    assert len(passes_run) == (1 if on_chip else 2)
+    nk = 700
+    k_positions = torch.stack([torch.arange(nk), torch.arange(nk) + 1500]).cuda()
+    check(2, 300, nk, 2, 1, dim, torch.float16, longrope(dim, original=1024), seed=61, q_positions=k_positions[:, -300:],
+          k_positions=k_positions)
 
 
 def test_strided_and_misaligned_inputs():

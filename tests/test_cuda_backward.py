@@ -128,6 +128,26 @@ def test_no_rope():
     check(2, 100, 150, 2, 1, torch.bfloat16, None, seed=39)
 
 
+@pytest.mark.parametrize("passes", ["0", "1"])
+@pytest.mark.parametrize("dim,rotary_dim,layout", [(128, 128, "half"), (96, 96, "half"), (128, 96, "half"),
+                                                   (96, 64, "half"), (128, 32, "half"), (128, 64, "interleaved"),
+                                                   (96, 20, "interleaved")])
+def test_k_rotated_on_chip_or_by_passes(passes, dim, rotary_dim, layout, monkeypatch):
+    """Where rope_on_chip allows, the kernel rotates each key tile on-chip and hands dk and dq back through the
+    rotation's transpose (dK in registers, dq in its conversion, with softmax_scale's sign): one rotation pass (q).
+    Otherwise, or with SCALED_ROPE_ROTATION_PASSES=1, four (q, k, and the transposes of dq and dk)."""
+    import scaled_rope._cuda_backward as cuda_backward
+
+    monkeypatch.setenv("SCALED_ROPE_ROTATION_PASSES", passes)
+    passes_run = []
+    rotate = cuda_backward.cuda_rotate
+    monkeypatch.setattr(cuda_backward, "cuda_rotate", lambda *args, **kw: passes_run.append(1) or rotate(*args, **kw))
+    on_chip_layout = rotary_dim % 8 == 0 if layout == "interleaved" else rotary_dim in (64, 96, 128)
+    rope = RopeScaling.yarn(dim, 8.0, 256, rotary_dim=rotary_dim, layout=layout)
+    check(1, 300, 333, 4, 2, torch.bfloat16, rope, seed=42 + rotary_dim, softmax_scale=-0.09, dim=dim)
+    assert len(passes_run) == (1 if passes == "0" and on_chip_layout else 4)
+
+
 @pytest.mark.parametrize("section_heads", ["1", "3"])
 def test_l2_sections_cover_every_tile(section_heads, monkeypatch):
     """CTAs take (batch, kv head) pairs in L2 sections, key tile-major inside one: sections of 3 over 2 x 2 pairs end

@@ -12,13 +12,27 @@ from ._backends import AttentionCall, Backend, RotationCall
 from ._scale import signed
 
 
+def _q_on_chip(call: AttentionCall) -> bool:
+    """Whether the forward kernel rotates q on-chip (the sm_90a kernel, no ReRoPE, tables it takes)."""
+    q = call.q
+    return (call.tables is not None and call.rerope_window is None
+            and _cuda.rope_on_chip(call.tables.near, q.shape[-1], call.q_sign)
+            and _cuda.sm90_kernel_applies(q.device, q.dtype, q.shape[-1]))
+
+
 def _operands(call: AttentionCall):
-    """The forward's rotated operands (q, k, q far, k far) with softmax_scale's sign folded into q and q far.
-    Plain ReRoPE reads k itself as the far k, with both attention factors on the far q."""
+    """The forward's operands (q, k, q far, k far): rotated, with softmax_scale's sign folded into q and q far,
+    except q where `_q_on_chip` (the kernel rotates and signs it). Plain ReRoPE reads k itself as the far k, with
+    both attention factors on the far q."""
     q, k = call.q, call.k
     t = call.tables
     if t is None:
         q_rot, k_rot, q_far, k_far = _cuda._rows_aligned(q), _cuda._rows_aligned(k), None, None
+    elif _q_on_chip(call):
+        rot_k = call.k_positions if call.k_positions is not None else \
+            torch.arange(k.shape[1], dtype=torch.int32, device=q.device).expand(k.shape[0], k.shape[1])
+        k_rot = _cuda.cuda_rotate(k, rot_k, t.near, out=_cuda.head_major_scratch(k))
+        return _cuda._rows_aligned(q), k_rot, None, None
     else:
         batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
         rot_q = call.q_positions if call.q_positions is not None else \
@@ -50,10 +64,12 @@ class CudaBackend(Backend):
         out, lse = _cuda.flash_outputs(q)
         if q.shape[0] and q.shape[1] and q.shape[2]:
             q_rot, k_rot, q_far, k_far = _operands(call)
+            on_chip = _q_on_chip(call)
             _cuda.flash_forward(q_rot, k_rot, call.v, q_far, k_far, out, lse, q_positions=call.q_positions,
                                 k_positions=call.k_positions, causal=call.causal, window=call.window,
                                 rerope_window=call.rerope_window, logn_base=call.logn_base,
-                                softmax_scale=call.kernel_scale)
+                                softmax_scale=call.kernel_scale, q_tables=call.tables.near if on_chip else None,
+                                q_sign=call.q_sign)
         return out, lse, None
 
     def attention_backward(self, call: AttentionCall, out, lse, residual, dout, dlse):

@@ -88,6 +88,30 @@ def cuda_rotate(x: torch.Tensor, positions: torch.Tensor, tables, inverse: bool 
     return o
 
 
+def rope_on_chip(tables, head_dim: int, sign: float = 1.0) -> bool:
+    """Whether the sm_90a attention kernels rotate with these tables on-chip (csrc/rope_device.cuh,
+    rope_on_chip_layout): rotary_dim a multiple of 8 interleaved, or 64, 96 or 128 in the half layout, at most
+    head_dim; softmax_scale's sign +1 or -1 (0, a vanishing scale, zeroes q: the pass does it);
+    SCALED_ROPE_ROTATION_PASSES unset."""
+    if tables is None or sign not in (1.0, -1.0) or _env.rotation_passes():
+        return False
+    rotary_dim = int(tables.rotary_dim)
+    if not 0 < rotary_dim <= head_dim:
+        return False
+    return rotary_dim % 8 == 0 if tables.interleaved else rotary_dim in (64, 96, 128)
+
+
+def rope_kwargs(tables, sign: float) -> dict:
+    """The binding's `rope` (10 integers: csrc/binding.cpp, rope_tables) for on-chip rotation with `tables`, and
+    q_sign."""
+    offset = tables.offset
+    rope = [tables.turns.data_ptr(), _ptr(offset), _ptr(tables.turns_unscaled if tables.n_hat > 0 else None),
+            tables.attention_factor.data_ptr(), int(tables.rotary_dim), int(tables.n_hat), int(bool(tables.interleaved)),
+            _row_stride(tables.turns), 0 if offset is None else _row_stride(offset),
+            _row_stride(tables.attention_factor)]
+    return dict(rope=rope, q_sign=float(sign))
+
+
 # ---- attention (csrc/flash_fwd.cu) ----------------------------------------------------------------------------
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 ATTENTION_HEAD_DIMS = (64, 96, 128)
@@ -165,11 +189,13 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_far: torc
                   k_far: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, *,
                   q_positions: torch.Tensor | None, k_positions: torch.Tensor | None, causal: bool,
                   window: int | None, rerope_window: int | None, logn_base: float | None,
-                  softmax_scale: float) -> None:
+                  softmax_scale: float, q_tables=None, q_sign: float = 1.0) -> None:
     """The fused attention over rotated operands into out and lse (`flash_outputs`): q (B, Nq, Hq, D), k
     (B, Nk, Hkv, D) and, for ReRoPE, q_far and k_far already rotated (softmax_scale's sign folded into q and q_far,
     softmax_scale > 0; rows aligned: `_rows_aligned`, `head_major_scratch`); v as given. Positions int (B, N)
-    with |p| < 2**30, or None for the default (k = 0..Nk-1, q = the last Nq of those)."""
+    with |p| < 2**30, or None for the default (k = 0..Nk-1, q = the last Nq of those). With q_tables (where
+    `rope_on_chip` holds and the sm_90a kernel runs; no ReRoPE) q comes unrotated and the kernel rotates it with
+    them at the query positions, times q_sign."""
     ext = _require_extension()
     batch, nq, heads, dim = q.shape
     nk, kv_heads = k.shape[1], k.shape[2]
@@ -201,4 +227,5 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_far: torc
         logn_base=0.0 if logn_base is None else float(logn_base),
         dtype=_DTYPE_CODES[q.dtype], device=_device_index(device),
         stream=torch.cuda.current_stream(device).cuda_stream,
+        **({} if q_tables is None else rope_kwargs(q_tables, q_sign)),
     )

@@ -2,9 +2,10 @@
 positions, no ReRoPE. `cuda_backward_support` says why not for everything else, so that the caller runs the Triton
 backward there instead (explicitly: nothing here falls back on its own).
 
-Like the Triton backward, it rotates q and k into scratch buffers (the CUDA rotation), runs the kernel over the
-rotated tensors and maps dq and dk back with the rotation's transpose at the same positions; nothing rotated is kept
-from the forward.
+Nothing rotated is kept from the forward. q is rotated into a scratch buffer (the CUDA rotation: every key tile's
+CTA reads every query tile, so one pass is cheaper than rotating each read); k is rotated on-chip, one key tile per
+CTA, and dk and dq come out of the kernel through the rotation's transpose (`rope_on_chip` tables). For other tables
+(or SCALED_ROPE_ROTATION_PASSES=1) k is rotated into scratch too and dq, dk are mapped back by transpose passes.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import math
 import torch
 
 from . import _alloc
-from ._cuda import _DTYPE_CODES, _built_for_sm90a, _stride, attention_support, cuda_rotate, load_extension
+from ._cuda import (_DTYPE_CODES, _built_for_sm90a, _stride, attention_support, cuda_rotate, load_extension,
+                    rope_kwargs, rope_on_chip)
 from ._scale import fold_scale_sign
 
 HEAD_DIMS = (96, 128)
-_TILE_COLUMNS = 128  # kD in csrc/flash_bwd_sm90.cu: dq_accum rows are this wide whatever the head_dim
 _BLOCK_M = 64  # kFlashBwdBlockM in csrc/flash_bwd.h: the workspaces are padded to whole query tiles of this many rows
 
 
@@ -58,14 +59,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def cuda_flash_backward(q_rot, k_rot, v, out, lse, dout, dlse, *, causal: bool, window: int | None,
-                        softmax_scale: float, logn_base: float | None):
+                        softmax_scale: float, logn_base: float | None, q_sign: float = 1.0, tables=None):
     """(dq_rot, dk_rot, dv): gradients w.r.t. the rotated q and k and w.r.t. v (csrc/flash_bwd.h).
 
     q_rot, out, dout (B, Nq, Hq, D); k_rot, v (B, Nk, Hkv, D), D 96 or 128; one dtype (float16 or bfloat16), one
     CUDA device; lse (B, Hq, Nq) float32, natural log, -inf on empty rows (the forward's); dlse the gradient reaching
-    lse, same shape, or None. softmax_scale > 0 (fold a sign into q_rot beforehand); window None or >= 1; logn_base
-    None or > 1. Default positions (query i at Nk - Nq + i, key j at j). dq_rot and dk_rot come back as (B, N, H, D)
-    views of head-major buffers, dv contiguous, all in the input dtype.
+    lse, same shape, or None. softmax_scale > 0 with its sign q_sign (+1 or -1) folded into q_rot; dq comes back times
+    q_sign; window None or >= 1; logn_base None or > 1. Default positions (query i at Nk - Nq + i, key j at j).
+    With `tables` (`rope_on_chip`), k_rot is the unrotated k, rotated on-chip, and dq_rot, dk_rot are the gradients
+    w.r.t. the unrotated q and k (q_rot being q rotated with the same tables, times q_sign), contiguous; without,
+    they come back as (B, N, H, D) views of head-major buffers. dv contiguous, all in the input dtype.
     """
     reason = cuda_backward_support(q_rot)
     if reason is not None:
@@ -95,7 +98,15 @@ def cuda_flash_backward(q_rot, k_rot, v, out, lse, dout, dlse, *, causal: bool, 
     if max(nq, nk) >= 2 ** 30:
         raise ValueError(f"q and k lengths must be < 2**30 for the CUDA backward, got {nq} and {nk}")
 
-    dq_rot, dk_rot = _head_major(q_rot), _head_major(k_rot)
+    if q_sign not in (1.0, -1.0):
+        raise ValueError(f"q_sign must be 1 or -1, got {q_sign}")
+    if tables is not None and not rope_on_chip(tables, dim, q_sign):
+        raise ValueError(f"tables: rotary_dim {int(tables.rotary_dim)} ({'interleaved' if tables.interleaved else 'half'}"
+                         f" layout) is not rotated on-chip for head_dim {dim} (scaled_rope._cuda.rope_on_chip)")
+    if tables is None:
+        dq_rot, dk_rot = _head_major(q_rot), _head_major(k_rot)
+    else:
+        dq_rot, dk_rot = (_alloc.empty(x.shape, x.dtype, x.device) for x in (q_rot, k_rot))
     dv = _alloc.empty(v.shape, v.dtype, v.device)
     if batch == 0 or heads == 0:
         return dq_rot, dk_rot, dv
@@ -104,8 +115,7 @@ def cuda_flash_backward(q_rot, k_rot, v, out, lse, dout, dlse, *, causal: bool, 
     if dlse is not None and dlse.stride(-1) != 1:
         dlse = dlse.contiguous()
     rows_padded = -(-nq // _BLOCK_M) * _BLOCK_M
-    dq_accum = _alloc.empty((batch, heads, rows_padded, _TILE_COLUMNS), torch.float32,
-                            q_rot.device)  # zeroed by the kernel
+    dq_accum = _alloc.empty((batch, heads, rows_padded, dim), torch.float32, q_rot.device)  # zeroed by the kernel
     row_info = _alloc.empty((batch, heads, rows_padded, 4), torch.float32, q_rot.device)
     ext = load_extension()[0]
     device = q_rot.device
@@ -128,6 +138,7 @@ def cuda_flash_backward(q_rot, k_rot, v, out, lse, dout, dlse, *, causal: bool, 
         logn_base=0.0 if logn_base is None else float(logn_base), dtype=_DTYPE_CODES[q_rot.dtype],
         device=device.index if device.index is not None else torch.cuda.current_device(),
         stream=torch.cuda.current_stream(device).cuda_stream,
+        **(dict(q_sign=float(q_sign)) if tables is None else rope_kwargs(tables, q_sign)),
     )
     return dq_rot, dk_rot, dv
 
@@ -146,21 +157,30 @@ def cuda_attention_backward(q, k, v, out, lse, dout, dlse, *, q_tables, k_tables
     batch, nq = q.shape[:2]
     nk = k.shape[1]
     sign, scale = fold_scale_sign(softmax_scale)
-    if q_tables is None:
-        q_rot, k_rot = q, k
-    else:
+    # sign 0 (a vanishing scale, scaled_rope._scale): q zeroed, scale 1 in the kernel, dq zeroed after it
+    kernel_sign = sign if sign != 0.0 else 1.0
+    if q_tables is not None:
         q_pos = torch.arange(nk - nq, nk, dtype=torch.int32, device=q.device).expand(batch, nq)
-        k_pos = torch.arange(nk, dtype=torch.int32, device=q.device).expand(batch, nk)
         q_rot = cuda_rotate(q, q_pos, q_tables, out=_head_major(q))
-        k_rot = cuda_rotate(k, k_pos, k_tables, out=_head_major(k))
+    else:
+        q_rot = q
     if sign != 1.0:  # the kernel takes scale > 0: the sign rides on q (in place in the scratch, never in q)
         q_rot = q_rot * sign if q_rot is q else q_rot.mul_(sign)
+    if q_tables is not None and k_tables is q_tables and rope_on_chip(q_tables, q.shape[-1], kernel_sign):
+        # k rotated on-chip; dq and dk come back w.r.t. the unrotated q and k
+        dq, dk, dv = cuda_flash_backward(q_rot, k, v, out, lse, dout, dlse, causal=causal, window=window,
+                                         softmax_scale=scale, logn_base=logn_base, q_sign=kernel_sign,
+                                         tables=q_tables)
+        return (dq.zero_() if sign == 0.0 else dq), dk, dv
+    k_rot = k if k_tables is None else cuda_rotate(k, torch.arange(nk, dtype=torch.int32, device=q.device).expand(
+        batch, nk), k_tables, out=_head_major(k))
     dq_rot, dk_rot, dv = cuda_flash_backward(q_rot, k_rot, v, out, lse, dout, dlse, causal=causal, window=window,
-                                             softmax_scale=scale, logn_base=logn_base)
-    if sign != 1.0:  # gradient w.r.t. the signed rotated q
-        dq_rot.mul_(sign)
-    if q_tables is None:
-        return dq_rot, dk_rot, dv
-    dq = cuda_rotate(dq_rot, q_pos, q_tables, inverse=True, out=_alloc.empty(q.shape, q.dtype, q.device))
-    dk = cuda_rotate(dk_rot, k_pos, k_tables, inverse=True, out=_alloc.empty(k.shape, k.dtype, k.device))
+                                             softmax_scale=scale, logn_base=logn_base, q_sign=kernel_sign)
+    if sign == 0.0:
+        dq_rot.zero_()
+    dq = dq_rot if q_tables is None else cuda_rotate(dq_rot, q_pos, q_tables, inverse=True,
+                                                     out=_alloc.empty(q.shape, q.dtype, q.device))
+    dk = dk_rot if k_tables is None else cuda_rotate(
+        dk_rot, torch.arange(nk, dtype=torch.int32, device=q.device).expand(batch, nk), k_tables, inverse=True,
+        out=_alloc.empty(k.shape, k.dtype, k.device))
     return dq, dk, dv

@@ -62,3 +62,9 @@ def l2_section_heads() -> int | None:
 def flash_sm80() -> bool:
     """SCALED_ROPE_FLASH_SM80=1: the CUDA attention runs its sm_80 kernel on a Hopper GPU too."""
     return _flag(os.environ.get("SCALED_ROPE_FLASH_SM80"))
+
+
+def rotation_passes() -> bool:
+    """SCALED_ROPE_ROTATION_PASSES=1: the CUDA attention rotates q and k in passes of their own (csrc/rope.cu) where
+    its sm_90a kernels would rotate them on-chip (measurements, and the tests of that path)."""
+    return _flag(os.environ.get("SCALED_ROPE_ROTATION_PASSES"))
