@@ -79,3 +79,18 @@ def test_main_job_cpu_check_fails_a_wrong_kernel():
 
     impls["ours"] = broken
     assert [v["ok"] for v in bench_attention.cpu_check(case, impls, backward=False)] == [False]
+
+
+def test_pending_kernel_patches_still_apply():
+    """bench/pending holds kernel changes written without a GPU to run them (bench/NOTES.md says what each awaits):
+    each must still apply to the tree, so that a change to its files is made with the patch in view."""
+    import subprocess
+
+    root = BENCH.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        import pytest
+        pytest.skip("needs git and a git checkout")
+    patches = sorted((BENCH / "pending").glob("*.patch"))
+    for patch in patches:
+        result = subprocess.run(["git", "apply", "--check", str(patch)], cwd=root, capture_output=True, text=True)
+        assert result.returncode == 0, f"{patch.name} no longer applies: {result.stderr.strip()}"
