@@ -27,6 +27,9 @@ CASES = {
     "rerope": dict(rope="default", rerope_window=4),
     "leaky rerope": dict(rope="yarn", rerope_window=4, rerope_leak=3.0, softmax_scale=-0.4),
     "no rope, empty rows": dict(rope=None, q_positions="negative"),
+    "xpos interleaved, window, logn, empty rows": dict(rope="yarn", q_positions="negative", xpos_scale_base=0.5,
+                                                       window=6, logn_base=3.0),
+    "xpos longrope rows": dict(rope="longrope", q_positions="rows", xpos_scale_base=2.0),
 }
 
 

@@ -173,6 +173,39 @@ def test_softmax_scale_and_window_decode():
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["longrope n_hat", "yarn interleaved partial"])
+def test_xpos_decode_and_chunked_prefill(name, dtype):
+    """xPos over the cache: q weighted once, the keys' j-table and the per-tile q shift carry the rest
+    (docs/DESIGN.md §3.9); tiles below n_hat rotate per element. Rows cross LongRoPE's original length."""
+    rope = longrope(64, n_hat=20) if name == "longrope n_hat" else \
+        RopeScaling.yarn(64, 8.0, ORIGINAL, rotary_dim=48, layout="interleaved")
+    for n_q in (1, 7):
+        case = Case([9, 47, 130], n_new=n_q, n_q=n_q, hq=4, hkv=2, dtype=dtype, page_size=16, seed=61 + n_q)
+        case.check(rope, xpos_scale_base=32.0, window=100, logn_base=16.0)
+
+
+@needs_triton
+def test_xpos_chunked_prefill_equals_one_pass():
+    """Results depend on distances only: attending a sequence in chunks over the cache (each chunk appended, then
+    its queries attend to everything so far) gives the rows of one pass of `scaled_rope_attention` over it."""
+    from scaled_rope import scaled_rope_attention
+
+    g = torch.Generator().manual_seed(67)
+    q, k, v = (torch.randn(1, 90, h, 64, generator=g).to(DEVICE) for h in (4, 2, 2))
+    rope = RopeScaling.default(64)
+    whole = scaled_rope_attention(q, k, v, rope, xpos_scale_base=64.0, backend="triton")
+    k_cache = torch.full((1, 96, 2, 64), float("nan"), device=DEVICE)
+    v_cache = k_cache.clone()
+    for start in range(0, 90, 30):
+        chunk = scaled_rope_attention_with_kvcache(
+            q[:, start:start + 30], k_cache, v_cache, rope, k_new=k[:, start:start + 30],
+            v_new=v[:, start:start + 30], cache_seqlens=torch.tensor([start], dtype=torch.int32, device=DEVICE),
+            xpos_scale_base=64.0, backend="triton")
+        assert torch.allclose(chunk, whole[:, start:start + 30], atol=2e-6), start
+
+
+@needs_triton
 def test_reference_backend_matches():
     case = Case([12, 55], n_new=2, n_q=2, seed=23, page_size=16)
     case.check(longrope(64), backend="reference")
@@ -502,6 +535,14 @@ def test_gpu_chunked_prefill(causal):
     case = Case([300, 2100], hq=32, hkv=8, dim=128, dtype=torch.bfloat16, page_size=128, n_new=257, n_q=257,
                 device="cuda", seed=107)
     case.check(longrope(128, original=1024), causal=causal, window=1500 if causal else None)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_xpos_decode(dtype):
+    case = Case([1, 700, 1024, 1025, 3000], hq=32, hkv=8, dim=128, dtype=dtype, page_size=64, n_new=1,
+                device="cuda", seed=111)
+    case.check(longrope(128, original=1024), xpos_scale_base=512.0)
 
 
 @gpu

@@ -226,6 +226,52 @@ def test_longrope_rows_switch_independently():
         assert torch.allclose(out[row:row + 1], expected)
 
 
+@pytest.mark.parametrize("layout,rotary_dim", [("half", 24), ("interleaved", 16)])
+def test_xpos_matches_torchscale_scaled_operands(layout, rotary_dim):
+    """xPos as torchscale applies it, written out here: rotated q pairs times zeta_i^(P / B), rotated k pairs times
+    zeta_i^(-Q / B) (centre 0: fine in float64 at these lengths), zeta_i = (2i + 0.4 R) / (1.4 R), then plain
+    causal attention; the reference weights each pair's term by zeta_i^((P - Q) / B) instead."""
+    rope = RopeScaling.yarn(32, 4.0, 64, rotary_dim=rotary_dim, layout=layout)
+    q, k, v = random_inputs(2, 50, 70, 4, 2, 32, torch.float64, seed=40)
+    base = 40.0
+    out, lse = reference.attention(q, k, v, rope, xpos_scale_base=base, window=45, logn_base=20.0)
+    q_pos = torch.arange(20, 70).expand(2, 50)
+    k_pos = torch.arange(70).expand(2, 70)
+    qr = reference.rotate(q, q_pos, rope, seq_lens=[70, 70])
+    kr = reference.rotate(k, k_pos, rope, seq_lens=[70, 70])
+    zeta = torch.tensor([(2 * i + 0.4 * rotary_dim) / (1.4 * rotary_dim) for i in range(rotary_dim // 2)],
+                        dtype=torch.float64)
+    half = rotary_dim // 2
+    pair = torch.arange(rotary_dim) % half if layout == "half" else torch.arange(rotary_dim) // 2
+    q_scale = torch.ones(50, 32, dtype=torch.float64)
+    k_scale = torch.ones(70, 32, dtype=torch.float64)
+    q_scale[:, :rotary_dim] = zeta[pair][None, :] ** (q_pos[0, :, None].double() / base)
+    k_scale[:, :rotary_dim] = zeta[pair][None, :] ** (-k_pos[0, :, None].double() / base)
+    logn = torch.clamp(torch.log(q_pos[0].double() + 1) / math.log(20.0), min=1.0)
+    s = torch.einsum("bqhd,bkhd->bhqk", qr * q_scale[None, :, None], (kr * k_scale[None, :, None])
+                     .repeat_interleave(2, dim=2)) * 32 ** -0.5 * logn[None, None, :, None]
+    delta = q_pos[0, :, None] - k_pos[0, None, :]
+    s = s.masked_fill(~((delta >= 0) & (delta < 45)), float("-inf"))
+    assert torch.allclose(out, torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.repeat_interleave(2, dim=2)),
+                          atol=1e-12)
+    assert torch.allclose(lse, torch.logsumexp(s, -1).float())
+
+
+def test_xpos_depends_on_distance_only_and_stays_finite_at_128k():
+    """Shifting every position by 130000 changes nothing (no centre enters), in float32 too: torchscale's
+    uncentred zeta^(P / B) would overflow there (zeta_0^(-130000 / 512) ~ 1e138)."""
+    rope = RopeScaling.default(32)
+    q, k, v = random_inputs(1, 20, 30, 2, 2, 32, torch.float32, seed=41)
+    near = dict(q_positions=torch.arange(10, 30)[None], k_positions=torch.arange(30)[None])
+    far = {name: pos + 130000 for name, pos in near.items()}
+    for dtype in (torch.float32, torch.float64):
+        a = reference.attention(q, k, v, rope, xpos_scale_base=512.0, compute_dtype=dtype, **near)
+        b = reference.attention(q, k, v, rope, xpos_scale_base=512.0, compute_dtype=dtype, **far)
+        assert torch.isfinite(b[0]).all() and torch.isfinite(b[1]).all()
+        # the rotation itself is relative too; what differs is its float rounding at large angles
+        assert torch.allclose(a[0], b[0], atol=2e-4) and torch.allclose(a[1], b[1], atol=2e-4)
+
+
 @pytest.mark.parametrize("kind", list(schedules(64)))
 def test_gradcheck_float64(kind):
     rope = schedules(16, rotary_dim=12)[kind] if kind != "longrope" else \
@@ -260,6 +306,10 @@ def _qkv(dtype=torch.float32):
     (dict(q_positions=torch.zeros(1, 3, dtype=torch.int64)), "q_positions"),
     (dict(k_positions=torch.zeros(1, 6)), "k_positions"),
     (dict(backend="cuda"), "cuda"),
+    (dict(xpos_scale_base=8.0), "xpos_scale_base"),
+    (dict(xpos_scale_base=True), "xpos_scale_base"),
+    (dict(xpos_scale_base=512.0, causal=False), "causal"),
+    (dict(xpos_scale_base=512.0, rerope_window=3), "rerope_window"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     q, k, v = _qkv()

@@ -265,6 +265,60 @@ def test_cuda_backends_backward_from_natural_lse(variant):
         assert (without_dlse[0] - grads[0]).abs().max() > 1e-3
 
 
+# xPos (docs/DESIGN.md §3.9): the kernels scale each tile's operands relative to the tile (the query rows by
+# 2^(rate (P - p0)), the keys by 2^(-rate j)); the reference weights each pair's term by zeta^(distance / base).
+@pytest.mark.parametrize("name", ["default", "yarn", "longrope", "dynamic_ntk"])
+def test_xpos_every_tile_kind(name):
+    check(1, 45, 70, 2, 1, 32, torch.float32, schedules(32)[name], seed=30, xpos_scale_base=32.0)
+
+
+@pytest.mark.parametrize("layout,rotary_dim", [("half", 48), ("interleaved", 32)])
+def test_xpos_layouts_partial_rotary_gqa_fp16(layout, rotary_dim):
+    rope = schedules(48, rotary_dim=rotary_dim, layout=layout)["yarn"]
+    check(2, 33, 50, 4, 2, 48, torch.float16, rope, seed=31, xpos_scale_base=64.0)
+
+
+def test_xpos_window_logn_scale_sign_and_empty_rows():
+    check(1, 60, 40, 2, 2, 32, torch.float32, schedules(32)["llama3"], seed=32, xpos_scale_base=40.0, window=17,
+          logn_base=16.0, softmax_scale=-0.2)
+
+
+def test_xpos_is_not_plain_rope():
+    """The decay is there: a test against the reference without it fails."""
+    q, k, v = random_inputs(1, 40, 40, 2, 2, 32, torch.float32, device=DEVICE, seed=33)
+    rope = RopeScaling.default(32)
+    out = scaled_rope_attention(q, k, v, rope, xpos_scale_base=32.0, backend="triton")
+    plain = reference.attention(q, k, v, rope)[0]
+    assert (out - plain).abs().max() > 0.05
+    assert (out - reference.attention(q, k, v, rope, xpos_scale_base=32.0)[0]).abs().max() < 1e-5
+
+
+def test_xpos_routes_and_refusals():
+    """Triton runs xPos with default positions; with explicit positions "auto" runs the reference (no kernel
+    has them) and backend="triton" says why."""
+    q, k, v = random_inputs(1, 8, 8, 1, 1, 16, torch.float32, device=DEVICE, seed=34)
+    rope = RopeScaling.default(16)
+    pos = torch.arange(8, device=DEVICE)[None]
+    explicit = _plan.attention_plan(q, k, v, rope, causal=True, q_positions=pos, k_positions=pos, window=None,
+                                    softmax_scale=None, rerope_window=None, rerope_leak=None, logn_base=None,
+                                    backend="auto", xpos_scale_base=64.0)
+    assert explicit.backend == "reference" and "xPos" in explicit.passed_over["triton"]
+    with pytest.raises(BackendUnsupported, match="xPos"):
+        scaled_rope_attention(q, k, v, rope, q_positions=pos, k_positions=pos, xpos_scale_base=64.0,
+                              backend="triton")
+    default = _plan.attention_plan(q, k, v, rope, causal=True, q_positions=None, k_positions=None, window=None,
+                                   softmax_scale=None, rerope_window=None, rerope_leak=None, logn_base=None,
+                                   backend="triton", xpos_scale_base=64.0)
+    assert default.backend == "triton"
+    for kwargs, match in [(dict(xpos_scale_base=16.0), ">= 32"), (dict(xpos_scale_base=float("nan")), ">= 32"),
+                          (dict(xpos_scale_base=64.0, causal=False), "causal"),
+                          (dict(xpos_scale_base=64.0, rerope_window=4), "rerope_window")]:
+        with pytest.raises(ValueError, match=match):
+            scaled_rope_attention(q, k, v, rope, backend="triton", **kwargs)
+    with pytest.raises(ValueError, match="needs a rope"):
+        scaled_rope_attention(q, k, v, None, xpos_scale_base=64.0, backend="triton")
+
+
 def test_no_rotation():
     check(1, 33, 50, 2, 1, 32, torch.float32, None, seed=17, window=25)
 
@@ -310,6 +364,7 @@ GPU_FEATURES = {
     "rerope": dict(rerope_window=512, rope=RopeScaling.default(128)),
     "leaky": dict(rerope_window=200, rerope_leak=16.0, rope=RopeScaling.default(128), window=1500),
     "logn": dict(logn_base=512.0),
+    "xpos": dict(xpos_scale_base=512.0, window=1700),
 }
 
 

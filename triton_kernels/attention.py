@@ -121,10 +121,25 @@ def _allowed(delta, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window):
 
 
 @triton.jit
+def _xpos_factors(xrate, xq, distance):
+    """xPos's 2^(rate (P - p0)) for the query rows of a tile against a key tile starting at p0, its first row
+    `distance` positions after p0: xq holds 2^(rate r) for the rows r of a query tile (once per program), the
+    per-tile part is one BLOCK_D vector (rate = log2(zeta) / scale base per column, 0 off the rotation pairs)."""
+    return xq * tl.exp2(xrate * distance.to(tl.float32))[None, :]
+
+
+@triton.jit
+def _scaled(x, factors):
+    """x times factors (float32), rounded back to x's dtype: an operand of the products."""
+    return (x.to(tl.float32) * factors).to(x.dtype)
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn, stride_kfn,
-              stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr,
+              HAS_WINDOW: tl.constexpr,
               MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
     """One key tile of the online softmax. K/K_far/V point at (batch, kv head); start_n is the tile's first key.
     NEAR/FAR: one product; BOTH: both, selected per element; NEAR_PART/FAR_PART: one product, keys on the other
     side of the ReRoPE window masked out (a straddling tile visited once per side)."""
@@ -134,7 +149,11 @@ def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_sca
     if (MODE == NEAR) or (MODE == BOTH) or (MODE == NEAR_PART):
         k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
         k = _load_tile(K + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if XPOS:  # keys by 2^(-rate j) for their offset j in the tile, queries by 2^(rate (P - start_n))
+            qk = tl.dot(_scaled(q, _xpos_factors(xrate, xq, tl.min(qpos, 0) - start_n)), tl.trans(_scaled(k, xk)),
+                        input_precision=DOT_PREC)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if (MODE == FAR) or (MODE == BOTH) or (MODE == FAR_PART):
         kf_offs = start_n.to(tl.int64) * stride_kfn + (offs_n[:, None] * stride_kfn + offs_d[None, :])
         k_far = _load_tile(K_far + kf_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
@@ -170,34 +189,41 @@ def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_sca
 
 @triton.jit
 def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn, stride_kfn, stride_vn,
-                 window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
+                 window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 MODE: tl.constexpr,
                  MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
     """Key tiles lo..hi-1 of one kind, default positions (key Q = its index)."""
     for t in range(lo, hi):
         start_n = t * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, start_n + offs_n, row_scale, Nk,
-                                  stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                  HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                  stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                  CAUSAL,
+                                  HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, first, last, qpos, row_scale, Nk, stride_kn, stride_vn, window,
-              rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+              rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              MODE: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+              XPOS: tl.constexpr):
     """The tiles first..last-1 of one product kind (q, K: its operands), in the segments of the limits:
     [t_lo, a) masked (window edge), [a, b) unmasked, [b, t_hi) masked (causal diagonal, sequence tail)."""
     if HAS_WINDOW:
         acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(t_lo, first), tl.minimum(a, last), qpos,
                                      row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                     CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                     xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                     DOT_PREC, XPOS)
     acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(a, first), tl.minimum(b, last), qpos,
                                  row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                 CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                 xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                                 XPOS)
     acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(b, first), tl.minimum(t_hi, last), qpos,
                                  row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                 CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                 xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                                 XPOS)
     return acc, l_i, m_i
 
 
@@ -321,9 +347,10 @@ def _explicit_tile_kind(d_min, d_max, window, rerope_w, CAUSAL: tl.constexpr, HA
 
 @triton.jit
 def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m, qpos, kpos, Nq, stride_qm, stride_dom,
-                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL: tl.constexpr,
+                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                 CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, LOGN: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
     """One query tile's contribution to dk (near), dk_far and dv of a key tile, all in the transposed form
     (rows = keys). Q/Q_far/DO/Lse/Delta point at (batch, q head). NEAR: dk from (k, Q); FAR: dk_far from
     (k_far, Q_far); BOTH: both, selected per element; NEAR_PART/FAR_PART: dk from (k, Q) with the pairs on the
@@ -336,6 +363,8 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
         delta_t = qpos[None, :] - kpos[:, None]
     if MODE != FAR:
         q = _load_tile(Q + q_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
+        if XPOS:  # k came scaled by 2^(-rate j); dk takes that factor at the end
+            q = _scaled(q, _xpos_factors(xrate, xq, tl.min(qpos, 0) - tl.min(kpos, 0)))
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
     if (MODE == FAR) or (MODE == BOTH):
         q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
@@ -381,47 +410,54 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
 @triton.jit
 def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos, qoff, Nq, stride_qm,
                     stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr,
+                    xrate, xq, xk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
+                    MASK: tl.constexpr,
                     LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
     """Query tiles lo..hi-1 of one kind, default positions (row m at P = qoff + m)."""
     for i in range(lo, hi):
         start_m = i * BLOCK_M
         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
                                       qoff + start_m + offs_m, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, MODE, MASK,
-                                      LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk, CAUSAL,
+                                      HAS_WINDOW, MODE, MASK,
+                                      LOGN, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
     return dk, dk_far, dv
 
 
 @triton.jit
 def _bwd_kv_kind(dk, dv, k, v, Q, DO, Lse, Delta, i_lo, a, b, i_hi, first, last, kpos, qoff, Nq, stride_qm,
                  stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, LOGN: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+                 xrate, xq, xk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, LOGN: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+                 XPOS: tl.constexpr):
     """The query tiles first..last-1 of one product kind (k, Q: its operands, dk: its accumulator), in the
     segments of the limits: [i_lo, a) masked (causal diagonal), [a, b) unmasked, [b, i_hi) masked (window edge,
     sequence tail)."""
     dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(i_lo, first),
                                       tl.minimum(a, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
-                                      MODE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                                      CAUSAL, HAS_WINDOW,
+                                      MODE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
     dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(a, first),
                                       tl.minimum(b, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
-                                      MODE, False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                                      CAUSAL, HAS_WINDOW,
+                                      MODE, False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
     dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(b, first),
                                       tl.minimum(i_hi, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
-                                      MODE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                                      CAUSAL, HAS_WINDOW,
+                                      MODE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
     return dk, dv
 
 
 @triton.jit
 def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn,
-                stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr,
                 MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
     """One key tile's contribution to dq (near) and dq_far of a query tile (unscaled: times softmax scale later).
     Modes as in _bwd_kv_tile: NEAR_PART/FAR_PART accumulate dq from (q, K) with the other side's keys masked out."""
     cols = start_n + offs_n
@@ -432,7 +468,12 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n
         delta = qpos[:, None] - kpos[None, :]
     if MODE != FAR:
         k = _load_tile(K + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if XPOS:  # as in the forward; dq takes the query factors per tile
+            q_factors = _xpos_factors(xrate, xq, tl.min(qpos, 0) - start_n)
+            k = _scaled(k, xk)
+            s = tl.dot(_scaled(q, q_factors), tl.trans(k), input_precision=DOT_PREC)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if (MODE == FAR) or (MODE == BOTH):
         k_far = _load_tile(K_far + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
         s_far = tl.dot(q_far, tl.trans(k_far), input_precision=DOT_PREC)
@@ -451,7 +492,9 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n
     v = _load_tile(V + v_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - dlt[:, None])
-    if (MODE == NEAR) or (MODE >= NEAR_PART):
+    if XPOS:
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * q_factors
+    elif (MODE == NEAR) or (MODE >= NEAR_PART):
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     elif MODE == FAR:
         dq_far = tl.dot(ds.to(k_far.dtype), k_far, dq_far, input_precision=DOT_PREC)
@@ -464,42 +507,48 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n
 
 @triton.jit
 def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn,
-                   stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr,
                    MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
     for t in range(lo, hi):
         start_n = t * BLOCK_N
         dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
                                  start_n + offs_n, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                 offs_d, CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                 offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC,
+                                 XPOS)
     return dq, dq_far
 
 
 @triton.jit
 def _bwd_q_kind(dq, q, do, lse, lse_lo, dlt, K, V, t_lo, a, b, t_hi, first, last, qpos, row_scale, Nk, stride_kn,
-                stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr,
                 MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
     """The key tiles first..last-1 of one product kind (q, K: its operands, dq: its accumulator), in the segments
     of the limits as in _fwd_kind."""
     if HAS_WINDOW:
         dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(t_lo, first),
                                      tl.minimum(a, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                     offs_n, offs_d, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                     DOT_PREC)
+                                     offs_n, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D,
+                                     BLOCK_N,
+                                     DOT_PREC, XPOS)
     dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(a, first),
                                  tl.minimum(b, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                 offs_n, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D,
+                                 BLOCK_N, DOT_PREC, XPOS)
     dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(b, first),
                                  tl.minimum(t_hi, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                 offs_n, offs_d, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                 offs_n, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D,
+                                 BLOCK_N, DOT_PREC, XPOS)
     return dq
 
 
 # ----------------------------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------------------------
-_KEY = ["N_BUCKET", "BH_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "REROPE", "EXPLICIT", "LOGN"]
+_KEY = ["N_BUCKET", "BH_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "REROPE", "EXPLICIT", "LOGN", "XPOS"]
 
 
 def _configs(block_pairs, head_dims=None):
@@ -587,18 +636,28 @@ def _prune(configs, named_args, kind="fwd", **kwargs):
 # ----------------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="fwd")})
 @triton.jit
-def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, XRate, stride_qb, stride_qh, stride_qm, stride_kb,
+              stride_kh,
               stride_kn, stride_kfb, stride_kfh, stride_kfn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh,
               stride_om, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP, sm_scale, sm_scale_log2,
               inv_ln_logn, window, rerope_w, section_heads, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr,
               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr,
-              EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              EXPLICIT: tl.constexpr, LOGN: tl.constexpr, XPOS: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     off_b, off_h, off_hk, start_m = _query_program(Nq, H, GROUP, section_heads, CAUSAL, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
+    tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
+    if XPOS:  # per column 2^(rate r) for the rows r of a query tile, 2^(-rate j) for the keys j of a key tile
+        xrate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        xq = tl.exp2(xrate[None, :] * offs_m[:, None].to(tl.float32))
+        xk = tl.exp2(-xrate[None, :] * offs_n[:, None].to(tl.float32))
+    else:
+        xrate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        xq = xrate
+        xk = xrate
 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
@@ -630,17 +689,20 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
             kind = _explicit_tile_kind(p_min - k_max, p_max - k_min, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE)
             if kind == NEAR:
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
-                                          stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                          HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                          stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate,
+                                          xq, xk, CAUSAL,
+                                          HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
             if REROPE:
                 if kind == FAR:
                     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
                                               stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                              CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                              xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
+                                              DOT_PREC, XPOS)
                 if kind == BOTH:
                     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
                                               stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                              CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                              xrate, xq, xk, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
+                                              DOT_PREC, XPOS)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
         t_lo, a, b, t_hi, t_far, t_near = _key_tile_ranges(p_lo, p_hi, Nk, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE,
@@ -654,23 +716,28 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, stride_qb, stri
             s_hi = tl.minimum(t_hi, t_near)
             q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
             acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q_far, K_far, V, t_lo, a, b, t_hi, t_lo, t_far, qpos, row_scale,
-                                      Nk, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
-                                      FAR, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                      Nk, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                      CAUSAL, HAS_WINDOW,
+                                      FAR, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
             acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q_far, q_far, K_far, K_far, V, s_lo, s_hi, qpos, row_scale, Nk,
-                                         stride_kfn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                         HAS_WINDOW, FAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                         stride_kfn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate,
+                                         xq, xk, CAUSAL,
+                                         HAS_WINDOW, FAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
             q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
             acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, s_lo, s_hi, qpos, row_scale, Nk, stride_kn,
-                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
-                                         NEAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                         CAUSAL, HAS_WINDOW,
+                                         NEAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
             acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, t_near, t_hi, qpos, row_scale, Nk,
-                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR,
-                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL,
+                                      HAS_WINDOW, NEAR,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
         else:
             q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
             acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, t_lo, t_hi, qpos, row_scale, Nk,
-                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR,
-                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL,
+                                      HAS_WINDOW, NEAR,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
 
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
@@ -712,13 +779,15 @@ def _attn_bwd_preprocess(Out, DO, DLse, Delta, stride_ob, stride_oh, stride_om, 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="dkdv")})
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, KPos, stride_qb, stride_qh, stride_qm,
+def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, KPos, XRate, stride_qb, stride_qh,
+                   stride_qm,
                    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_qpb, stride_qpn,
                    stride_kpb, stride_kpn, Nq, Nk, H, HKV, GROUP, sm_scale, sm_scale_log2, inv_ln_logn, window,
                    rerope_w, section_heads, N_BUCKET, BH_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, EXPLICIT: tl.constexpr,
-                   LOGN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   LOGN: tl.constexpr, XPOS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """One key tile of one kv head: dk (near and far, w.r.t. the rotated k) and dv, summed over the q heads of the
     group and every query tile."""
     # causal: the first key tiles see the most queries and start first
@@ -731,6 +800,15 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     cols = start_n + offs_n
+    tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
+    if XPOS:  # per column 2^(rate r) for the rows r of a query tile, 2^(-rate j) for the keys j of a key tile
+        xrate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        xq = tl.exp2(xrate[None, :] * offs_m[:, None].to(tl.float32))
+        xk = tl.exp2(-xrate[None, :] * offs_n[:, None].to(tl.float32))
+    else:
+        xrate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        xq = xrate
+        xk = xrate
 
     k_offs = off_b * stride_kb + off_hk * stride_kh + start_n.to(tl.int64) * stride_kn \
         + (offs_n[:, None] * stride_kn + offs_d[None, :])
@@ -767,20 +845,23 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                 if kind == NEAR:
                     dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, start_m,
                                                   qpos, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                                  inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW,
-                                                  NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                  inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                                                  CAUSAL, HAS_WINDOW,
+                                                  NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
                 if REROPE:
                     if kind == FAR:
                         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
                                                       start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
                                                       sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                                      CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                                      xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM,
+                                                      BLOCK_D, DOT_PREC, XPOS)
                     if kind == BOTH:
                         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
                                                       start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
                                                       sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                                      CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM, BLOCK_D,
-                                                      DOT_PREC)
+                                                      xrate, xq, xk, CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM,
+                                                      BLOCK_D,
+                                                      DOT_PREC, XPOS)
         if REROPE:
             _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM,
                         BLOCK_D)
@@ -802,19 +883,23 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                                                         stride_qb, stride_qh, stride_dob, stride_doh)
                 dk_far, dv = _bwd_kv_kind(dk_far, dv, k_far, v, Qh_far, DOh, Lseh, Deltah, i_lo, a, b, i_hi, i_far,
                                           i_hi, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                          inv_ln_logn, window, rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR,
-                                          LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                          inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk, CAUSAL,
+                                          HAS_WINDOW, NEAR,
+                                          LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
                 dk_far, dk_same, dv = _bwd_kv_segment(dk_far, dk_far, dv, k_far, k_far, v, Qh_far, Qh_far, DOh, Lseh,
                                                       Deltah, s_lo, s_hi, kpos, qoff, Nq, stride_qm, stride_dom,
                                                       sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
-                                                      offs_d, CAUSAL, HAS_WINDOW, FAR_PART, True, LOGN, HEAD_DIM,
-                                                      BLOCK_D, BLOCK_M, DOT_PREC)
+                                                      offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR_PART, True, LOGN,
+                                                      HEAD_DIM,
+                                                      BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
             _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM,
                         BLOCK_D)
             first_near = i_near
         else:
             first_near = i_hi
         k = _load_tile(K + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
+        if XPOS:
+            k = _scaled(k, xk)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, GROUP):
             Qh, DOh, Lseh, Deltah = _group_head(Q, DO, Lse, Delta, off_b, off_hk, g, GROUP, H, Nq, stride_qb,
@@ -823,12 +908,16 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                 dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Qh, Qh, DOh, Lseh, Deltah,
                                                   tl.maximum(i_lo, i_near), tl.minimum(i_hi, i_far), kpos, qoff, Nq,
                                                   stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window,
-                                                  rerope_w, offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR_PART, True, LOGN,
-                                                  HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC)
+                                                  rerope_w, offs_m, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW,
+                                                  NEAR_PART, True, LOGN,
+                                                  HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
             dk, dv = _bwd_kv_kind(dk, dv, k, v, Qh, DOh, Lseh, Deltah, i_lo, a, b, i_hi, i_lo, first_near, kpos, qoff,
                                   Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w,
-                                  offs_m, offs_d, CAUSAL, HAS_WINDOW, NEAR, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                  DOT_PREC)
+                                  offs_m, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, NEAR, LOGN, HEAD_DIM, BLOCK_D,
+                                  BLOCK_M,
+                                  DOT_PREC, XPOS)
+        if XPOS:
+            dk = dk * xk
 
     _store_tile(DK + dk_offs, (dk * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
     dv_offs = off_b * stride_dvb + off_hk * stride_dvh + start_n.to(tl.int64) * stride_dvn \
@@ -838,19 +927,28 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": partial(_prune, kind="dq")})
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, stride_qb, stride_qh, stride_qm,
+def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, XRate, stride_qb, stride_qh, stride_qm,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm, stride_qpb, stride_qpn, stride_kpb, stride_kpn, Nq, Nk, H, GROUP,
                  sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, section_heads, N_BUCKET, BH_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 REROPE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 REROPE: tl.constexpr, EXPLICIT: tl.constexpr, LOGN: tl.constexpr, XPOS: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile of one q head: dq near and far (w.r.t. the rotated q), over every key tile."""
     off_b, off_h, off_hk, start_m = _query_program(Nq, H, GROUP, section_heads, CAUSAL, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
+    tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
+    if XPOS:  # per column 2^(rate r) for the rows r of a query tile, 2^(-rate j) for the keys j of a key tile
+        xrate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        xq = tl.exp2(xrate[None, :] * offs_m[:, None].to(tl.float32))
+        xk = tl.exp2(-xrate[None, :] * offs_n[:, None].to(tl.float32))
+    else:
+        xrate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        xq = xrate
+        xk = xrate
 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
@@ -890,17 +988,20 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
             kind = _explicit_tile_kind(p_min - k_max, p_max - k_min, window, rerope_w, CAUSAL, HAS_WINDOW, REROPE)
             if kind == NEAR:
                 dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
-                                         row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                         HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                         row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate,
+                                         xq, xk, CAUSAL,
+                                         HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
             if REROPE:
                 if kind == FAR:
                     dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
                                              kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                             offs_d, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                             offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
+                                             DOT_PREC, XPOS)
                 if kind == BOTH:
                     dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
                                              kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                             offs_d, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                                             offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
+                                             DOT_PREC, XPOS)
         if REROPE:
             _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
                         HEAD_DIM, BLOCK_D)
@@ -916,12 +1017,14 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
             q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
             dq_far = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dq_far = _bwd_q_kind(dq_far, q_far, do, lse, lse_lo, dlt, K_far, V, t_lo, a, b, t_hi, t_lo, t_far, qpos,
-                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL,
-                                 HAS_WINDOW, NEAR, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                 CAUSAL,
+                                 HAS_WINDOW, NEAR, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
             dq_far, dq_same = _bwd_q_segment(dq_far, dq_far, q_far, q_far, do, lse, lse_lo, dlt, K_far, K_far, V, s_lo,
                                              s_hi, qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                             offs_d, CAUSAL, HAS_WINDOW, FAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                             DOT_PREC)
+                                             offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR_PART, True, HEAD_DIM,
+                                             BLOCK_D, BLOCK_N,
+                                             DOT_PREC, XPOS)
             _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
                         HEAD_DIM, BLOCK_D)
             first_near = t_near
@@ -931,11 +1034,13 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if REROPE:
             dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, s_lo, s_hi, qpos, row_scale, Nk,
-                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW,
-                                         NEAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                         CAUSAL, HAS_WINDOW,
+                                         NEAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
         dq = _bwd_q_kind(dq, q, do, lse, lse_lo, dlt, K, V, t_lo, a, b, t_hi, first_near, t_hi, qpos, row_scale, Nk,
-                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, CAUSAL, HAS_WINDOW, NEAR, HEAD_DIM,
-                         BLOCK_D, BLOCK_N, DOT_PREC)
+                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW,
+                         NEAR, HEAD_DIM,
+                         BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
 
     _store_tile(DQ + dq_offs, (dq * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d, HEAD_DIM, BLOCK_D)
 
@@ -962,11 +1067,12 @@ class LaunchArgs:
     inv_ln_logn: float
     sm_scale: float  # > 0
     sm_scale_log2: float
+    xpos_rate: object = None  # xPos: float32 (head_dim,) log2(zeta) / scale base per column (`xpos_rates`)
 
     @staticmethod
     def build(tables, q_far_tables, k_far_tables, q_far_both_tables, *, nk: int, explicit: bool, causal: bool,
               window: int | None, rerope_window: int | None, q_sign: float, sm_scale: float,
-              logn_base: float | None) -> "LaunchArgs":
+              logn_base: float | None, xpos_rate=None) -> "LaunchArgs":
         """q_sign and sm_scale > 0: softmax_scale with its sign moved into q. With default positions every delta
         is < nk: a window or ReRoPE window that large changes nothing and is dropped."""
         has_window = window is not None and (explicit or window < nk)
@@ -978,13 +1084,14 @@ class LaunchArgs:
             rerope_w=max(min(int(rerope_window), _MAX_WINDOW), -_MAX_WINDOW) if rerope else 0,
             k_far_unrotated=q_far_both_tables is not None, explicit=explicit, q_sign=q_sign,
             logn=logn_base is not None, inv_ln_logn=1.0 / math.log(logn_base) if logn_base is not None else 0.0,
-            sm_scale=sm_scale, sm_scale_log2=sm_scale * 1.4426950408889634)
+            sm_scale=sm_scale, sm_scale_log2=sm_scale * 1.4426950408889634, xpos_rate=xpos_rate)
 
     def constexprs(self, head_dim: int, n_bucket: int, bh_bucket: int, dtype: torch.dtype) -> dict:
         return dict(N_BUCKET=n_bucket, BH_BUCKET=bh_bucket, HEAD_DIM=head_dim,
                     BLOCK_D=max(16, next_power_of_2(head_dim)),
                     CAUSAL=self.causal, HAS_WINDOW=self.has_window, REROPE=self.rerope, EXPLICIT=self.explicit,
-                    LOGN=self.logn, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+                    LOGN=self.logn, XPOS=self.xpos_rate is not None,
+                    DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _length_bucket(nq: int, nk: int) -> int:
@@ -1109,8 +1216,9 @@ def forward(q, k, v, q_pos, k_pos, launch: LaunchArgs):
     def grid(meta):
         return (batch * heads * cdiv(nq, meta["BLOCK_M"]),)
 
+    xr = q_r if launch.xpos_rate is None else launch.xpos_rate
     _attn_fwd[grid](
-        q_r, k_r, v, q_f, k_f, out, lse, lse2, qp, kp,
+        q_r, k_r, v, q_f, k_f, out, lse, lse2, qp, kp, xr,
         q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
         k_f.stride(0), k_f.stride(2), k_f.stride(1), v.stride(0), v.stride(2), v.stride(1),
         out.stride(0), out.stride(2), out.stride(1),
@@ -1155,8 +1263,9 @@ def backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, launch: LaunchArgs):
     def grid_kv(meta):
         return (batch * kv_heads * cdiv(nk, meta["BLOCK_N"]),)
 
+    xr = q_r if launch.xpos_rate is None else launch.xpos_rate
     _attn_bwd_dkdv[grid_kv](
-        q_r, k_r, v, q_f, k_f, do, lse2, delta, dk_r, dk_f, dv, qp, kp,
+        q_r, k_r, v, q_f, k_f, do, lse2, delta, dk_r, dk_f, dv, qp, kp, xr,
         q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
         v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
         dk_r.stride(0), dk_r.stride(2), dk_r.stride(1), dv.stride(0), dv.stride(2), dv.stride(1),
@@ -1171,7 +1280,7 @@ def backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, launch: LaunchArgs):
         return (batch * heads * cdiv(nq, meta["BLOCK_M"]),)
 
     _attn_bwd_dq[grid_q](
-        q_r, k_r, v, q_f, k_f, do, lse2, delta, dq_r, dq_f, qp, kp,
+        q_r, k_r, v, q_f, k_f, do, lse2, delta, dq_r, dq_f, qp, kp, xr,
         q_r.stride(0), q_r.stride(2), q_r.stride(1), k_r.stride(0), k_r.stride(2), k_r.stride(1),
         v.stride(0), v.stride(2), v.stride(1), do.stride(0), do.stride(2), do.stride(1),
         dq_r.stride(0), dq_r.stride(2), dq_r.stride(1),

@@ -127,13 +127,16 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                   k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
                   stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
                   factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-                  d_mask, MODE: tl.constexpr,
+                  d_mask, xrate, p_ref, MODE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                   PASS: tl.constexpr, PASS_PAD: tl.constexpr, HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
                   PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  LEAKY: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ANCHOR: tl.constexpr):
+                  LEAKY: tl.constexpr, DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ANCHOR: tl.constexpr,
+                  XPOS: tl.constexpr):
     """Online softmax over key tiles lo..hi-1 of one kind (MODE). A tile straddling the ReRoPE window is visited
-    twice, once per pair (NEAR_PART, FAR_PART), each visit with one key rotation and this segment's j-table."""
+    twice, once per pair (NEAR_PART, FAR_PART), each visit with one key rotation and this segment's j-table.
+    XPOS: the q pairs come weighted by 2^(rate (P - p_ref)); the keys' j-table takes 2^(-rate j) and the per-tile
+    shift of q the rest, 2^(rate (p_ref - p0)), so each pair's term carries 2^(rate (P - Q)) (rate = log2(zeta) / B)."""
     far_side: tl.constexpr = MODE == FAR or MODE == FAR_PART
     # keys at p0 + j rotate by the j-table cos/sin(j w) times the keys' factor m (Leaky far keys: w / kappa), q by
     # -p0 w per tile; the table is made here, so only this segment's stays live
@@ -144,6 +147,10 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                                 tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
     cos_j = cos_j * factor
     sin_j = sin_j * factor
+    if XPOS:
+        decay_j = tl.exp2(-xrate[None, :] * offs_j.to(tl.float32)[:, None])
+        cos_j = cos_j * decay_j
+        sin_j = sin_j * decay_j
     q1 = qr1  # this segment's q pair
     q2 = qr2
     if far_side:
@@ -178,13 +185,22 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
                 early = kpos < n_hat
                 kc, ks = rope_cos_sin(kpos, tl.where(early, turns_un[None, :], turns[None, :]),
                                       tl.zeros([BLOCK_N, HALF_PAD], dtype=tl.int64))
-                ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), tl.where(early, kc, kc * factor),
-                                         tl.where(early, ks, ks * factor))
+                kc = tl.where(early, kc, kc * factor)
+                ks = tl.where(early, ks, ks * factor)
+                if XPOS:
+                    decay = tl.exp2(xrate[None, :] * (p_ref - kpos).to(tl.float32))
+                    kc = kc * decay
+                    ks = ks * decay
+                ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), kc, ks)
                 qk = _score(qr1.to(DTYPE), qr2.to(DTYPE), qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0,
                             DOT_PRECISION)
             elif LEAKY or MODE == NEAR or MODE == NEAR_PART:  # keys rotated by the j-table, q shifted per tile
                 c_b, s_b = _tile_base(tile, lo, c_b, s_b, c_step, s_step, j_turns, BLOCK_N, HALF_PAD, ANCHOR)
-                a1, a2 = _shift_q(q1, q2, c_b, s_b, DTYPE)
+                if XPOS:
+                    decay = tl.exp2(xrate * (p_ref - p0).to(tl.float32))
+                    a1, a2 = _shift_q(q1, q2, c_b * decay, s_b * decay, DTYPE)
+                else:
+                    a1, a2 = _shift_q(q1, q2, c_b, s_b, DTYPE)
                 ky1, ky2 = _rotate_pairs(k1.to(tl.float32), k2.to(tl.float32), cos_j, sin_j)
                 qk = _score(a1, a2, qp, ky1.to(DTYPE), ky2.to(DTYPE), kp, HAS_ROT, PASS > 0, DOT_PRECISION)
             else:  # plain ReRoPE's far keys are not rotated (their factor is folded into the far q)
@@ -218,7 +234,7 @@ def _attend_tiles(acc, l_i, m_i, lo, hi,
 @triton.jit
 def _decode_kernel(
     Q, K, V, SEQLENS, BLOCK_TABLE,
-    TURNS, TURNS_UNSCALED, FACTOR, TURNS_QF, OFFSET_QF, TURNS_KF,
+    TURNS, TURNS_UNSCALED, FACTOR, TURNS_QF, OFFSET_QF, TURNS_KF, XRATE,
     OUT, LSE, STATUS, COUNTER, OUT_FINAL, LSE_FINAL,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -235,7 +251,7 @@ def _decode_kernel(
     HAS_ROT: tl.constexpr, INTERLEAVED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, REROPE: tl.constexpr, LEAKY: tl.constexpr,
     HAS_NHAT: tl.constexpr, HAS_LOGN: tl.constexpr, SPLIT_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ANCHOR: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    ANCHOR: tl.constexpr, SPLITS_PAD: tl.constexpr, XPOS: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -316,6 +332,13 @@ def _decode_kernel(
                 qf1, qf2 = _rotate_pairs(qx1, qx2, qc * factor, qs * factor)
             else:  # far keys are unrotated but still times m: fold m * m into q
                 qf1, qf2 = _rotate_pairs(qx1, qx2, qc * (factor * factor), qs * (factor * factor))
+    xrate = tl.zeros([HALF_PAD], dtype=tl.float32)
+    if XPOS:  # per pair log2(zeta) / B; q weighted once by 2^(rate (P - p_min)), <= 1 (no rounding: float32)
+        tl.static_assert(HAS_ROT and not REROPE, "xPos needs a rotation and no ReRoPE")
+        xrate = tl.load(XRATE + pair, mask=pair_mask, other=0.0)
+        q_decay = tl.exp2(xrate[None, :] * (q_pos - p_min).to(tl.float32)[:, None])
+        qr1 = qr1 * q_decay
+        qr2 = qr2 * q_decay
     qf1_d = qf1.to(DTYPE)
     qf2_d = qf2.to(DTYPE)
     row_scale = sm_scale_log2 + tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -336,29 +359,31 @@ def _decode_kernel(
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-            d_mask, FAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
+            d_mask, xrate, p_min, FAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR, XPOS)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_far), tl.minimum(tile_hi, t_near),
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-            d_mask, FAR_PART, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
+            d_mask, xrate, p_min, FAR_PART, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED,
+            PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR, XPOS)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_far), tl.minimum(tile_hi, t_near),
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-            d_mask, NEAR_PART, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
+            d_mask, xrate, p_min, NEAR_PART, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED,
+            PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR, XPOS)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_near), tile_hi,
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-            d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
+            d_mask, xrate, p_min, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR, XPOS)
     elif HAS_NHAT:  # tiles reaching below n_hat rotate exactly per element
         t_exact = tl.cdiv(n_hat, BLOCK_N)
         acc, l_i, m_i = _attend_tiles(
@@ -366,23 +391,23 @@ def _decode_kernel(
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-            d_mask, EXACT, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
+            d_mask, xrate, p_min, EXACT, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR, XPOS)
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tl.maximum(tile_lo, t_exact), tile_hi,
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-            d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
+            d_mask, xrate, p_min, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR, XPOS)
     else:
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, tile_lo, tile_hi,
             k_head, v_head, BLOCK_TABLE, b64, seqlen, stride_btb, stride_btp, stride_kb, stride_kn, stride_kd,
             stride_vb, stride_vn, stride_vd, qr1, qr2, qf1, qf2, qf1_d, qf2_d, qp, turns, turns_kf, turns_un,
             factor, q_pos, row_scale, window, rerope_window, n_hat, offs_j, dcol,
-            d_mask, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
-            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR)
+            d_mask, xrate, p_min, NEAR, BLOCK_M, BLOCK_N, HALF, HALF_PAD, PASS, PASS_PAD, HAS_ROT, INTERLEAVED, PAGED,
+            PAGE_SIZE, CAUSAL, HAS_WINDOW, LEAKY, DTYPE, DOT_PRECISION, ANCHOR, XPOS)
 
     no_key = l_i == 0.0
     out = acc / tl.where(no_key, 1.0, l_i)[:, None]
@@ -585,7 +610,7 @@ class DecodePlan:
     def __init__(self, q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=None, block_table=None,
                  q_far_tables=None, k_far_tables=None, causal=True, window=None, softmax_scale=None,
                  rerope_window=None, rerope_leak=None, logn_base=None, max_seqlen=None, num_splits=None,
-                 config=None):
+                 config=None, xpos_rate=None):
         B, n_q, n_heads, head_dim = q.shape
         n_kv = k_cache.shape[2]
         group = n_heads // n_kv
@@ -629,7 +654,8 @@ class DecodePlan:
         self.counter_size = B * n_kv * n_m_blocks
         # tensors and integers in the kernel's argument order; None marks the per-call tensors
         self.head = [None, None, None, seqlens, block_table if paged else seqlens,
-                     turns, turns_un, factor, turns_qf, offset_qf, turns_kf]
+                     turns, turns_un, factor, turns_qf, offset_qf, turns_kf,
+                     dummy_f32 if xpos_rate is None else xpos_rate]
         self.status = dummy_status if status is None else status
         self.strides = [*q.stride(), *k_cache.stride(), *v_cache.stride(),
                         block_table.stride(0) if paged else 0, block_table.stride(1) if paged else 0,
@@ -646,7 +672,7 @@ class DecodePlan:
             HAS_LOGN=logn_base is not None, SPLIT_OUT=num_splits > 1,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             ANCHOR=1 if q.dtype == torch.float32 else 8,  # float32: every tile base exact
-            SPLITS_PAD=next_power_of_2(num_splits),
+            SPLITS_PAD=next_power_of_2(num_splits), XPOS=xpos_rate is not None,
             **{k: v for k, v in cfg.items() if k != "BLOCK_N"},
         )
 
@@ -682,7 +708,7 @@ class DecodePlan:
 def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=None, block_table=None,
                      q_far_tables=None, k_far_tables=None, causal=True, window=None, softmax_scale=None,
                      rerope_window=None, rerope_leak=None, logn_base=None, max_seqlen=None, num_splits=None,
-                     config=None):
+                     config=None, xpos_rate=None):
     """Attention of q (B, Nq, Hq, D) over the first seqlens[b] + n_new keys of an unrotated cache.
 
     k_cache, v_cache: (B, N, Hkv, D) or paged (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int32.
@@ -692,7 +718,8 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=No
     Entries of block_table below a row's length must be page ids of the cache (not checked here).
     tables: `RotaryTables` of the rows at their lengths (None: no rotation); q_far_tables / k_far_tables: ReRoPE's
     far sides (with rerope_window; rerope_leak only says whether far k rotates). max_seqlen: the longest row if
-    known (else the capacity stands in), for the split count. num_splits (default: by SM count and length)
+    known (else the capacity stands in), for the split count. xpos_rate: xPos's float32 (R/2,) log2(zeta_i) / B
+    per rotation pair (`scaled_rope.tables.xpos_rates`), None without xPos. num_splits (default: by SM count and length)
     and config (BLOCK_N, num_warps, num_stages, maxnreg; default `default_config`) are for tests and tuning.
     Inputs are assumed validated (`scaled_rope.kvcache` does it). One launch (`DecodePlan` keeps the decisions
     for repeated calls with the same shapes).
@@ -701,5 +728,6 @@ def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=No
     plan = DecodePlan(q, k_cache, v_cache, seqlens, tables, n_new=n_new, status=status, block_table=block_table,
                       q_far_tables=q_far_tables, k_far_tables=k_far_tables, causal=causal, window=window,
                       softmax_scale=softmax_scale, rerope_window=rerope_window, rerope_leak=rerope_leak,
-                      logn_base=logn_base, max_seqlen=max_seqlen, num_splits=num_splits, config=config)
+                      logn_base=logn_base, max_seqlen=max_seqlen, num_splits=num_splits, config=config,
+                      xpos_rate=xpos_rate)
     return plan(q, k_cache, v_cache)

@@ -15,7 +15,7 @@ from ._backends import AttentionCall, Backend, KVCacheCall, RotationCall
 def _options(call: AttentionCall) -> dict:
     return dict(causal=call.causal, q_positions=call.q_positions, k_positions=call.k_positions, window=call.window,
                 softmax_scale=call.softmax_scale, rerope_window=call.rerope_window, rerope_leak=call.rerope_leak,
-                logn_base=call.logn_base)
+                logn_base=call.logn_base, xpos_scale_base=call.xpos_scale_base)
 
 
 def check_lengths(cache_seqlens: torch.Tensor, n_new: int, capacity: int) -> int | None:
@@ -79,6 +79,7 @@ def reference_with_kvcache(q, k_cache, v_cache, rope, *, seqlens, block_table=No
 class ReferenceBackend(Backend):
     name = "reference"
     needs_tables = False
+    xpos_modes = {"attention": ("default", "explicit"), "kvcache": ("default",)}
 
     def attention_support(self, device, dtype, head_dim):
         return None
@@ -104,7 +105,7 @@ class ReferenceBackend(Backend):
                                       seqlens=call.cache_seqlens + n_new, block_table=call.block_table,
                                       causal=call.causal, window=call.window, softmax_scale=call.softmax_scale,
                                       rerope_window=call.rerope_window, rerope_leak=call.rerope_leak,
-                                      logn_base=call.logn_base)
+                                      logn_base=call.logn_base, xpos_scale_base=call.xpos_scale_base)
 
     def rotation_support(self, device, dtype):
         return None

@@ -8,7 +8,7 @@ from . import _env
 from ._alloc import kept
 from ._backend_reference import capacity, check_lengths
 from ._backends import AttentionCall, Backend, KVCacheCall, RotationCall
-from .tables import factor_rows
+from .tables import factor_rows, xpos_rates
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -39,12 +39,16 @@ def launch_args(call: AttentionCall):
     from .triton_kernels.attention import LaunchArgs
 
     t = call.tables
+    xpos_rate = None
+    if call.xpos_scale_base is not None:
+        xpos_rate = xpos_rates(call.q.shape[-1], t.near.rotary_dim, t.near.interleaved, call.xpos_scale_base,
+                               call.q.device)
     return LaunchArgs.build(
         None if t is None else t.near, None if t is None else t.far_q, None if t is None else t.far_k,
         None if t is None else t.far_q_both, nk=call.k.shape[1],
         explicit=call.q_positions is not None or call.k_positions is not None, causal=call.causal,
         window=call.window, rerope_window=call.rerope_window, q_sign=call.q_sign, sm_scale=call.kernel_scale,
-        logn_base=call.logn_base)
+        logn_base=call.logn_base, xpos_rate=xpos_rate)
 
 
 def _positions(call: AttentionCall):
@@ -79,6 +83,7 @@ def _status_flag(device: torch.device) -> torch.Tensor:
 
 class TritonBackend(Backend):
     name = "triton"
+    xpos_modes = {"attention": ("default",), "kvcache": ("default",)}
 
     def attention_support(self, device, dtype, head_dim):
         reason = _device_reason(device, dtype)
@@ -114,6 +119,10 @@ class TritonBackend(Backend):
                                                           capacity(call.k_cache, call.block_table))
         status = _status_flag(q.device) if on_device else None
         t = call.tables
+        xpos_rate = None
+        if call.xpos_scale_base is not None:
+            xpos_rate = xpos_rates(q.shape[-1], t.near.rotary_dim, t.near.interleaved, call.xpos_scale_base, q.device,
+                                   per_pair=True)
         if call.k_new is not None:
             append_to_cache(call.k_cache, call.v_cache, call.k_new, call.v_new, call.cache_seqlens,
                             call.block_table, status=status)
@@ -122,7 +131,7 @@ class TritonBackend(Backend):
             n_new=n_new, status=status, block_table=call.block_table, q_far_tables=None if t is None else t.far_q,
             k_far_tables=None if t is None else t.far_k, causal=call.causal, window=call.window,
             softmax_scale=call.softmax_scale, rerope_window=call.rerope_window, rerope_leak=call.rerope_leak,
-            logn_base=call.logn_base, max_seqlen=max_seqlen)
+            logn_base=call.logn_base, max_seqlen=max_seqlen, xpos_rate=xpos_rate)
         if status is not None:
             torch._assert_async(status, "scaled_rope_attention_with_kvcache: cache_seqlens + Nnew outside "
                                         "0..capacity (or a page id outside the cache)")

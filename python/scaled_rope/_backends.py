@@ -45,6 +45,7 @@ class AttentionCall(NamedTuple):
     softmax_scale: float
     q_sign: float
     kernel_scale: float
+    xpos_scale_base: float | None = None
 
 
 class KVCacheCall(NamedTuple):
@@ -66,6 +67,7 @@ class KVCacheCall(NamedTuple):
     rerope_leak: float | None
     logn_base: float | None
     softmax_scale: float
+    xpos_scale_base: float | None = None
 
 
 class RotationCall(NamedTuple):
@@ -87,6 +89,8 @@ class Backend:
 
     name = ""
     needs_tables = True  # whether its calls carry rotation tables (the reference rotates from the rope itself)
+    # xPos (xpos_scale_base) per op: the position modes it runs, "default" (no positions given) and/or "explicit"
+    xpos_modes: dict = {}
 
     def attention_support(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
         raise NotImplementedError
@@ -117,12 +121,18 @@ class Backend:
     def rotate(self, call: RotationCall) -> torch.Tensor:
         raise NotImplementedError
 
-    def support(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    def support(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                xpos: str | None = None) -> str | None:
         if op == "attention":
-            return self.attention_support(device, dtype, head_dim)
-        if op == "kvcache":
-            return self.kvcache_support(device, dtype, head_dim)
-        return self.rotation_support(device, dtype)
+            reason = self.attention_support(device, dtype, head_dim)
+        elif op == "kvcache":
+            reason = self.kvcache_support(device, dtype, head_dim)
+        else:
+            return self.rotation_support(device, dtype)
+        if reason is None and xpos is not None and xpos not in self.xpos_modes.get(op, ()):
+            positions = "explicit positions" if xpos == "explicit" else "default positions"
+            reason = f"backend={self.name!r} has no xPos kernel (xpos_scale_base) for {op} with {positions}"
+        return reason
 
 
 _LOADED: dict = {}
@@ -183,16 +193,16 @@ class Choice(NamedTuple):
 
 @lru_cache(maxsize=1024)
 def _choose(op: str, requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, needs_grad: bool,
-            switches: tuple) -> Choice:
+            xpos: str | None, switches: tuple) -> Choice:
     """`choose` for one kind of input; `switches` (the environment switches that decide it) is part of the key
     only, so that a changed switch is seen."""
     if requested != "auto":
-        reason = get(requested).support(op, device, dtype, head_dim)
+        reason = get(requested).support(op, device, dtype, head_dim, xpos)
         return Choice(requested, {}, get(requested).needs_tables) if reason is None else \
             Choice(None, {requested: reason})
     passed_over = {}
     for name in auto_order(op, device, dtype, head_dim, needs_grad):
-        reason = get(name).support(op, device, dtype, head_dim)
+        reason = get(name).support(op, device, dtype, head_dim, xpos)
         if reason is None:
             return Choice(name, passed_over, get(name).needs_tables)
         passed_over[name] = reason
@@ -201,17 +211,18 @@ def _choose(op: str, requested: str, device: torch.device, dtype: torch.dtype, h
 
 @torch.compiler.assume_constant_result
 def choose(op: str, requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-           needs_grad: bool = False) -> Choice:
-    """The backend for op ("attention", "kvcache" or "rotation") on inputs of this device, dtype and head dim,
-    and why each backend tried before it was passed over. A constant under torch.compile."""
+           needs_grad: bool = False, xpos: str | None = None) -> Choice:
+    """The backend for op ("attention", "kvcache" or "rotation") on inputs of this device, dtype and head dim
+    (xpos: None, or xPos with "default" or "explicit" positions), and why each backend tried before it was passed
+    over. A constant under torch.compile."""
     switches = (_env.triton_interpret(), _env.flash_sm80())
-    return _choose(op, requested, device, dtype, head_dim, needs_grad, switches)
+    return _choose(op, requested, device, dtype, head_dim, needs_grad, xpos, switches)
 
 
 def resolve(op: str, requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-            needs_grad: bool = False) -> Choice:
+            needs_grad: bool = False, xpos: str | None = None) -> Choice:
     """`choose`, raising BackendUnsupported when the requested backend cannot run the inputs."""
-    choice = choose(op, requested, device, dtype, head_dim, needs_grad)
+    choice = choose(op, requested, device, dtype, head_dim, needs_grad, xpos)
     if choice.backend is None:
         raise BackendUnsupported(f"backend={requested!r} cannot run these inputs: {choice.passed_over[requested]}")
     return choice

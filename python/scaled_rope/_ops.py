@@ -67,16 +67,17 @@ def _attention_args(call: AttentionCall, backend: str) -> tuple:
     handle = _rope_handle(call.rope) if backend == "reference" else ""
     return (call.q, call.k, call.v, call.q_positions, call.k_positions, *_table_args(call.tables), call.causal,
             call.window, call.rerope_window, call.rerope_leak, call.logn_base, call.softmax_scale, call.q_sign,
-            call.kernel_scale, handle, backend)
+            call.kernel_scale, call.xpos_scale_base, handle, backend)
 
 
 def _attention_call(q, k, v, q_positions, k_positions, turns, turns_unscaled, factor, far_q_turns, far_q_offset,
                     far_k_turns, far_q_both_factor, rotary_dim, n_hat, interleaved, causal, window, rerope_window,
-                    rerope_leak, logn_base, softmax_scale, q_sign, kernel_scale, rope, backend) -> AttentionCall:
+                    rerope_leak, logn_base, softmax_scale, q_sign, kernel_scale, xpos_scale_base, rope,
+                    backend) -> AttentionCall:
     tables = _table_set(turns, turns_unscaled, factor, far_q_turns, far_q_offset, far_k_turns, far_q_both_factor,
                         rotary_dim, n_hat, interleaved)
     return AttentionCall(q, k, v, q_positions, k_positions, tables, _rope(rope), causal, window, rerope_window,
-                         rerope_leak, logn_base, softmax_scale, q_sign, kernel_scale)
+                         rerope_leak, logn_base, softmax_scale, q_sign, kernel_scale, xpos_scale_base)
 
 
 @torch.library.custom_op("scaled_rope::attention", mutates_args=())
@@ -85,12 +86,12 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, q_positions: Optional[Tensor]
                   far_q_turns: Optional[Tensor], far_q_offset: Optional[Tensor], far_k_turns: Optional[Tensor],
                   far_q_both_factor: Optional[Tensor], rotary_dim: int, n_hat: int, interleaved: bool,
                   causal: bool, window: Optional[int], rerope_window: Optional[int], rerope_leak: Optional[float],
-                  logn_base: Optional[float], softmax_scale: float, q_sign: float, kernel_scale: float, rope: str,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                  logn_base: Optional[float], softmax_scale: float, q_sign: float, kernel_scale: float,
+                  xpos_scale_base: Optional[float], rope: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     call = _attention_call(q, k, v, q_positions, k_positions, turns, turns_unscaled, attention_factor, far_q_turns,
                            far_q_offset, far_k_turns, far_q_both_factor, rotary_dim, n_hat, interleaved, causal,
                            window, rerope_window, rerope_leak, logn_base, softmax_scale, q_sign, kernel_scale,
-                           rope, backend)
+                           xpos_scale_base, rope, backend)
     out, lse, residual = _backends.get(backend).attention_forward(call)
     if residual is None:
         residual = q.new_empty((0,), dtype=torch.float32)
@@ -105,7 +106,7 @@ def _attention_fake(q, k, v, *args):
             q.new_empty(residual, dtype=torch.float32))
 
 
-_N_ATTENTION_ARGS = 25  # the arguments of scaled_rope::attention; q, k, v are the first three
+_N_ATTENTION_ARGS = 26  # the arguments of scaled_rope::attention; q, k, v are the first three
 
 
 @torch.library.custom_op("scaled_rope::attention_backward", mutates_args=())
@@ -117,12 +118,12 @@ def _attention_backward_op(dout: Tensor, dlse: Optional[Tensor], out: Tensor, ls
                            far_q_both_factor: Optional[Tensor], rotary_dim: int, n_hat: int, interleaved: bool,
                            causal: bool, window: Optional[int], rerope_window: Optional[int],
                            rerope_leak: Optional[float], logn_base: Optional[float], softmax_scale: float,
-                           q_sign: float, kernel_scale: float, rope: str,
+                           q_sign: float, kernel_scale: float, xpos_scale_base: Optional[float], rope: str,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     call = _attention_call(q, k, v, q_positions, k_positions, turns, turns_unscaled, attention_factor, far_q_turns,
                            far_q_offset, far_k_turns, far_q_both_factor, rotary_dim, n_hat, interleaved, causal,
                            window, rerope_window, rerope_leak, logn_base, softmax_scale, q_sign, kernel_scale,
-                           rope, backend)
+                           xpos_scale_base, rope, backend)
     grads = _backends.get(backend).attention_backward(call, out, lse, residual, dout, dlse)
     return tuple(g.contiguous() for g in grads)
 
@@ -159,7 +160,7 @@ def _kvcache_args(call: KVCacheCall, backend: str) -> tuple:
     tables = _table_args(call.tables)
     return (call.q, call.k_cache, call.v_cache, call.cache_seqlens, call.k_new, call.v_new, call.block_table,
             *tables[:6], *tables[7:], call.causal, call.window, call.rerope_window, call.rerope_leak,
-            call.logn_base, call.softmax_scale, handle, backend)
+            call.logn_base, call.softmax_scale, call.xpos_scale_base, handle, backend)
 
 
 @torch.library.custom_op("scaled_rope::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -168,12 +169,12 @@ def _kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
                 turns_unscaled: Optional[Tensor], attention_factor: Optional[Tensor], far_q_turns: Optional[Tensor],
                 far_q_offset: Optional[Tensor], far_k_turns: Optional[Tensor], rotary_dim: int, n_hat: int,
                 interleaved: bool, causal: bool, window: Optional[int], rerope_window: Optional[int],
-                rerope_leak: Optional[float], logn_base: Optional[float], softmax_scale: float, rope: str,
-                backend: str) -> tuple[Tensor, Tensor]:
+                rerope_leak: Optional[float], logn_base: Optional[float], softmax_scale: float,
+                xpos_scale_base: Optional[float], rope: str, backend: str) -> tuple[Tensor, Tensor]:
     tables = _table_set(turns, turns_unscaled, attention_factor, far_q_turns, far_q_offset, far_k_turns, None,
                         rotary_dim, n_hat, interleaved)
     call = KVCacheCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, tables, _rope(rope), causal,
-                       window, rerope_window, rerope_leak, logn_base, softmax_scale)
+                       window, rerope_window, rerope_leak, logn_base, softmax_scale, xpos_scale_base)
     out, lse = _backends.get(backend).attention_with_kvcache(call)
     return out.contiguous(), lse.contiguous()
 

@@ -148,6 +148,23 @@ def _check_options(rope, *, causal, window, softmax_scale, rerope_window, rerope
     _check_backend(backend)
 
 
+XPOS_MIN_SCALE_BASE = 32.0
+
+
+def _check_xpos(xpos_scale_base, rope, causal, rerope_window) -> None:
+    """xPos (docs/DESIGN.md §3.9): a finite scale base >= 32, so that the kernels' per-tile factors stay within
+    ~2^7 of 1 (torchscale's default is 512); a rope, causal attention and no ReRoPE (reference.check_xpos)."""
+    if xpos_scale_base is None:
+        return
+    if isinstance(xpos_scale_base, bool) or not isinstance(xpos_scale_base, (int, float)) or \
+            not math.isfinite(xpos_scale_base) or xpos_scale_base < XPOS_MIN_SCALE_BASE:
+        raise ValueError(f"xpos_scale_base must be a finite number >= {XPOS_MIN_SCALE_BASE:g} or None, got "
+                         f"{xpos_scale_base!r}")
+    from .reference import check_xpos
+
+    check_xpos(rope, causal, rerope_window)
+
+
 def _check_backend(backend) -> None:
     if backend not in _backends.NAMES:
         raise ValueError(f"backend must be one of {_backends.NAMES}, got {backend!r}")
@@ -169,7 +186,7 @@ def _tables(rope, choice: _backends.Choice, device: torch.device, lengths, *, ad
 
 # ---- attention --------------------------------------------------------------------------------------------------
 def attention_plan(q, k, v, rope, *, causal, q_positions, k_positions, window, softmax_scale, rerope_window,
-                   rerope_leak, logn_base, backend) -> AttentionPlan:
+                   rerope_leak, logn_base, backend, xpos_scale_base=None) -> AttentionPlan:
     _check_qkv(q, k, v, "Nk")
     batch, nq, hq, dim = q.shape
     nk = k.shape[1]
@@ -183,9 +200,12 @@ def attention_plan(q, k, v, rope, *, causal, q_positions, k_positions, window, s
     _check_positions("k_positions", k_positions, batch, nk, q.device)
     _check_options(rope, causal=causal, window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
                    rerope_leak=rerope_leak, logn_base=logn_base, backend=backend)
+    _check_xpos(xpos_scale_base, rope, causal, rerope_window)
 
     needs_grad = _needs_grad(q, k, v)
-    choice = _backends.resolve("attention", backend, q.device, q.dtype, operator.index(dim), needs_grad)
+    xpos = None if xpos_scale_base is None else \
+        ("default" if q_positions is None and k_positions is None else "explicit")
+    choice = _backends.resolve("attention", backend, q.device, q.dtype, operator.index(dim), needs_grad, xpos)
     rerope_window = None if rerope_window is None else operator.index(rerope_window)
     scale = dim ** -0.5 if softmax_scale is None else float(softmax_scale)
     q_sign, kernel_scale = fold_scale_sign(scale)
@@ -195,13 +215,14 @@ def attention_plan(q, k, v, rope, *, causal, q_positions, k_positions, window, s
                      rerope_window=rerope_window, rerope_leak=rerope_leak)
     call = AttentionCall(q, k, v, q_positions, k_positions, tables, rope, causal, window, rerope_window,
                          None if rerope_leak is None else float(rerope_leak),
-                         None if logn_base is None else float(logn_base), scale, q_sign, kernel_scale)
+                         None if logn_base is None else float(logn_base), scale, q_sign, kernel_scale,
+                         None if xpos_scale_base is None else float(xpos_scale_base))
     return AttentionPlan(choice.backend, choice.passed_over, needs_grad, call)
 
 
 # ---- attention over a KV cache ------------------------------------------------------------------------------------
 def kvcache_plan(q, k_cache, v_cache, rope, *, cache_seqlens, k_new, v_new, block_table, causal, window,
-                 softmax_scale, rerope_window, rerope_leak, logn_base, backend) -> KVCachePlan:
+                 softmax_scale, rerope_window, rerope_leak, logn_base, backend, xpos_scale_base=None) -> KVCachePlan:
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_input(name, x)
         if x.device != q.device:
@@ -243,9 +264,11 @@ def kvcache_plan(q, k_cache, v_cache, rope, *, cache_seqlens, k_new, v_new, bloc
                              f"got {page_size}")
     _check_options(rope, causal=causal, window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
                    rerope_leak=rerope_leak, logn_base=logn_base, backend=backend)
+    _check_xpos(xpos_scale_base, rope, causal, rerope_window)
 
     needs_grad = _needs_grad(q, k_cache, v_cache, k_new, v_new)
-    choice = _backends.resolve("kvcache", backend, q.device, q.dtype, operator.index(dim), needs_grad)
+    choice = _backends.resolve("kvcache", backend, q.device, q.dtype, operator.index(dim), needs_grad,
+                               None if xpos_scale_base is None else "default")
     rerope_window = None if rerope_window is None else operator.index(rerope_window)
     n_new = 0 if k_new is None else k_new.shape[1]
     tables = _tables(rope, choice, q.device, lambda: cache_seqlens, added=n_new,
@@ -253,7 +276,8 @@ def kvcache_plan(q, k_cache, v_cache, rope, *, cache_seqlens, k_new, v_new, bloc
     call = KVCacheCall(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, tables, rope, causal, window,
                        rerope_window, None if rerope_leak is None else float(rerope_leak),
                        None if logn_base is None else float(logn_base),
-                       dim ** -0.5 if softmax_scale is None else float(softmax_scale))
+                       dim ** -0.5 if softmax_scale is None else float(softmax_scale),
+                       None if xpos_scale_base is None else float(xpos_scale_base))
     return KVCachePlan(choice.backend, choice.passed_over, needs_grad, call)
 
 

@@ -19,8 +19,8 @@ def scaled_rope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v
                                        block_table: torch.Tensor | None = None, causal: bool = True,
                                        window: int | None = None, softmax_scale: float | None = None,
                                        rerope_window: int | None = None, rerope_leak: float | None = None,
-                                       logn_base: float | None = None, return_lse: bool = False,
-                                       backend: str = "auto"):
+                                       logn_base: float | None = None, xpos_scale_base: float | None = None,
+                                       return_lse: bool = False, backend: str = "auto"):
     """Attention of new queries over a cache of unrotated keys (decode, chunked prefill, speculative checks).
 
     Shapes (flash-attn's `flash_attn_with_kvcache` layout)::
@@ -35,7 +35,7 @@ def scaled_rope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v
     Row b then has L = cache_seqlens[b] + Nnew keys at positions 0..L-1 and its queries sit at L-Nq..L-1
     (bottom-right aligned). Keys are rotated on-chip with the frequencies of length L (LongRoPE short/long set,
     dynamic NTK base), so a row that crosses the original length switches exactly with no cache rebuild.
-    causal, window, softmax_scale, rerope_window, rerope_leak and logn_base mean what they mean in
+    causal, window, softmax_scale, rerope_window, rerope_leak, logn_base and xpos_scale_base mean what they mean in
     `scaled_rope_attention`. backend: "auto" (triton -> reference), "triton", "reference"; "cuda" has no KV-cache
     kernel and raises BackendUnsupported. No backward: with a gradient required, backward raises.
 
@@ -55,6 +55,7 @@ def scaled_rope_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v
     """
     plan = kvcache_plan(q, k_cache, v_cache, rope, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new,
                         block_table=block_table, causal=causal, window=window, softmax_scale=softmax_scale,
-                        rerope_window=rerope_window, rerope_leak=rerope_leak, logn_base=logn_base, backend=backend)
+                        rerope_window=rerope_window, rerope_leak=rerope_leak, logn_base=logn_base, backend=backend,
+                        xpos_scale_base=xpos_scale_base)
     out, lse = _ops.attention_with_kvcache(plan)
     return (out, lse) if return_lse else out

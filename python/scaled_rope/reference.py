@@ -87,6 +87,66 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeScaling, *, seq_l
     return torch.stack(rows)
 
 
+def xpos_zeta(rotary_dim: int) -> torch.Tensor:
+    """xPos's per-pair decay bases zeta_i = (2i + 0.4 R) / (1.4 R), i = 0..R/2-1 (float64; torchscale's scale with
+    R the rotary dim): the logit term of pair i is multiplied by zeta_i ** ((P - Q) / xpos_scale_base)."""
+    pairs = torch.arange(rotary_dim // 2, dtype=torch.float64)
+    return (2 * pairs + 0.4 * rotary_dim) / (1.4 * rotary_dim)
+
+
+def _pair_columns(rope: RopeScaling) -> list[list[int]]:
+    """The two columns of each rotation pair: (i, i + R/2) in the half layout, (2i, 2i + 1) interleaved."""
+    half = rope.rotary_dim // 2
+    return [[i, i + half] if rope.layout == "half" else [2 * i, 2 * i + 1] for i in range(half)]
+
+
+def _xpos_weights(rope: RopeScaling, base: float, delta: torch.Tensor, dtype: torch.dtype):
+    """(columns of pair i, zeta_i ** (delta / base) in dtype) for each pair. delta (B, 1, Nq, Nk) is taken at >= 0:
+    xPos is causal, so a key after its query is masked and its weight never used (it would overflow)."""
+    d = delta.clamp(min=0).to(torch.float64)
+    for cols, zeta in zip(_pair_columns(rope), xpos_zeta(rope.rotary_dim).tolist()):
+        yield cols, torch.exp(d * (math.log(zeta) / base)).to(dtype)
+
+
+def _xpos_scores(qr: torch.Tensor, kr: torch.Tensor, rope: RopeScaling, base: float, delta: torch.Tensor,
+                 group: int) -> torch.Tensor:
+    """(B, Hq, Nq, Nk) sum over columns of q k with each rotation pair's term weighted by its xPos decay (the
+    pass-through columns by 1): the relative form, which no centring or chunking of the positions changes."""
+    krep = kr.repeat_interleave(group, dim=2)
+    rest = slice(rope.rotary_dim, None)
+    s = torch.einsum("bqhd,bkhd->bhqk", qr[..., rest], krep[..., rest])
+    for cols, w in _xpos_weights(rope, base, delta, qr.dtype):
+        s = s + w * torch.einsum("bqhd,bkhd->bhqk", qr[..., cols], krep[..., cols])
+    return s
+
+
+def _xpos_grads(ds: torch.Tensor, qr: torch.Tensor, kr: torch.Tensor, rope: RopeScaling, base: float,
+                delta: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the rotated q and k through `_xpos_scores` for the score gradient ds (B, Hq, Nq, Nk)."""
+    krep = kr.repeat_interleave(group, dim=2)
+    rest = slice(rope.rotary_dim, None)
+    dq = torch.zeros_like(qr)
+    dk = torch.zeros_like(krep)
+    dq[..., rest] = torch.einsum("bhqk,bkhd->bqhd", ds, krep[..., rest])
+    dk[..., rest] = torch.einsum("bhqk,bqhd->bkhd", ds, qr[..., rest])
+    for cols, w in _xpos_weights(rope, base, delta, qr.dtype):
+        dq[..., cols] = torch.einsum("bhqk,bkhd->bqhd", ds * w, krep[..., cols])
+        dk[..., cols] = torch.einsum("bhqk,bqhd->bkhd", ds * w, qr[..., cols])
+    return dq, _group_sum(dk, group)
+
+
+def check_xpos(rope, causal: bool, rerope_window) -> None:
+    """xPos weights rotation pairs by distance: it needs a rope, causal attention (the weight of a key after its
+    query grows without bound) and no ReRoPE (whose far pairs have no single distance to decay by)."""
+    if rope is None:
+        raise ValueError("xpos_scale_base needs a rope (rope=None means no rotation pairs to scale)")
+    if not causal:
+        raise ValueError("xpos_scale_base needs causal=True: xPos grows the weight of keys after the query without "
+                         "bound")
+    if rerope_window is not None:
+        raise ValueError("xpos_scale_base cannot be combined with rerope_window")
+
+
 class _Parts(NamedTuple):
     """What `attention` computes on the way to out and lse, which `attention_backward` reuses."""
 
@@ -102,7 +162,7 @@ class _Parts(NamedTuple):
 
 
 def _attention_parts(q, k, v, rope, *, causal, q_positions, k_positions, window, softmax_scale, rerope_window,
-                     rerope_leak, logn_base, compute_dtype) -> _Parts:
+                     rerope_leak, logn_base, xpos_scale_base, compute_dtype) -> _Parts:
     batch, nq, hq, dim = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     dtype = compute_dtype or default_compute_dtype(q.dtype)
@@ -127,7 +187,11 @@ def _attention_parts(q, k, v, rope, *, causal, q_positions, k_positions, window,
 
     delta = q_positions.to(torch.int64)[:, None, :, None] - k_positions.to(torch.int64)[:, None, None, :]
     near = rotated(None, None)
-    s = scores(*near)
+    if xpos_scale_base is not None:
+        check_xpos(rope, causal, rerope_window)
+        s = _xpos_scores(*near, rope, xpos_scale_base, delta, group)
+    else:
+        s = scores(*near)
     far = is_near = None
     if rerope_window is not None:
         far = rotated("q", "k")
@@ -136,7 +200,8 @@ def _attention_parts(q, k, v, rope, *, causal, q_positions, k_positions, window,
     qscale = torch.full((batch, nq), scale, dtype=torch.float64, device=q.device)
     if logn_base is not None:
         qpos = q_positions.to(torch.float64)
-        qscale = qscale * torch.clamp(torch.log(qpos + 1) / math.log(logn_base), min=1.0)
+        # P + 1 taken at >= 1 as the kernels do: a negative position gets factor 1, not a NaN in its gradient
+        qscale = qscale * torch.clamp(torch.log((qpos + 1).clamp(min=1)) / math.log(logn_base), min=1.0)
     qscale = qscale.to(dtype)
     s = s * qscale[:, None, :, None]
     allowed = torch.ones_like(delta, dtype=torch.bool)
@@ -159,6 +224,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScali
               q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
               window: int | None = None, softmax_scale: float | None = None, rerope_window: int | None = None,
               rerope_leak: float | None = None, logn_base: float | None = None,
+              xpos_scale_base: float | None = None,
               compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled-RoPE attention, docs/DESIGN.md §3. q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D), unrotated.
 
@@ -167,7 +233,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeScali
     """
     parts = _attention_parts(q, k, v, rope, causal=causal, q_positions=q_positions, k_positions=k_positions,
                              window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
-                             rerope_leak=rerope_leak, logn_base=logn_base, compute_dtype=compute_dtype)
+                             rerope_leak=rerope_leak, logn_base=logn_base, xpos_scale_base=xpos_scale_base,
+                             compute_dtype=compute_dtype)
     out = torch.einsum("bhqk,bkhd->bqhd", parts.p, parts.vr)
     return out.to(q.dtype), parts.lse.to(torch.float32)
 
@@ -193,7 +260,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: 
                        q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
                        window: int | None = None, softmax_scale: float | None = None,
                        rerope_window: int | None = None, rerope_leak: float | None = None,
-                       logn_base: float | None = None,
+                       logn_base: float | None = None, xpos_scale_base: float | None = None,
                        compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `attention` for the gradients dout of out and dlse (or None) of lse, written out
     (docs/DESIGN.md §3.8) for where autograd cannot run (the reference inside a custom op): with Delta =
@@ -201,7 +268,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: 
     for ReRoPE, and each part's gradients of the rotated q and k mapped back by its rotation's transpose."""
     parts = _attention_parts(q, k, v, rope, causal=causal, q_positions=q_positions, k_positions=k_positions,
                              window=window, softmax_scale=softmax_scale, rerope_window=rerope_window,
-                             rerope_leak=rerope_leak, logn_base=logn_base, compute_dtype=compute_dtype)
+                             rerope_leak=rerope_leak, logn_base=logn_base, xpos_scale_base=xpos_scale_base,
+                             compute_dtype=compute_dtype)
     dtype, group, p = parts.dtype, parts.group, parts.p
     d_out = dout.to(dtype)
     out = torch.einsum("bhqk,bkhd->bqhd", p, parts.vr)
@@ -222,8 +290,12 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: 
     lens = row_lengths(k_positions) if rope is not None else None
     dq = dk = 0
     for far, (qr, kr), ds_side in sides:
-        dqr = torch.einsum("bhqk,bkhd->bqhd", ds_side, kr.repeat_interleave(group, dim=2))
-        dkr = _group_sum(torch.einsum("bhqk,bqhd->bkhd", ds_side, qr), group)
+        if xpos_scale_base is not None:
+            delta = q_positions.to(torch.int64)[:, None, :, None] - k_positions.to(torch.int64)[:, None, None, :]
+            dqr, dkr = _xpos_grads(ds_side, qr, kr, rope, xpos_scale_base, delta, group)
+        else:
+            dqr = torch.einsum("bhqk,bkhd->bqhd", ds_side, kr.repeat_interleave(group, dim=2))
+            dkr = _group_sum(torch.einsum("bhqk,bqhd->bkhd", ds_side, qr), group)
         if rope is not None:
             dqr = _rotate_transposed(dqr, q_positions, rope, lens, far and "q", rerope_window, rerope_leak)
             dkr = _rotate_transposed(dkr, k_positions, rope, lens, far and "k", rerope_window, rerope_leak)

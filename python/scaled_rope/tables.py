@@ -287,6 +287,24 @@ def table_set(rope: RopeScaling, device: torch.device, *, lengths: torch.Tensor 
     return _set_from(rope, freq, factor, rerope_window, rerope_leak)
 
 
+def xpos_rates(head_dim: int, rotary_dim: int, interleaved: bool, scale_base: float, device: torch.device, *,
+               per_pair: bool = False) -> torch.Tensor:
+    """xPos's rates log2(zeta_i) / scale_base (reference.xpos_zeta), float32: per column (head_dim,), 0 in the
+    pass-through columns, or per rotation pair (R/2,) with per_pair. The kernels weight pair i's term by
+    2^(rate_i (P - Q)). Cached per arguments."""
+    def make():
+        zeta = (2 * torch.arange(rotary_dim // 2, dtype=torch.float64) + 0.4 * rotary_dim) / (1.4 * rotary_dim)
+        rate = torch.log2(zeta) / scale_base
+        if not per_pair:
+            columns = torch.zeros(head_dim, dtype=torch.float64)
+            columns[:rotary_dim] = rate.repeat_interleave(2) if interleaved else rate.repeat(2)
+            rate = columns
+        return rate.to(device=device, dtype=torch.float32)
+
+    key = ("xpos", head_dim, rotary_dim, interleaved, scale_base, per_pair, str(device))
+    return _remember(key, device, make)
+
+
 def factor_rows(tables: RotaryTables, batch: int) -> RotaryTables:
     """tables with a contiguous attention factor of `batch` rows (the decode kernel indexes it by row), kept
     between calls for the shared one-row tables."""
