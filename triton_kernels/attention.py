@@ -129,6 +129,21 @@ def _xpos_factors(xrate, xq, distance):
 
 
 @triton.jit
+def _xpos_tables(XRate, offs_m, offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, XPOS: tl.constexpr):
+    """(rate per column, 2^(rate r) for the rows r of a query tile, 2^(-rate j) for the keys j of a key tile), made
+    once per program; placeholders without xPos."""
+    if XPOS:
+        xrate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        xq = tl.exp2(xrate[None, :] * offs_m[:, None].to(tl.float32))
+        xk = tl.exp2(-xrate[None, :] * offs_n[:, None].to(tl.float32))
+    else:
+        xrate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        xq = xrate
+        xk = xrate
+    return xrate, xq, xk
+
+
+@triton.jit
 def _scaled(x, factors):
     """x times factors (float32), rounded back to x's dtype: an operand of the products."""
     return (x.to(tl.float32) * factors).to(x.dtype)
@@ -650,14 +665,7 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, XRate, stride_q
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
     tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
-    if XPOS:  # per column 2^(rate r) for the rows r of a query tile, 2^(-rate j) for the keys j of a key tile
-        xrate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        xq = tl.exp2(xrate[None, :] * offs_m[:, None].to(tl.float32))
-        xk = tl.exp2(-xrate[None, :] * offs_n[:, None].to(tl.float32))
-    else:
-        xrate = tl.zeros([BLOCK_D], dtype=tl.float32)
-        xq = xrate
-        xk = xrate
+    xrate, xq, xk = _xpos_tables(XRate, offs_m, offs_n, offs_d, HEAD_DIM, BLOCK_D, XPOS)
 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
@@ -801,14 +809,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
     offs_d = tl.arange(0, BLOCK_D)
     cols = start_n + offs_n
     tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
-    if XPOS:  # per column 2^(rate r) for the rows r of a query tile, 2^(-rate j) for the keys j of a key tile
-        xrate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        xq = tl.exp2(xrate[None, :] * offs_m[:, None].to(tl.float32))
-        xk = tl.exp2(-xrate[None, :] * offs_n[:, None].to(tl.float32))
-    else:
-        xrate = tl.zeros([BLOCK_D], dtype=tl.float32)
-        xq = xrate
-        xk = xrate
+    xrate, xq, xk = _xpos_tables(XRate, offs_m, offs_n, offs_d, HEAD_DIM, BLOCK_D, XPOS)
 
     k_offs = off_b * stride_kb + off_hk * stride_kh + start_n.to(tl.int64) * stride_kn \
         + (offs_n[:, None] * stride_kn + offs_d[None, :])
@@ -941,14 +942,7 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
     tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
-    if XPOS:  # per column 2^(rate r) for the rows r of a query tile, 2^(-rate j) for the keys j of a key tile
-        xrate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        xq = tl.exp2(xrate[None, :] * offs_m[:, None].to(tl.float32))
-        xk = tl.exp2(-xrate[None, :] * offs_n[:, None].to(tl.float32))
-    else:
-        xrate = tl.zeros([BLOCK_D], dtype=tl.float32)
-        xq = xrate
-        xk = xrate
+    xrate, xq, xk = _xpos_tables(XRate, offs_m, offs_n, offs_d, HEAD_DIM, BLOCK_D, XPOS)
 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
