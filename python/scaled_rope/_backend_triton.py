@@ -34,21 +34,26 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()  # the plan admits any stride only for a last dim of 1
 
 
+def _xpos_rate(call, per_pair: bool):
+    """xPos's rates for the kernels (`xpos_rates`: per column, or per rotation pair), None without xPos."""
+    if call.xpos_scale_base is None:
+        return None
+    near = call.tables.near
+    return xpos_rates(call.q.shape[-1], near.rotary_dim, near.interleaved, call.xpos_scale_base, call.q.device,
+                      per_pair=per_pair)
+
+
 def launch_args(call: AttentionCall):
     """The kernels' LaunchArgs of a call (the CUDA backend's backward uses them too)."""
     from .triton_kernels.attention import LaunchArgs
 
     t = call.tables
-    xpos_rate = None
-    if call.xpos_scale_base is not None:
-        xpos_rate = xpos_rates(call.q.shape[-1], t.near.rotary_dim, t.near.interleaved, call.xpos_scale_base,
-                               call.q.device)
     return LaunchArgs.build(
         None if t is None else t.near, None if t is None else t.far_q, None if t is None else t.far_k,
         None if t is None else t.far_q_both, nk=call.k.shape[1],
         explicit=call.q_positions is not None or call.k_positions is not None, causal=call.causal,
         window=call.window, rerope_window=call.rerope_window, q_sign=call.q_sign, sm_scale=call.kernel_scale,
-        logn_base=call.logn_base, xpos_rate=xpos_rate)
+        logn_base=call.logn_base, xpos_rate=_xpos_rate(call, per_pair=False))
 
 
 def _positions(call: AttentionCall):
@@ -119,10 +124,6 @@ class TritonBackend(Backend):
                                                           capacity(call.k_cache, call.block_table))
         status = _status_flag(q.device) if on_device else None
         t = call.tables
-        xpos_rate = None
-        if call.xpos_scale_base is not None:
-            xpos_rate = xpos_rates(q.shape[-1], t.near.rotary_dim, t.near.interleaved, call.xpos_scale_base, q.device,
-                                   per_pair=True)
         if call.k_new is not None:
             append_to_cache(call.k_cache, call.v_cache, call.k_new, call.v_new, call.cache_seqlens,
                             call.block_table, status=status)
@@ -131,7 +132,7 @@ class TritonBackend(Backend):
             n_new=n_new, status=status, block_table=call.block_table, q_far_tables=None if t is None else t.far_q,
             k_far_tables=None if t is None else t.far_k, causal=call.causal, window=call.window,
             softmax_scale=call.softmax_scale, rerope_window=call.rerope_window, rerope_leak=call.rerope_leak,
-            logn_base=call.logn_base, max_seqlen=max_seqlen, xpos_rate=xpos_rate)
+            logn_base=call.logn_base, max_seqlen=max_seqlen, xpos_rate=_xpos_rate(call, per_pair=True))
         if status is not None:
             torch._assert_async(status, "scaled_rope_attention_with_kvcache: cache_seqlens + Nnew outside "
                                         "0..capacity (or a page id outside the cache)")

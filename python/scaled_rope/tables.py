@@ -293,8 +293,9 @@ def xpos_rates(head_dim: int, rotary_dim: int, interleaved: bool, scale_base: fl
     pass-through columns, or per rotation pair (R/2,) with per_pair. The kernels weight pair i's term by
     2^(rate_i (P - Q)). Cached per arguments."""
     def make():
-        zeta = (2 * torch.arange(rotary_dim // 2, dtype=torch.float64) + 0.4 * rotary_dim) / (1.4 * rotary_dim)
-        rate = torch.log2(zeta) / scale_base
+        from .reference import xpos_zeta
+
+        rate = torch.log2(xpos_zeta(rotary_dim)) / scale_base
         if not per_pair:
             columns = torch.zeros(head_dim, dtype=torch.float64)
             columns[:rotary_dim] = rate.repeat_interleave(2) if interleaved else rate.repeat(2)
