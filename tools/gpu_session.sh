@@ -2,9 +2,9 @@
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
 # Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe-order]
 #        [smoke] [sanitize] [sass] [check-bwd] [ncu] [host-profile] [train-profile] [long-shapes] [model-logits]
-#        [model-profile]
+#        [model-profile] [probe-decode]
 # Environment: TEST_FILES (paths relative to the repo or absolute; default tests), TEST_WORKERS, TESTS_TIMEOUT,
-# BENCH_BUDGET, BENCH_LABEL, BENCH_ONLY, BENCH_MAX_N, LONG_SHAPES_TIMEOUT.
+# BENCH_BUDGET, BENCH_LABEL, BENCH_ONLY, BENCH_MAX_N, LONG_SHAPES_TIMEOUT, PROBE_DECODE_ARGS, PROBE_DECODE_TIMEOUT.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -56,6 +56,7 @@ for step in "$@"; do
     host-profile) timeout 150 python3 "$REPO/tools/host_profile.py" > "$OUT/host_profile.log" 2>&1; grep -E "^==" "$OUT/host_profile.log" ;;
     long-shapes) timeout "${LONG_SHAPES_TIMEOUT:-240}" python3 "$REPO/tools/check_long_shapes.py" 2>&1 | tee "$OUT/long_shapes.log" | tail -n 12 ;;
     model-logits) timeout 240 python3 "$REPO/tools/check_model_logits.py" 2>&1 | tee "$OUT/check_model_logits.log" | grep -v "^\[" ;;
+    probe-decode) timeout "${PROBE_DECODE_TIMEOUT:-300}" python3 "$REPO/tools/probe_decode.py" --out "$OUT" ${PROBE_DECODE_ARGS:-} 2>&1 | tee "$OUT/probe_decode.log" | grep -v "^    " ;;
     model-profile) timeout 150 python3 "$REPO/tools/profile_model_decode.py" > "$OUT/profile_model_decode.log" 2>&1; grep -A16 "^==" "$OUT/profile_model_decode.log" | cut -c1-160 ;;
     *) echo "unknown step $step" ;;
   esac
