@@ -265,8 +265,9 @@ def test_cuda_backends_backward_from_natural_lse(variant):
         assert (without_dlse[0] - grads[0]).abs().max() > 1e-3
 
 
-# xPos (docs/DESIGN.md §3.9): the kernels scale each tile's operands relative to the tile (the query rows by
-# 2^(rate (P - p0)), the keys by 2^(-rate j)); the reference weights each pair's term by zeta^(distance / base).
+# xPos (docs/DESIGN.md §3.9): the kernels scale the operands within 128-row periods (query row m by
+# 2^(rate (m mod 128)), key n by 2^(-rate (n mod 128))) and each tile pair by one weight per pair from the distance
+# of the periods; the reference weights each pair's term by zeta^(distance / base).
 @pytest.mark.parametrize("name", ["default", "yarn", "longrope", "dynamic_ntk"])
 def test_xpos_every_tile_kind(name):
     check(1, 45, 70, 2, 1, 32, torch.float32, schedules(32)[name], seed=30, xpos_scale_base=32.0)
@@ -276,6 +277,13 @@ def test_xpos_every_tile_kind(name):
 def test_xpos_layouts_partial_rotary_gqa_fp16(layout, rotary_dim):
     rope = schedules(48, rotary_dim=rotary_dim, layout=layout)["yarn"]
     check(2, 33, 50, 4, 2, 48, torch.float16, rope, seed=31, xpos_scale_base=64.0)
+
+
+def test_xpos_across_periods():
+    """Several 128-row periods on both sides, an offset Nk - Nq that is not a multiple of 128, decay down to 2^-60
+    over the far pairs (scale base 32) and a window: forward and gradients."""
+    check(1, 230, 333, 2, 1, 32, torch.float32, schedules(32)["longrope"], seed=34, xpos_scale_base=32.0)
+    check(1, 300, 300, 2, 2, 32, torch.float32, schedules(32)["default"], seed=35, xpos_scale_base=64.0, window=150)
 
 
 def test_xpos_window_logn_scale_sign_and_empty_rows():

@@ -3,7 +3,7 @@ inside CUDA graphs (what a compiled decode step sees), over the model shapes of 
 the B8 GQA shape, and sweep configs and split counts; also the host time of one plan call (the per-layer cost of
 an eager patched model) with a cProfile of it. Writes probe-decode-<date>-<gpu>.json (or --out).
 
-    python tools/probe_decode.py [--out DIR|PATH] [--sweep] [--shapes I,J] [--profile]
+    python tools/probe_decode.py [--out DIR|PATH] [--sweep all|I,J] [--shapes I,J] [--profile]
 
 Plain `bench_decode.py` times with CUDA events around each call: at B1 its kernel rows are host-bound (a plan is
 built per call) and time the launcher, not the kernel.
@@ -61,7 +61,8 @@ def host_us(fn, calls: int = 200) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--sweep", action="store_true", help="configs x split counts on every shape")
+    parser.add_argument("--sweep", default="", help="comma-separated indices into SHAPES to sweep configs x split "
+                        "counts on (all: every shape)")
     parser.add_argument("--shapes", default="", help="comma-separated indices into SHAPES (default all)")
     parser.add_argument("--profile", action="store_true", help="cProfile of 200 plan calls on the first shape")
     args = parser.parse_args()
@@ -84,6 +85,7 @@ def main() -> int:
     print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     rows, dev, dtype = [], "cuda", torch.bfloat16
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",") if i] or SHAPES
+    swept = SHAPES if args.sweep == "all" else [SHAPES[int(i)] for i in args.sweep.split(",") if i]
     for batch, ctx, hq, hkv, dim, model in shapes:
         torch.manual_seed(0)
         rope = longrope(dim)
@@ -119,7 +121,7 @@ def main() -> int:
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(18)
             print(text.getvalue(), flush=True)
-        if args.sweep:
+        if (batch, ctx, hq, hkv, dim, model) in swept:
             for block_n, warps, stages, maxnreg in CONFIGS:
                 cfg = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
                 if maxnreg:

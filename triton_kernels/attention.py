@@ -120,27 +120,24 @@ def _allowed(delta, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window):
     return ok
 
 
-@triton.jit
-def _xpos_factors(xrate, xq, distance):
-    """xPos's 2^(rate (P - p0)) for the query rows of a tile against a key tile starting at p0, its first row
-    `distance` positions after p0: xq holds 2^(rate r) for the rows r of a query tile (once per program), the
-    per-tile part is one BLOCK_D vector (rate = log2(zeta) / scale base per column, 0 off the rotation pairs)."""
-    return xq * tl.exp2(xrate * distance.to(tl.float32))[None, :]
+XPOS_PERIOD = tl.constexpr(128)  # xPos: operands come scaled within 128-row periods; every BLOCK_M / BLOCK_N divides it
 
 
 @triton.jit
-def _xpos_tables(XRate, offs_m, offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, XPOS: tl.constexpr):
-    """(rate per column, 2^(rate r) for the rows r of a query tile, 2^(-rate j) for the keys j of a key tile), made
-    once per program; placeholders without xPos."""
+def _xpos_vector(xrate, distance):
+    """xPos's per-pair weight 2^(rate distance) of a tile pair whose operands came scaled within their periods (q row
+    m by 2^(rate (m mod XPOS_PERIOD)), key n by 2^(-rate (n mod XPOS_PERIOD)): `scale_xpos_operands`): distance is
+    the query period's first position less the key period's first position, rate = log2(zeta) / scale base per
+    column (0 off the rotation pairs). One BLOCK_D vector per tile; <= 1 on allowed causal pairs up to one period."""
+    return tl.exp2(xrate * distance.to(tl.float32))[None, :]
+
+
+@triton.jit
+def _xpos_rates(XRate, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, XPOS: tl.constexpr):
+    """The per-column rates, loaded once per program; zeros without xPos."""
     if XPOS:
-        xrate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-        xq = tl.exp2(xrate[None, :] * offs_m[:, None].to(tl.float32))
-        xk = tl.exp2(-xrate[None, :] * offs_n[:, None].to(tl.float32))
-    else:
-        xrate = tl.zeros([BLOCK_D], dtype=tl.float32)
-        xq = xrate
-        xk = xrate
-    return xrate, xq, xk
+        return tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+    return tl.zeros([BLOCK_D], dtype=tl.float32)
 
 
 @triton.jit
@@ -151,7 +148,7 @@ def _scaled(x, factors):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn, stride_kfn,
-              stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr,
+              stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL: tl.constexpr,
               HAS_WINDOW: tl.constexpr,
               MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
@@ -164,8 +161,8 @@ def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_sca
     if (MODE == NEAR) or (MODE == BOTH) or (MODE == NEAR_PART):
         k_offs = start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
         k = _load_tile(K + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
-        if XPOS:  # keys by 2^(-rate j) for their offset j in the tile, queries by 2^(rate (P - start_n))
-            qk = tl.dot(_scaled(q, _xpos_factors(xrate, xq, tl.min(qpos, 0) - start_n)), tl.trans(_scaled(k, xk)),
+        if XPOS:  # x_base: the query period's first position
+            qk = tl.dot(_scaled(q, _xpos_vector(xrate, x_base - (start_n - start_n % XPOS_PERIOD))), tl.trans(k),
                         input_precision=DOT_PREC)
         else:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
@@ -204,7 +201,7 @@ def _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_sca
 
 @triton.jit
 def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn, stride_kfn, stride_vn,
-                 window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 window, rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  MODE: tl.constexpr,
                  MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
@@ -212,7 +209,7 @@ def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, 
     for t in range(lo, hi):
         start_n = t * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, start_n + offs_n, row_scale, Nk,
-                                  stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                  stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base,
                                   CAUSAL,
                                   HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
     return acc, l_i, m_i
@@ -220,7 +217,7 @@ def _fwd_segment(acc, l_i, m_i, q, q_far, K, K_far, V, lo, hi, qpos, row_scale, 
 
 @triton.jit
 def _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, first, last, qpos, row_scale, Nk, stride_kn, stride_vn, window,
-              rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               MODE: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
               XPOS: tl.constexpr):
@@ -229,15 +226,15 @@ def _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, first, last, qpos, row_s
     if HAS_WINDOW:
         acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(t_lo, first), tl.minimum(a, last), qpos,
                                      row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                     xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                     xrate, x_base, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N,
                                      DOT_PREC, XPOS)
     acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(a, first), tl.minimum(b, last), qpos,
                                  row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                 xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                                 xrate, x_base, CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
                                  XPOS)
     acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, tl.maximum(b, first), tl.minimum(t_hi, last), qpos,
                                  row_scale, Nk, stride_kn, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                 xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+                                 xrate, x_base, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
                                  XPOS)
     return acc, l_i, m_i
 
@@ -362,7 +359,7 @@ def _explicit_tile_kind(d_min, d_max, window, rerope_w, CAUSAL: tl.constexpr, HA
 
 @triton.jit
 def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m, qpos, kpos, Nq, stride_qm, stride_dom,
-                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                 sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, x_base,
                  CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, MASK: tl.constexpr, LOGN: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
@@ -378,8 +375,8 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
         delta_t = qpos[None, :] - kpos[:, None]
     if MODE != FAR:
         q = _load_tile(Q + q_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
-        if XPOS:  # k came scaled by 2^(-rate j); dk takes that factor at the end
-            q = _scaled(q, _xpos_factors(xrate, xq, tl.min(qpos, 0) - tl.min(kpos, 0)))
+        if XPOS:  # x_base: the key period's first position; dq and dk leave for the operand scaling's transpose
+            q = _scaled(q, _xpos_vector(xrate, tl.min(qpos, 0) - start_m % XPOS_PERIOD - x_base))
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
     if (MODE == FAR) or (MODE == BOTH):
         q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, MASK, HEAD_DIM, BLOCK_D)
@@ -425,7 +422,7 @@ def _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
 @triton.jit
 def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, hi, kpos, qoff, Nq, stride_qm,
                     stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                    xrate, xq, xk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
+                    xrate, x_base, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr,
                     MASK: tl.constexpr,
                     LOGN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
@@ -434,7 +431,7 @@ def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, h
         start_m = i * BLOCK_M
         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, start_m,
                                       qoff + start_m + offs_m, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk, CAUSAL,
+                                      inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, x_base, CAUSAL,
                                       HAS_WINDOW, MODE, MASK,
                                       LOGN, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
     return dk, dk_far, dv
@@ -443,7 +440,7 @@ def _bwd_kv_segment(dk, dk_far, dv, k, k_far, v, Q, Q_far, DO, Lse, Delta, lo, h
 @triton.jit
 def _bwd_kv_kind(dk, dv, k, v, Q, DO, Lse, Delta, i_lo, a, b, i_hi, first, last, kpos, qoff, Nq, stride_qm,
                  stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                 xrate, xq, xk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, LOGN: tl.constexpr,
+                 xrate, x_base, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MODE: tl.constexpr, LOGN: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
                  XPOS: tl.constexpr):
     """The query tiles first..last-1 of one product kind (k, Q: its operands, dk: its accumulator), in the
@@ -451,17 +448,17 @@ def _bwd_kv_kind(dk, dv, k, v, Q, DO, Lse, Delta, i_lo, a, b, i_hi, first, last,
     sequence tail)."""
     dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(i_lo, first),
                                       tl.minimum(a, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, x_base,
                                       CAUSAL, HAS_WINDOW,
                                       MODE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
     dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(a, first),
                                       tl.minimum(b, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, x_base,
                                       CAUSAL, HAS_WINDOW,
                                       MODE, False, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
     dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Q, Q, DO, Lse, Delta, tl.maximum(b, first),
                                       tl.minimum(i_hi, last), kpos, qoff, Nq, stride_qm, stride_dom, sm_scale,
-                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                                      sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, x_base,
                                       CAUSAL, HAS_WINDOW,
                                       MODE, True, LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
     return dk, dv
@@ -469,7 +466,7 @@ def _bwd_kv_kind(dk, dv, k, v, Q, DO, Lse, Delta, i_lo, a, b, i_hi, first, last,
 
 @triton.jit
 def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos, row_scale, Nk, stride_kn,
-                stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr,
+                stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL: tl.constexpr,
                 HAS_WINDOW: tl.constexpr,
                 MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
@@ -483,9 +480,8 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n
         delta = qpos[:, None] - kpos[None, :]
     if MODE != FAR:
         k = _load_tile(K + k_offs, cols, Nk, offs_d, MASK, HEAD_DIM, BLOCK_D)
-        if XPOS:  # as in the forward; dq takes the query factors per tile
-            q_factors = _xpos_factors(xrate, xq, tl.min(qpos, 0) - start_n)
-            k = _scaled(k, xk)
+        if XPOS:  # as in the forward; dq takes the tile's weights
+            q_factors = _xpos_vector(xrate, x_base - (start_n - start_n % XPOS_PERIOD))
             s = tl.dot(_scaled(q, q_factors), tl.trans(k), input_precision=DOT_PREC)
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
@@ -522,7 +518,7 @@ def _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n
 
 @triton.jit
 def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, hi, qpos, row_scale, Nk, stride_kn,
-                   stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr,
+                   stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL: tl.constexpr,
                    HAS_WINDOW: tl.constexpr,
                    MODE: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
@@ -530,14 +526,14 @@ def _bwd_q_segment(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, lo, 
         start_n = t * BLOCK_N
         dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
                                  start_n + offs_n, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                 offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC,
+                                 offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, MODE, MASK, HEAD_DIM, BLOCK_D, DOT_PREC,
                                  XPOS)
     return dq, dq_far
 
 
 @triton.jit
 def _bwd_q_kind(dq, q, do, lse, lse_lo, dlt, K, V, t_lo, a, b, t_hi, first, last, qpos, row_scale, Nk, stride_kn,
-                stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL: tl.constexpr,
+                stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL: tl.constexpr,
                 HAS_WINDOW: tl.constexpr,
                 MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PREC: tl.constexpr, XPOS: tl.constexpr):
@@ -546,16 +542,16 @@ def _bwd_q_kind(dq, q, do, lse, lse_lo, dlt, K, V, t_lo, a, b, t_hi, first, last
     if HAS_WINDOW:
         dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(t_lo, first),
                                      tl.minimum(a, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                     offs_n, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D,
+                                     offs_n, offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D,
                                      BLOCK_N,
                                      DOT_PREC, XPOS)
     dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(a, first),
                                  tl.minimum(b, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                 offs_n, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D,
+                                 offs_n, offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, MODE, False, HEAD_DIM, BLOCK_D,
                                  BLOCK_N, DOT_PREC, XPOS)
     dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, tl.maximum(b, first),
                                  tl.minimum(t_hi, last), qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w,
-                                 offs_n, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D,
+                                 offs_n, offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, MODE, True, HEAD_DIM, BLOCK_D,
                                  BLOCK_N, DOT_PREC, XPOS)
     return dq
 
@@ -665,7 +661,10 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, XRate, stride_q
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
     tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
-    xrate, xq, xk = _xpos_tables(XRate, offs_m, offs_n, offs_d, HEAD_DIM, BLOCK_D, XPOS)
+    tl.static_assert(not XPOS or (XPOS_PERIOD % BLOCK_M == 0 and XPOS_PERIOD % BLOCK_N == 0),
+                     "xPos needs tiles that divide its period")
+    xrate = _xpos_rates(XRate, offs_d, HEAD_DIM, BLOCK_D, XPOS)
+    x_base = Nk - Nq + start_m - start_m % XPOS_PERIOD  # xPos: the query period's first position (default positions)
 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
@@ -698,18 +697,18 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, XRate, stride_q
             if kind == NEAR:
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
                                           stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate,
-                                          xq, xk, CAUSAL,
+                                          x_base, CAUSAL,
                                           HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
             if REROPE:
                 if kind == FAR:
                     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
                                               stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                              xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
+                                              xrate, x_base, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
                                               DOT_PREC, XPOS)
                 if kind == BOTH:
                     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, q_far, K, K_far, V, start_n, qpos, kpos, row_scale, Nk,
                                               stride_kn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d,
-                                              xrate, xq, xk, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
+                                              xrate, x_base, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
                                               DOT_PREC, XPOS)
     else:
         p_lo, p_hi = _row_bounds(start_m, Nq, BLOCK_M, Nk - Nq)
@@ -724,26 +723,26 @@ def _attn_fwd(Q, K, V, Q_far, K_far, Out, Lse, Lse2, QPos, KPos, XRate, stride_q
             s_hi = tl.minimum(t_hi, t_near)
             q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
             acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q_far, K_far, V, t_lo, a, b, t_hi, t_lo, t_far, qpos, row_scale,
-                                      Nk, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                      Nk, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base,
                                       CAUSAL, HAS_WINDOW,
                                       FAR, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
             acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q_far, q_far, K_far, K_far, V, s_lo, s_hi, qpos, row_scale, Nk,
                                          stride_kfn, stride_kfn, stride_vn, window, rerope_w, offs_n, offs_d, xrate,
-                                         xq, xk, CAUSAL,
+                                         x_base, CAUSAL,
                                          HAS_WINDOW, FAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
             q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
             acc, l_i, m_i = _fwd_segment(acc, l_i, m_i, q, q, K, K, V, s_lo, s_hi, qpos, row_scale, Nk, stride_kn,
-                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base,
                                          CAUSAL, HAS_WINDOW,
                                          NEAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
             acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, t_near, t_hi, qpos, row_scale, Nk,
-                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL,
+                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL,
                                       HAS_WINDOW, NEAR,
                                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
         else:
             q = _load_tile(Q + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
             acc, l_i, m_i = _fwd_kind(acc, l_i, m_i, q, K, V, t_lo, a, b, t_hi, t_lo, t_hi, qpos, row_scale, Nk,
-                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL,
+                                      stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL,
                                       HAS_WINDOW, NEAR,
                                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
 
@@ -809,7 +808,10 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
     offs_d = tl.arange(0, BLOCK_D)
     cols = start_n + offs_n
     tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
-    xrate, xq, xk = _xpos_tables(XRate, offs_m, offs_n, offs_d, HEAD_DIM, BLOCK_D, XPOS)
+    tl.static_assert(not XPOS or (XPOS_PERIOD % BLOCK_M == 0 and XPOS_PERIOD % BLOCK_N == 0),
+                     "xPos needs tiles that divide its period")
+    xrate = _xpos_rates(XRate, offs_d, HEAD_DIM, BLOCK_D, XPOS)
+    x_base = start_n - start_n % XPOS_PERIOD  # xPos: the key period's first position
 
     k_offs = off_b * stride_kb + off_hk * stride_kh + start_n.to(tl.int64) * stride_kn \
         + (offs_n[:, None] * stride_kn + offs_d[None, :])
@@ -846,7 +848,7 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                 if kind == NEAR:
                     dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah, start_m,
                                                   qpos, kpos, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                                  inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk,
+                                                  inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, x_base,
                                                   CAUSAL, HAS_WINDOW,
                                                   NEAR, True, LOGN, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
                 if REROPE:
@@ -854,13 +856,13 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
                                                       start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
                                                       sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                                      xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM,
+                                                      xrate, x_base, CAUSAL, HAS_WINDOW, FAR, True, LOGN, HEAD_DIM,
                                                       BLOCK_D, DOT_PREC, XPOS)
                     if kind == BOTH:
                         dk, dk_far, dv = _bwd_kv_tile(dk, dk_far, dv, k, k_far, v, Qh, Qh_far, DOh, Lseh, Deltah,
                                                       start_m, qpos, kpos, Nq, stride_qm, stride_dom, sm_scale,
                                                       sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m, offs_d,
-                                                      xrate, xq, xk, CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM,
+                                                      xrate, x_base, CAUSAL, HAS_WINDOW, BOTH, True, LOGN, HEAD_DIM,
                                                       BLOCK_D,
                                                       DOT_PREC, XPOS)
         if REROPE:
@@ -884,13 +886,13 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                                                         stride_qb, stride_qh, stride_dob, stride_doh)
                 dk_far, dv = _bwd_kv_kind(dk_far, dv, k_far, v, Qh_far, DOh, Lseh, Deltah, i_lo, a, b, i_hi, i_far,
                                           i_hi, kpos, qoff, Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2,
-                                          inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, xq, xk, CAUSAL,
+                                          inv_ln_logn, window, rerope_w, offs_m, offs_d, xrate, x_base, CAUSAL,
                                           HAS_WINDOW, NEAR,
                                           LOGN, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
                 dk_far, dk_same, dv = _bwd_kv_segment(dk_far, dk_far, dv, k_far, k_far, v, Qh_far, Qh_far, DOh, Lseh,
                                                       Deltah, s_lo, s_hi, kpos, qoff, Nq, stride_qm, stride_dom,
                                                       sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w, offs_m,
-                                                      offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR_PART, True, LOGN,
+                                                      offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, FAR_PART, True, LOGN,
                                                       HEAD_DIM,
                                                       BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
             _store_tile(DK_far + dk_offs, (dk_far * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM,
@@ -899,8 +901,6 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
         else:
             first_near = i_hi
         k = _load_tile(K + k_offs, cols, Nk, offs_d, True, HEAD_DIM, BLOCK_D)
-        if XPOS:
-            k = _scaled(k, xk)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, GROUP):
             Qh, DOh, Lseh, Deltah = _group_head(Q, DO, Lse, Delta, off_b, off_hk, g, GROUP, H, Nq, stride_qb,
@@ -909,16 +909,14 @@ def _attn_bwd_dkdv(Q, K, V, Q_far, K_far, DO, Lse, Delta, DK, DK_far, DV, QPos, 
                 dk, dk_same, dv = _bwd_kv_segment(dk, dk, dv, k, k, v, Qh, Qh, DOh, Lseh, Deltah,
                                                   tl.maximum(i_lo, i_near), tl.minimum(i_hi, i_far), kpos, qoff, Nq,
                                                   stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window,
-                                                  rerope_w, offs_m, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW,
+                                                  rerope_w, offs_m, offs_d, xrate, x_base, CAUSAL, HAS_WINDOW,
                                                   NEAR_PART, True, LOGN,
                                                   HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC, XPOS)
             dk, dv = _bwd_kv_kind(dk, dv, k, v, Qh, DOh, Lseh, Deltah, i_lo, a, b, i_hi, i_lo, first_near, kpos, qoff,
                                   Nq, stride_qm, stride_dom, sm_scale, sm_scale_log2, inv_ln_logn, window, rerope_w,
-                                  offs_m, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, NEAR, LOGN, HEAD_DIM, BLOCK_D,
+                                  offs_m, offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, NEAR, LOGN, HEAD_DIM, BLOCK_D,
                                   BLOCK_M,
                                   DOT_PREC, XPOS)
-        if XPOS:
-            dk = dk * xk
 
     _store_tile(DK + dk_offs, (dk * ds_scale).to(DK.dtype.element_ty), cols, Nk, offs_d, HEAD_DIM, BLOCK_D)
     dv_offs = off_b * stride_dvb + off_hk * stride_dvh + start_n.to(tl.int64) * stride_dvn \
@@ -942,7 +940,10 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
     tl.static_assert(not (XPOS and (EXPLICIT or REROPE)), "xPos runs with default positions and no ReRoPE")
-    xrate, xq, xk = _xpos_tables(XRate, offs_m, offs_n, offs_d, HEAD_DIM, BLOCK_D, XPOS)
+    tl.static_assert(not XPOS or (XPOS_PERIOD % BLOCK_M == 0 and XPOS_PERIOD % BLOCK_N == 0),
+                     "xPos needs tiles that divide its period")
+    xrate = _xpos_rates(XRate, offs_d, HEAD_DIM, BLOCK_D, XPOS)
+    x_base = Nk - Nq + start_m - start_m % XPOS_PERIOD  # xPos: the query period's first position (default positions)
 
     q_offs = off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm \
         + (offs_m[:, None] * stride_qm + offs_d[None, :])
@@ -983,18 +984,18 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
             if kind == NEAR:
                 dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos, kpos,
                                          row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate,
-                                         xq, xk, CAUSAL,
+                                         x_base, CAUSAL,
                                          HAS_WINDOW, NEAR, True, HEAD_DIM, BLOCK_D, DOT_PREC, XPOS)
             if REROPE:
                 if kind == FAR:
                     dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
                                              kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                             offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
+                                             offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, FAR, True, HEAD_DIM, BLOCK_D,
                                              DOT_PREC, XPOS)
                 if kind == BOTH:
                     dq, dq_far = _bwd_q_tile(dq, dq_far, q, q_far, do, lse, lse_lo, dlt, K, K_far, V, start_n, qpos,
                                              kpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                             offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
+                                             offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, BOTH, True, HEAD_DIM, BLOCK_D,
                                              DOT_PREC, XPOS)
         if REROPE:
             _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
@@ -1011,12 +1012,12 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
             q_far = _load_tile(Q_far + q_offs, rows, Nq, offs_d, True, HEAD_DIM, BLOCK_D)
             dq_far = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             dq_far = _bwd_q_kind(dq_far, q_far, do, lse, lse_lo, dlt, K_far, V, t_lo, a, b, t_hi, t_lo, t_far, qpos,
-                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                 row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base,
                                  CAUSAL,
                                  HAS_WINDOW, NEAR, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
             dq_far, dq_same = _bwd_q_segment(dq_far, dq_far, q_far, q_far, do, lse, lse_lo, dlt, K_far, K_far, V, s_lo,
                                              s_hi, qpos, row_scale, Nk, stride_kn, stride_vn, window, rerope_w, offs_n,
-                                             offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW, FAR_PART, True, HEAD_DIM,
+                                             offs_d, xrate, x_base, CAUSAL, HAS_WINDOW, FAR_PART, True, HEAD_DIM,
                                              BLOCK_D, BLOCK_N,
                                              DOT_PREC, XPOS)
             _store_tile(DQ_far + dq_offs, (dq_far * ds_scale[:, None]).to(DQ.dtype.element_ty), rows, Nq, offs_d,
@@ -1028,11 +1029,11 @@ def _attn_bwd_dq(Q, K, V, Q_far, K_far, DO, Lse, Delta, DQ, DQ_far, QPos, KPos, 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if REROPE:
             dq, dq_same = _bwd_q_segment(dq, dq, q, q, do, lse, lse_lo, dlt, K, K, V, s_lo, s_hi, qpos, row_scale, Nk,
-                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk,
+                                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base,
                                          CAUSAL, HAS_WINDOW,
                                          NEAR_PART, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
         dq = _bwd_q_kind(dq, q, do, lse, lse_lo, dlt, K, V, t_lo, a, b, t_hi, first_near, t_hi, qpos, row_scale, Nk,
-                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, xq, xk, CAUSAL, HAS_WINDOW,
+                         stride_kn, stride_vn, window, rerope_w, offs_n, offs_d, xrate, x_base, CAUSAL, HAS_WINDOW,
                          NEAR, HEAD_DIM,
                          BLOCK_D, BLOCK_N, DOT_PREC, XPOS)
 
@@ -1180,6 +1181,23 @@ def _forward_operands(q, k, q_pos, k_pos, launch: LaunchArgs):
     return signed(q_near, q, launch.q_sign), k_near, signed(q_far, q, launch.q_sign), k
 
 
+def _xpos_period_factors(rate: torch.Tensor, n: int, sign: float) -> torch.Tensor:
+    """float32 (n, head_dim): 2^(sign rate (i mod XPOS_PERIOD)) for the rows i of an operand."""
+    period = XPOS_PERIOD.value
+    steps = torch.arange(period, device=rate.device, dtype=torch.float32)
+    table = torch.exp2(sign * steps[:, None] * rate[None, :])
+    return table[torch.arange(n, device=rate.device) % period]
+
+
+def scale_xpos_operands(q_r: torch.Tensor, k_r: torch.Tensor, rate: torch.Tensor) -> None:
+    """xPos, in place on the rotated scratch operands (B, N, H, D): query row m times 2^(rate (m mod XPOS_PERIOD)),
+    key n times 2^(-rate (n mod XPOS_PERIOD)), so that a tile pair needs one weight vector (`_xpos_vector`) and the
+    keys enter the products as loaded. Every factor lies within 2^(|rate| XPOS_PERIOD) of 1. The backward applies
+    the same to the gradients of the scaled operands (the scaling is its own transpose)."""
+    q_r.mul_(_xpos_period_factors(rate, q_r.shape[1], 1.0)[None, :, None, :])
+    k_r.mul_(_xpos_period_factors(rate, k_r.shape[1], -1.0)[None, :, None, :])
+
+
 def _pos_args(positions, explicit: bool, dummy: torch.Tensor):
     if explicit:
         return positions, positions.stride(0), positions.stride(1)
@@ -1200,6 +1218,8 @@ def forward(q, k, v, q_pos, k_pos, launch: LaunchArgs):
     if nk == 0:
         return out.zero_(), lse.fill_(float("-inf")), lse2
     q_r, k_r, q_f, k_f = _forward_operands(q, k, q_pos, k_pos, launch)
+    if launch.xpos_rate is not None:  # no ReRoPE: q_f, k_f are q_r, k_r
+        scale_xpos_operands(q_r, k_r, launch.xpos_rate)
     qp, stride_qpb, stride_qpn = _pos_args(q_pos, launch.explicit, q_r)
     kp, stride_kpb, stride_kpn = _pos_args(k_pos, launch.explicit, q_r)
     n_bucket = _length_bucket(nq, nk)
@@ -1242,6 +1262,8 @@ def backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, launch: LaunchArgs):
         nq, heads, HAS_DLSE=has_dlse, HEAD_DIM=dim, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block_m)
 
     q_r, k_r, q_f, k_f = _rotate_inputs(q, k, q_pos, k_pos, launch)
+    if launch.xpos_rate is not None:
+        scale_xpos_operands(q_r, k_r, launch.xpos_rate)
     qp, stride_qpb, stride_qpn = _pos_args(q_pos, launch.explicit, q_r)
     kp, stride_kpb, stride_kpn = _pos_args(k_pos, launch.explicit, q_r)
 
@@ -1287,6 +1309,8 @@ def backward(do, dlse, q, k, v, out, lse2, q_pos, k_pos, launch: LaunchArgs):
         if launch.rerope:
             dq_f.mul_(launch.q_sign)
 
+    if launch.xpos_rate is not None:  # gradients of the scaled operands -> of the rotated ones
+        scale_xpos_operands(dq_r, dk_r, launch.xpos_rate)
     dq = _unrotate(dq_r, dq_f, q, q_pos, launch.tables, launch.q_far_tables, launch.rerope)
     dk = _unrotate(dk_r, dk_f, k, k_pos, launch.tables, launch.k_far_tables, launch.rerope)
     return dq, dk, dv
