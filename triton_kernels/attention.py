@@ -135,9 +135,10 @@ def _xpos_vector(xrate, distance):
 @triton.jit
 def _xpos_rates(XRate, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, XPOS: tl.constexpr):
     """The per-column rates, loaded once per program; zeros without xPos."""
+    rate = tl.zeros([BLOCK_D], dtype=tl.float32)
     if XPOS:
-        return tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
-    return tl.zeros([BLOCK_D], dtype=tl.float32)
+        rate = tl.load(XRate + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+    return rate
 
 
 @triton.jit
