@@ -16,7 +16,6 @@ import io
 import platform
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,16 +47,6 @@ def graph_ms(fn) -> float | None:
         return None
 
 
-def host_us(fn, calls: int = 200) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
@@ -75,8 +64,7 @@ def main() -> int:
     from scaled_rope.tables import build_tables
     from scaled_rope.triton_kernels.decode import DecodePlan
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from bench_decode import eager_rotate, longrope, sdpa
+    from bench_decode import eager_rotate, host_time_us, longrope, sdpa
 
     gpu = torch.cuda.get_device_name()
     env = {"gpu": gpu, "sms": torch.cuda.get_device_properties(0).multi_processor_count, "torch": torch.__version__,
@@ -102,10 +90,10 @@ def main() -> int:
         sdpa_ms = graph_ms(lambda: sdpa(q, k_rot, v_cache))
         ours_ms = graph_ms(lambda: plan(q, k_cache, v_cache))
         rows.append(dict(base, method="sdpa default (prerotated), graph", ms=sdpa_ms,
-                         host_us=host_us(lambda: sdpa(q, k_rot, v_cache))))
+                         host_us=host_time_us(lambda: sdpa(q, k_rot, v_cache), calls=200)))
         rows.append(dict(base, method="ours plan, graph", ms=ours_ms, num_splits=plan.num_splits,
                          config={k: plan.constexprs.get(k) for k in ("BLOCK_N", "num_warps", "num_stages", "maxnreg")},
-                         host_us=host_us(lambda: plan(q, k_cache, v_cache))))
+                         host_us=host_time_us(lambda: plan(q, k_cache, v_cache), calls=200)))
         ratio = f"{sdpa_ms / ours_ms:.2f}x" if sdpa_ms and ours_ms else "n/a"
         us = lambda ms: f"{ms * 1e3:.1f}" if ms else "n/a"  # noqa: E731
         print(f"{shape}: sdpa {us(sdpa_ms)} us, ours {us(ours_ms)} us "
