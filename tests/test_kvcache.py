@@ -583,3 +583,35 @@ def test_gpu_api_has_no_host_sync_and_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, expected)
+
+
+@gpu
+def test_gpu_plan_reuse_launches_directly_and_keeps_alignment_checks():
+    """A DecodePlan's later calls launch the kernel its first call compiled (no JIT call); they still match the
+    reference on fresh tensors, and a q or cache that is not 16-byte aligned (compiled under another
+    specialisation) takes the JIT call and is still right."""
+    from scaled_rope.tables import build_tables
+    from scaled_rope.triton_kernels.decode import DecodePlan
+
+    rope = longrope(128, original=1024)
+    first = Case([900, 2000], hq=16, hkv=4, dim=128, dtype=torch.bfloat16, device="cuda", seed=115)
+    tables = build_tables(rope, 2, "cuda", seq_lens=first.cache_seqlens)
+    plan = DecodePlan(first.q, first.k_cache, first.v_cache, first.cache_seqlens, tables)
+    plan(first.q, first.k_cache, first.v_cache)
+    assert plan._launch is not None, "no direct launcher on this Triton: the plan makes a JIT call every time"
+    for seed in (116, 117):  # same shapes and lengths (the plan's own seqlens), other tensors
+        case = Case([900, 2000], hq=16, hkv=4, dim=128, dtype=torch.bfloat16, device="cuda", seed=seed)
+        out, lse = plan(case.q, case.k_cache, case.v_cache)
+        gold, base = case.expected(rope, GOLD_DTYPE[case.dtype]), case.expected(rope, case.dtype)
+        assert_close_to_gold("out", out, gold[0], base[0], case.dtype)
+        assert_close_to_gold("lse", lse, gold[1], base[1], case.dtype)
+    # q at an odd element offset: same shape and strides, another pointer alignment
+    case = Case([900, 2000], hq=16, hkv=4, dim=128, dtype=torch.bfloat16, device="cuda", seed=118)
+    storage = torch.empty(case.q.numel() + 1, dtype=case.q.dtype, device="cuda")
+    shifted = storage[1:].view(case.q.shape)
+    shifted.copy_(case.q)
+    assert shifted.data_ptr() % 16 and shifted.stride() == case.q.stride()
+    out, lse = plan(shifted, case.k_cache, case.v_cache)
+    gold, base = case.expected(rope, GOLD_DTYPE[case.dtype]), case.expected(rope, case.dtype)
+    assert_close_to_gold("out", out, gold[0], base[0], case.dtype)
+    assert_close_to_gold("lse", lse, gold[1], base[1], case.dtype)

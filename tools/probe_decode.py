@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import platform
 import pstats
 import sys
@@ -94,12 +95,17 @@ def main() -> int:
         rows.append(dict(base, method="ours plan, graph", ms=ours_ms, num_splits=plan.num_splits,
                          config={k: plan.constexprs.get(k) for k in ("BLOCK_N", "num_warps", "num_stages", "maxnreg")},
                          host_us=host_time_us(lambda: plan(q, k_cache, v_cache), calls=200)))
+        os.environ["SCALED_ROPE_JIT_LAUNCH"] = "1"  # the same plan launched through Triton's JIT call every time
+        jit_plan = DecodePlan(q, k_cache, v_cache, seqlens, tables, max_seqlen=ctx)
+        jit_us = host_time_us(lambda: jit_plan(q, k_cache, v_cache), calls=200)
+        del os.environ["SCALED_ROPE_JIT_LAUNCH"]
+        rows.append(dict(base, method="ours plan, JIT launch, host only", host_us=jit_us))
         ratio = f"{sdpa_ms / ours_ms:.2f}x" if sdpa_ms and ours_ms else "n/a"
         us = lambda ms: f"{ms * 1e3:.1f}" if ms else "n/a"  # noqa: E731
         print(f"{shape}: sdpa {us(sdpa_ms)} us, ours {us(ours_ms)} us "
               f"({plan.num_splits} splits) = {ratio} sdpa; KV {kv_bytes / 1e6:.0f} MB; host per plan call "
-              f"{rows[-1]['host_us']:.1f} us, sdpa {rows[-2]['host_us']:.1f} us", flush=True)
-        if args.profile and len(rows) == 2:
+              f"{rows[-2]['host_us']:.1f} us (JIT launch {jit_us:.1f}), sdpa {rows[-3]['host_us']:.1f} us", flush=True)
+        if args.profile and len(rows) == 3:
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(200):

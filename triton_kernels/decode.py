@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty, kept
-from .._env import triton_interpret
+from .._env import direct_launch, triton_interpret
 from ._host import cdiv, next_power_of_2
 from .rope import rope_cos_sin
 
@@ -652,6 +652,7 @@ class DecodePlan:
         self.out_shape, self.lse_shape = tuple(q.shape), (B, n_heads, n_q)
         self.part_shape = (B, n_q, n_heads, num_splits, head_dim)
         self.counter_size = B * n_kv * n_m_blocks
+        self._launch, self._constexpr_values = None, ()  # set by the first call (`_direct_launcher`)
         # tensors and integers in the kernel's argument order; None marks the per-call tensors
         self.head = [None, None, None, seqlens, block_table if paged else seqlens,
                      turns, turns_un, factor, turns_qf, offset_qf, turns_kf,
@@ -700,9 +701,37 @@ class DecodePlan:
         else:
             part = (out, lse, self.status, self.status, out, lse, *out_strides, *lse_strides, *out.stride(),
                     *lse.stride())
-        _decode_kernel[self.grid](q, k_cache, v_cache, *self.head[3:], *part[:6], *self.strides[:12],
-                                  *self.strides[12:], *part[6:], *self.scalars, **self.constexprs)
+        args = (q, k_cache, v_cache, *self.head[3:], *part[:6], *self.strides, *part[6:], *self.scalars)
+        aligned = (q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()) % 16 == 0
+        if self._launch is not None and aligned:
+            self._launch(*args, *self._constexpr_values)
+            return out, lse
+        compiled = _decode_kernel[self.grid](*args, **self.constexprs)
+        if aligned and direct_launch():
+            self._launch, self._constexpr_values = _direct_launcher(compiled, self.grid, len(args), self.constexprs)
         return out, lse
+
+
+def _direct_launcher(compiled, grid, n_runtime_args: int, constexprs: dict):
+    """(the compiled kernel's own launcher for this grid, the values that follow the runtime arguments), or (None,
+    ()). Triton's JIT call spends ~10-30 us of Python per launch on binding ~50 arguments, working out their
+    specialisation and looking up the kernel; a plan's arguments keep one specialisation (its integers are fixed,
+    its buffers are fresh allocations, q and the caches are checked for 16-byte alignment at each call), so later
+    calls launch what the first call compiled directly. (None, ()) (the JIT call every time) under the
+    interpreter, or when this Triton's launcher does not take the kernel's parameters as the runtime arguments
+    followed by the constexprs (all of them, as Triton 3.3+ does, or none)."""
+    names = list(getattr(_decode_kernel, "arg_names", ()))
+    tail = names[n_runtime_args:]
+    signature = getattr(getattr(compiled, "src", None), "signature", None)
+    if not hasattr(compiled, "__getitem__") or signature is None or not all(name in constexprs for name in tail):
+        return None, ()
+    if len(signature) == len(names):
+        values = tuple(constexprs[name] for name in tail)
+    elif len(signature) == n_runtime_args:
+        values = ()
+    else:
+        return None, ()
+    return compiled[grid], values
 
 
 def decode_attention(q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=None, block_table=None,

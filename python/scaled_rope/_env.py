@@ -27,6 +27,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def direct_launch() -> bool:
+    """SCALED_ROPE_JIT_LAUNCH=1: a DecodePlan launches through Triton's JIT call every time instead of the compiled
+    kernel's own launcher after its first call (measurements of the launch's host cost)."""
+    return not _flag(os.environ.get("SCALED_ROPE_JIT_LAUNCH"))
+
+
 def poison_outputs() -> bool:
     """SCALED_ROPE_POISON=1: kernel outputs start as NaN, so an element a kernel forgets to write fails a test."""
     return os.environ.get("SCALED_ROPE_POISON") == "1"
