@@ -249,6 +249,26 @@ def test_window_sets_the_split_count_by_the_window():
 
 
 @needs_triton
+def test_plan_called_again_merges_its_splits_again():
+    """A plan's split counters are its own, reset by each launch's merging programs: later calls (a model step's
+    other layers) merge as the first did."""
+    from scaled_rope.tables import build_tables
+    from scaled_rope.triton_kernels.decode import DecodePlan
+
+    case = Case([70, 130], seed=32)
+    rope = longrope(64)
+    tables = build_tables(rope, 2, case.q.device, seq_lens=case.cache_seqlens)
+    plan = DecodePlan(case.q, case.k_cache, case.v_cache, case.cache_seqlens, tables, num_splits=3,
+                      config={"BLOCK_N": 16})
+    first = plan(case.q, case.k_cache, case.v_cache)
+    for _ in range(2):
+        again = plan(case.q, case.k_cache, case.v_cache)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    gold, base = case.expected(rope, GOLD_DTYPE[case.dtype]), case.expected(rope, case.dtype)
+    assert_close_to_gold("out", first[0], gold[0], base[0], case.dtype)
+
+
+@needs_triton
 def test_paged_and_contiguous_agree():
     from scaled_rope.tables import build_tables
     from scaled_rope.triton_kernels.decode import decode_attention

@@ -13,8 +13,8 @@ all-near, exact per-element rotation below LongRoPE's n_hat), each a compile-tim
 are the row's own (LongRoPE short/long set or dynamic NTK base picked from the row's length by `build_tables`), so
 nothing in the cache depends on them. Scores are sums of partial dots: the two halves of the pairs plus the
 pass-through dims. With several splits each program writes its partial output with its running max and sum, and the
-last split of a row to finish merges them (`_merge_rows`, counted on a zeroed counter per row): one attention
-launch per call whatever the split count.
+last split of a row to finish merges them (`_merge_rows`, counted on a counter per row that the merging program
+resets to zero for the plan's next launch): one attention launch per call whatever the split count.
 """
 from __future__ import annotations
 
@@ -429,6 +429,7 @@ def _decode_kernel(
         tl.debug_barrier()
         counter = COUNTER + (b * tl.num_programs(1) + pid_h) * n_m_blocks + m_block
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            tl.store(counter, 0)  # every split has counted: ready for the plan's next launch
             _merge_rows(OUT, LSE, OUT_FINAL, LSE_FINAL, b64, tok, head, row_valid, dcol, d_mask,
                         stride_ob, stride_om, stride_oh, stride_os, stride_od,
                         stride_lb, stride_lh, stride_lm, stride_ls, stride_lx,
@@ -605,7 +606,8 @@ class DecodePlan:
     the argument list), made once and launched many times: every layer of a model's decode step has the same
     shapes, so a step builds one plan and each layer only swaps q, k_cache and v_cache (`plan(q, k_cache,
     v_cache)`). A call with other shapes or strides than the plan's raises ValueError. Arguments as for
-    `decode_attention`; the tables, seqlens, block_table and status tensors are the plan's own."""
+    `decode_attention`; the tables, seqlens, block_table and status tensors are the plan's own, and so are the
+    split counters: a plan's calls must not run concurrently (on two streams at once)."""
 
     def __init__(self, q, k_cache, v_cache, seqlens, tables, *, n_new=0, status=None, block_table=None,
                  q_far_tables=None, k_far_tables=None, causal=True, window=None, softmax_scale=None,
@@ -651,7 +653,10 @@ class DecodePlan:
         self.grid = (num_splits, n_kv, B * n_m_blocks)
         self.out_shape, self.lse_shape = tuple(q.shape), (B, n_heads, n_q)
         self.part_shape = (B, n_q, n_heads, num_splits, head_dim)
-        self.counter_size = B * n_kv * n_m_blocks
+        # the split counters: zero between launches (each merging program resets its own), so calls take no
+        # memset; calls of one plan must not overlap (one stream, or one CUDA graph)
+        self.counter = torch.zeros(B * n_kv * n_m_blocks, dtype=torch.int32, device=q.device) \
+            if num_splits > 1 else None
         self._launch, self._constexpr_values = None, ()  # set by the first call (`_direct_launcher`)
         # tensors and integers in the kernel's argument order; None marks the per-call tensors
         self.head = [None, None, None, seqlens, block_table if paged else seqlens,
@@ -692,10 +697,7 @@ class DecodePlan:
         if self.num_splits > 1:
             o_part = empty(self.part_shape, torch.float32, device)
             l_part = empty((*self.part_shape[:4], 2), torch.float32, device)  # (max, sum) per split
-            # the split counters start at zero; a fresh buffer per call keeps no state between calls, so a call is
-            # the same inside a CUDA-graph capture, a cudagraph-tree warm-up or on concurrent streams
-            counter = torch.zeros(self.counter_size, dtype=torch.int32, device=device)
-            part = (o_part, l_part, self.status, counter, out, lse,
+            part = (o_part, l_part, self.status, self.counter, out, lse,
                     *o_part.stride(), l_part.stride(0), l_part.stride(2), l_part.stride(1), l_part.stride(3),
                     l_part.stride(4), *out.stride(), *lse.stride())
         else:
