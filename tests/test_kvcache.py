@@ -607,8 +607,8 @@ def test_gpu_api_has_no_host_sync_and_captures_in_a_cuda_graph():
 
 @gpu
 def test_gpu_plan_reuse_launches_directly_and_keeps_alignment_checks():
-    """A DecodePlan's later calls launch the kernel its first call compiled (no JIT call); they still match the
-    reference on fresh tensors, and a q or cache that is not 16-byte aligned (compiled under another
+    """A DecodePlan's later calls, and later plans of the same specialisation, launch the kernel its first call
+    compiled (no JIT call); they still match the reference on fresh tensors, and a q or cache that is not 16-byte aligned (compiled under another
     specialisation) takes the JIT call and is still right."""
     from scaled_rope.tables import build_tables
     from scaled_rope.triton_kernels.decode import DecodePlan
@@ -625,6 +625,9 @@ def test_gpu_plan_reuse_launches_directly_and_keeps_alignment_checks():
         gold, base = case.expected(rope, GOLD_DTYPE[case.dtype]), case.expected(rope, case.dtype)
         assert_close_to_gold("out", out, gold[0], base[0], case.dtype)
         assert_close_to_gold("lse", lse, gold[1], base[1], case.dtype)
+    # a later plan of the same specialisation (a model's next decode step) starts with that launcher
+    later = DecodePlan(first.q, first.k_cache, first.v_cache, first.cache_seqlens, tables)
+    assert later._launch is plan._launch
     # q at an odd element offset: same shape and strides, another pointer alignment
     case = Case([900, 2000], hq=16, hkv=4, dim=128, dtype=torch.bfloat16, device="cuda", seed=118)
     storage = torch.empty(case.q.numel() + 1, dtype=case.q.dtype, device="cuda")

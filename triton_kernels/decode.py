@@ -657,7 +657,6 @@ class DecodePlan:
         # memset; calls of one plan must not overlap (one stream, or one CUDA graph)
         self.counter = torch.zeros(B * n_kv * n_m_blocks, dtype=torch.int32, device=q.device) \
             if num_splits > 1 else None
-        self._launch, self._constexpr_values = None, ()  # set by the first call (`_direct_launcher`)
         # tensors and integers in the kernel's argument order; None marks the per-call tensors
         self.head = [None, None, None, seqlens, block_table if paged else seqlens,
                      turns, turns_un, factor, turns_qf, offset_qf, turns_kf,
@@ -681,6 +680,15 @@ class DecodePlan:
             SPLITS_PAD=next_power_of_2(num_splits), XPOS=xpos_rate is not None,
             **{k: v for k, v in cfg.items() if k != "BLOCK_N"},
         )
+        # what Triton specialises the launch on besides q's and the caches' alignment (checked per call): plans with
+        # the same key share the launcher the first of them made, so a model step's plan takes the previous step's
+        # and no step's first layer pays the JIT call
+        self._key = (q.device, q.dtype, k_cache.dtype, self.grid, self.out_shape, self.part_shape,
+                     tuple(_int_specialisation(x) for x in (*self.strides, *self.scalars)),
+                     tuple((t.dtype, t.data_ptr() % 16 == 0) for t in (*self.head[3:], self.status)),
+                     tuple(sorted(self.constexprs.items())))
+        self._launch, self._constexpr_values = _LAUNCHERS.get(self._key, (None, ())) if direct_launch() \
+            else (None, ())
 
     def __call__(self, q, k_cache, v_cache):
         """(out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32) for these tensors."""
@@ -711,7 +719,21 @@ class DecodePlan:
         compiled = _decode_kernel[self.grid](*args, **self.constexprs)
         if aligned and direct_launch():
             self._launch, self._constexpr_values = _direct_launcher(compiled, self.grid, len(args), self.constexprs)
+            if self._launch is not None:
+                if len(_LAUNCHERS) >= 256:
+                    _LAUNCHERS.clear()
+                _LAUNCHERS[self._key] = (self._launch, self._constexpr_values)
         return out, lse
+
+
+_LAUNCHERS: dict = {}  # DecodePlan._key -> (launcher, constexpr values)
+
+
+def _int_specialisation(x) -> tuple:
+    """How Triton specialises a scalar argument: an integer on its width and on being 1 or a multiple of 16."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        return (type(x).__name__,)
+    return (-2 ** 31 <= x < 2 ** 31, x == 1, x % 16 == 0)
 
 
 def _direct_launcher(compiled, grid, n_runtime_args: int, constexprs: dict):
