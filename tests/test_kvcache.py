@@ -269,6 +269,35 @@ def test_plan_called_again_merges_its_splits_again():
 
 
 @needs_triton
+def test_plan_falls_back_to_the_jit_call_when_a_launcher_refuses_its_arguments(monkeypatch):
+    """A Triton whose compiled-kernel launcher takes other arguments raises TypeError before launching: the plan
+    warns once, launches through the JIT call (same result) and makes no more direct launchers."""
+    from scaled_rope.tables import build_tables
+    from scaled_rope.triton_kernels import decode
+
+    monkeypatch.setattr(decode, "_DIRECT_LAUNCH_FAILED", [])
+    case = Case([70, 130], seed=33)
+    rope = longrope(64)
+    tables = build_tables(rope, 2, case.q.device, seq_lens=case.cache_seqlens)
+    plan = decode.DecodePlan(case.q, case.k_cache, case.v_cache, case.cache_seqlens, tables, num_splits=2,
+                             config={"BLOCK_N": 16})
+    expected = plan(case.q, case.k_cache, case.v_cache)
+
+    def refusing(*args):
+        raise TypeError("function takes exactly 80 arguments")
+
+    plan._launch = refusing
+    with pytest.warns(RuntimeWarning, match="JIT call"):
+        out = plan(case.q, case.k_cache, case.v_cache)
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+    assert plan._launch is None and decode._DIRECT_LAUNCH_FAILED
+    later = decode.DecodePlan(case.q, case.k_cache, case.v_cache, case.cache_seqlens, tables, num_splits=2,
+                              config={"BLOCK_N": 16})
+    later(case.q, case.k_cache, case.v_cache)
+    assert later._launch is None
+
+
+@needs_triton
 def test_paged_and_contiguous_agree():
     from scaled_rope.tables import build_tables
     from scaled_rope.triton_kernels.decode import decode_attention

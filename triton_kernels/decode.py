@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import triton
@@ -687,8 +688,8 @@ class DecodePlan:
                      tuple(_int_specialisation(x) for x in (*self.strides, *self.scalars)),
                      tuple((t.dtype, t.data_ptr() % 16 == 0) for t in (*self.head[3:], self.status)),
                      tuple(sorted(self.constexprs.items())))
-        self._launch, self._constexpr_values = _LAUNCHERS.get(self._key, (None, ())) if direct_launch() \
-            else (None, ())
+        self._launch, self._constexpr_values = _LAUNCHERS.get(self._key, (None, ())) \
+            if direct_launch() and not _DIRECT_LAUNCH_FAILED else (None, ())
 
     def __call__(self, q, k_cache, v_cache):
         """(out (B, Nq, Hq, D) in q's dtype, lse (B, Hq, Nq) float32) for these tensors."""
@@ -714,10 +715,14 @@ class DecodePlan:
         args = (q, k_cache, v_cache, *self.head[3:], *part[:6], *self.strides, *part[6:], *self.scalars)
         aligned = (q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()) % 16 == 0
         if self._launch is not None and aligned:
-            self._launch(*args, *self._constexpr_values)
-            return out, lse
+            try:
+                self._launch(*args, *self._constexpr_values)
+                return out, lse
+            except TypeError as error:  # the launcher parses its arguments before launching: nothing ran
+                _direct_launch_failed(error)
+                self._launch = None
         compiled = _decode_kernel[self.grid](*args, **self.constexprs)
-        if aligned and direct_launch():
+        if aligned and direct_launch() and not _DIRECT_LAUNCH_FAILED:
             self._launch, self._constexpr_values = _direct_launcher(compiled, self.grid, len(args), self.constexprs)
             if self._launch is not None:
                 if len(_LAUNCHERS) >= 256:
@@ -727,6 +732,16 @@ class DecodePlan:
 
 
 _LAUNCHERS: dict = {}  # DecodePlan._key -> (launcher, constexpr values)
+_DIRECT_LAUNCH_FAILED: list = []  # the error of a launcher that refused its arguments (then: the JIT call only)
+
+
+def _direct_launch_failed(error: TypeError) -> None:
+    if not _DIRECT_LAUNCH_FAILED:
+        warnings.warn(f"scaled_rope: this Triton's compiled-kernel launcher refused the decode kernel's arguments "
+                      f"({error}); DecodePlan launches through the JIT call from now on (same results, more host "
+                      f"time per launch)", RuntimeWarning, stacklevel=3)
+    _DIRECT_LAUNCH_FAILED.append(error)
+    _LAUNCHERS.clear()
 
 
 def _int_specialisation(x) -> tuple:
