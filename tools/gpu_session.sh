@@ -2,7 +2,7 @@
 # One device-machine call: build, GPU test tier, benchmarks. Logs and JSON go to $OUT (default ./gpu-out).
 # Usage: bash tools/gpu_session.sh [tests] [bench-quick|bench] [decode] [model] [rope] [probe-order]
 #        [smoke] [sanitize] [sass] [check-bwd] [ncu] [host-profile] [train-profile] [long-shapes] [model-logits]
-#        [model-profile] [probe-decode]
+#        [model-profile] [probe-decode] [ncu-decode]
 # Environment: TEST_FILES (paths relative to the repo or absolute; default tests), TEST_WORKERS, TESTS_TIMEOUT,
 # BENCH_BUDGET, BENCH_LABEL, BENCH_ONLY, BENCH_MAX_N, LONG_SHAPES_TIMEOUT, PROBE_DECODE_ARGS, PROBE_DECODE_TIMEOUT.
 set -uo pipefail
@@ -52,6 +52,14 @@ for step in "$@"; do
         python3 "$REPO/tools/profile_flash.py" > "$OUT/ncu.txt" 2>&1; grep -E "Duration|Throughput|Stall|Issue|Eligible" "$OUT/ncu.txt" | head -n 40
       timeout 120 ncu --clock-control none -k regex:flash_fwd --launch-skip 1 --launch-count 1 --section WarpStateStats \
         --print-details all python3 "$REPO/tools/profile_flash.py" > "$OUT/ncu_stalls.txt" 2>&1 ;;
+    ncu-decode)  # where a B1 decode kernel's time goes (8B heads, ctx 4k: ~28 us against SDPA's 9; decode v6 in NOTES)
+      timeout 240 ncu --clock-control none -k regex:_decode_kernel --launch-skip 3 --launch-count 1 --set full \
+        --import-source yes -o "$OUT/ncu_decode" python3 "$REPO/tools/probe_decode.py" --shapes 2 \
+        --out /tmp/probe-decode-ncu.json > "$OUT/ncu_decode.log" 2>&1
+      ncu --import "$OUT/ncu_decode.ncu-rep" --page details --section SpeedOfLight --section WarpStateStats \
+        --section LaunchStats --section Occupancy > "$OUT/ncu_decode.txt" 2>&1
+      ncu --import "$OUT/ncu_decode.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_decode_source.csv" 2>&1
+      grep -E "Duration|Throughput|Stall|Eligible|Registers|Achieved" "$OUT/ncu_decode.txt" | head -n 30 ;;
     train-profile) timeout 240 python3 "$REPO/tools/profile_training_step.py" 2>&1 | grep -v "^\[W" | tee "$OUT/profile_training_step.log" | grep -E "^(==|round)" ;;
     host-profile) timeout 150 python3 "$REPO/tools/host_profile.py" > "$OUT/host_profile.log" 2>&1; grep -E "^==" "$OUT/host_profile.log" ;;
     long-shapes) timeout "${LONG_SHAPES_TIMEOUT:-240}" python3 "$REPO/tools/check_long_shapes.py" 2>&1 | tee "$OUT/long_shapes.log" | tail -n 12 ;;
