@@ -96,9 +96,11 @@ def main() -> int:
                          config={k: plan.constexprs.get(k) for k in ("BLOCK_N", "num_warps", "num_stages", "maxnreg")},
                          host_us=host_time_us(lambda: plan(q, k_cache, v_cache), calls=200)))
         os.environ["SCALED_ROPE_JIT_LAUNCH"] = "1"  # the same plan launched through Triton's JIT call every time
-        jit_plan = DecodePlan(q, k_cache, v_cache, seqlens, tables, max_seqlen=ctx)
-        jit_us = host_time_us(lambda: jit_plan(q, k_cache, v_cache), calls=200)
-        del os.environ["SCALED_ROPE_JIT_LAUNCH"]
+        try:
+            jit_plan = DecodePlan(q, k_cache, v_cache, seqlens, tables, max_seqlen=ctx)
+            jit_us = host_time_us(lambda: jit_plan(q, k_cache, v_cache), calls=200)
+        finally:
+            del os.environ["SCALED_ROPE_JIT_LAUNCH"]
         rows.append(dict(base, method="ours plan, JIT launch, host only", host_us=jit_us))
         ratio = f"{sdpa_ms / ours_ms:.2f}x" if sdpa_ms and ours_ms else "n/a"
         us = lambda ms: f"{ms * 1e3:.1f}" if ms else "n/a"  # noqa: E731

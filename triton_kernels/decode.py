@@ -753,8 +753,8 @@ def _int_specialisation(x) -> tuple:
 
 def _direct_launcher(compiled, grid, n_runtime_args: int, constexprs: dict):
     """(the compiled kernel's own launcher for this grid, the values that follow the runtime arguments), or (None,
-    ()). Triton's JIT call spends ~10-30 us of Python per launch on binding ~50 arguments, working out their
-    specialisation and looking up the kernel; a plan's arguments keep one specialisation (its integers are fixed,
+    ()). Triton's JIT call spends 42-63 us of Python per launch here (H100 host, bench/NOTES.md decode v6) on binding
+    ~75 arguments, working out their specialisation and looking up the kernel; a plan's arguments keep one specialisation (its integers are fixed,
     its buffers are fresh allocations, q and the caches are checked for 16-byte alignment at each call), so later
     calls launch what the first call compiled directly. (None, ()) (the JIT call every time) under the
     interpreter, or when this Triton's launcher does not take the kernel's parameters as the runtime arguments
